@@ -1,0 +1,100 @@
+"""``vllm-jd``: compress | add | export | inspect. Argument parsing only; the work is in compress/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _int_or_auto(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-jd", description="Compress LoRA adapters into shared bases and serve them.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="PEFT adapters → a new store")
+    c.add_argument("adapters", nargs="+", help="PEFT adapter folders, or folders whose subfolders are adapters")
+    c.add_argument("--out", required=True, help="store directory to create (an existing store is replaced atomically)")
+    c.add_argument("--method", choices=["jd-full", "jd-diag", "svd"], default="jd-full")
+    c.add_argument("--rank", type=_int_or_auto, default=None, help="rank r, or auto (default)")
+    c.add_argument("--clusters", type=_int_or_auto, default=None, help="cluster count, or auto (default)")
+    c.add_argument("--max-error", type=float, default=0.5, help="target mean relative error for auto (default 0.5)")
+    c.add_argument("--iters", type=int, default=10, help="JD iterations (default 10)")
+    c.add_argument("--tol", type=float, default=None, help="stop early at this subspace change (paper: 1e-3)")
+    c.add_argument("--max-rounds", type=int, default=10, help="cap on clustering rounds (default 10)")
+    c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    c.add_argument("--seed", type=int, default=0)
+
+    a = sub.add_parser("add", help="project new adapters into an existing store")
+    a.add_argument("store")
+    a.add_argument("adapters", nargs="+")
+    a.add_argument("--max-error", type=float, default=0.5,
+                   help="above this error an adapter is stored exactly as its own cluster (default 0.5)")
+
+    e = sub.add_parser("export", help="write one adapter of a store as a standard PEFT adapter")
+    e.add_argument("store")
+    e.add_argument("name")
+    e.add_argument("--out", required=True)
+
+    i = sub.add_parser("inspect", help="adapters, clusters, errors, bytes and parameters saved")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true", help="print the full summary as JSON")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "compress":
+        from vllm_jd.compress.pipeline import compress
+        from vllm_jd.config import CompressConfig
+
+        config = CompressConfig(method=args.method, rank=args.rank, clusters=args.clusters, max_error=args.max_error,
+                                iters=args.iters, tol=args.tol, seed=args.seed, device=args.device,
+                                max_rounds=args.max_rounds)
+        s = compress(args.adapters, args.out, config, progress=not args.quiet)
+        m = s.manifest
+        errs = sorted(a.error for a in m.adapters.values())
+        print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "
+              f"{len(m.clusters)} clusters, error median {errs[len(errs) // 2]:.4f} max {errs[-1]:.4f}, {s.seconds:.1f} s")
+    elif args.command == "add":
+        from vllm_jd.compress.project import add
+
+        for r in add(args.store, args.adapters, args.max_error):
+            how = "exact singleton" if r.kind == "exact" else f"projected ({r.kind})"
+            print(f"added {r.name}: cluster {r.cluster}, {how}, error {r.error:.4f}")
+    elif args.command == "export":
+        from vllm_jd.compress.export import export
+
+        print(f"wrote {export(args.store, args.name, args.out)}")
+    elif args.command == "inspect":
+        from vllm_jd.compress.report import format_summary, summarize
+
+        s = summarize(args.store)
+        print(json.dumps(s, indent=1) if args.json else format_summary(s))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:  # AdapterError and StoreError are ValueErrors
+        print(f"vllm-jd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

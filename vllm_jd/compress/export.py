@@ -1,0 +1,61 @@
+"""``export``: write one adapter of a store back as a standard PEFT LoRA adapter.
+
+For adapter i in cluster c: ``lora_A = V_cᵀ`` (r × d_in) and ``lora_B = U_c Σ_i`` (d_out × r),
+with ``lora_alpha = r`` so PEFT's scale is 1 (the scale is already folded into Σ_i). PEFT and
+stock vLLM load the result; ``B A = U_c Σ_i V_cᵀ`` is exactly the store's reconstruction.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from vllm_jd.compress.errors import StoreError
+from vllm_jd.compress.peft_io import write_adapter
+from vllm_jd.compress.store import TensorReader, read_manifest, u_key, v_key
+
+
+def reconstruct(reader: TensorReader, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module → (lora_A [r, d_in], lora_B [d_out, r]) of adapter ``name``, float32."""
+    manifest = reader.manifest
+    info = manifest.adapters[name]
+    out = {}
+    for m, err in zip(manifest.modules, info.module_errors):
+        if err is None:  # the source adapter has no update for this module
+            continue
+        U, V = reader.get(u_key(info.cluster, m.name)), reader.get(v_key(info.cluster, m.name))
+        s = reader.sigma(name, m.name)
+        B = U @ s if s.dim() == 2 else U * s
+        out[m.name] = (V.T.contiguous(), B.contiguous())
+    return out
+
+
+def export(store: str | Path, name: str, out: str | Path) -> Path:
+    """Write adapter ``name`` of ``store`` as a PEFT adapter folder ``out`` (atomic).
+
+    ``out`` must not exist or be an empty folder, so nothing of the user's is overwritten.
+    """
+    store, out = Path(store), Path(out)
+    manifest = read_manifest(store)
+    if name not in manifest.adapters:
+        known = ", ".join(sorted(manifest.adapters)[:5])
+        raise StoreError(f"no adapter named {name!r} in {store} (it has {len(manifest.adapters)}: {known}, …)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StoreError(f"refusing to write into {out}: it exists and is not an empty folder")
+    factors = reconstruct(TensorReader(store, manifest), name)
+    rank = manifest.clusters[manifest.adapters[name].cluster].rank
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_adapter(tmp, factors, rank, manifest.base_model)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

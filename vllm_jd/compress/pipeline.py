@@ -1,0 +1,221 @@
+"""``compress``: a collection of PEFT adapters → a store, one module at a time.
+
+Steps: open every adapter (headers only) and validate; load the reference modules (the middle
+layer's) and pick rank/clusters and the cluster of each adapter there; then for each module,
+load its factors for all adapters, fit one basis per cluster, and write a shard. Peak memory is
+one layer of factors, never the collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from vllm_jd.compress import solvers
+from vllm_jd.compress.clustering import Reference
+from vllm_jd.compress.errors import AdapterError
+from vllm_jd.compress.factors import load_module, normalize
+from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
+from vllm_jd.compress.selection import Choice, choose
+from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, ModuleInfo, sigma_key, staged_directory,
+                                    u_key, v_key, write_manifest)
+from vllm_jd.compress.svd import exact_diag, truncated_svd
+from vllm_jd.config import CompressConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    manifest: Manifest
+    seconds: float
+    tried: list[tuple[int, int, float]]
+
+
+def module_table(adapters: list[PeftAdapter]) -> list[ModuleInfo]:
+    """Union of the adapters' modules with their dims; AdapterError if two adapters disagree."""
+    seen: dict[str, tuple[int, int, str]] = {}
+    for a in adapters:
+        for m, s in a.modules.items():
+            if m in seen and seen[m][:2] != (s.d_in, s.d_out):
+                d_in, d_out, first = seen[m]
+                raise AdapterError(a.name, f"module '{m}' maps {s.d_in}→{s.d_out} but adapter '{first}' "
+                                           f"has {d_in}→{d_out}", a.path)
+            seen.setdefault(m, (s.d_in, s.d_out, a.name))
+    return [ModuleInfo(name=m, d_in=v[0], d_out=v[1]) for m, v in sorted(seen.items(), key=lambda kv: _sort_key(kv[0]))]
+
+
+def _sort_key(module: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", module))
+
+
+def reference_modules(modules: list[ModuleInfo]) -> list[str]:
+    """The middle layer's modules (paper: "select a LoRA module from the middle of the network")."""
+    layers = sorted({int(m.group(1)) for mi in modules if (m := re.search(r"\.(\d+)\.", mi.name))})
+    if not layers:
+        return [modules[len(modules) // 2].name]
+    mid = layers[len(layers) // 2]
+    return [mi.name for mi in modules if re.search(rf"\.{mid}\.", mi.name)]
+
+
+def load_references(adapters: list[PeftAdapter], names: list[str], device: str) -> list[Reference]:
+    refs = []
+    for m in names:
+        f, present = load_module(adapters, m, device)
+        fn, norms = normalize(f)
+        refs.append(Reference(fn, present, norms.cpu()))
+    return refs
+
+
+def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, progress: bool = True) -> Summary:
+    """Compress the PEFT adapters under ``paths`` into a new store at ``out`` (atomic)."""
+    adapters = [open_adapter(name, p) for name, p in discover(paths)]
+    return compress_adapters(adapters, out, config, progress)
+
+
+def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: CompressConfig,
+                      progress: bool = True) -> Summary:
+    """Compress opened adapters (anything with PeftAdapter's interface) into ``out``."""
+    t0 = time.perf_counter()
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: no CUDA device is available")
+    modules = module_table(adapters)
+    max_rank = min(min(m.d_in, m.d_out) for m in modules)
+    if config.rank is not None and config.rank > max_rank:
+        raise ValueError(f"rank {config.rank} is larger than the smallest module dimension {max_rank}")
+    n = len(adapters)
+    if config.method == "svd" and config.clusters not in (None, n):
+        raise ValueError("--clusters does not apply to --method svd (every adapter has its own basis)")
+    if config.clusters is not None and config.clusters > n:
+        raise ValueError(f"clusters {config.clusters} is more than the {n} adapters")
+    checksums = [a.checksum() for a in adapters]
+    bases = {a.base_model for a in adapters}
+    if len(bases) > 1:
+        logger.warning("adapters name different base models: %s", sorted(map(str, bases)))
+    ref_names = reference_modules(modules)
+    refs = load_references(adapters, ref_names, config.device)
+    if config.method == "svd":
+        choice = _choose_svd_rank(refs, n, config, max_rank)
+        labels = torch.arange(n)
+    else:
+        with tqdm(desc="clusters", unit="it", disable=not progress) as sel_bar:
+            choice = choose(config.method, refs, n, config.rank, config.clusters, config.max_error, max_rank,
+                            config.iters, config.tol, config.seed, config.max_rounds, on_iter=lambda: sel_bar.update(1))
+        labels = choice.clustering.labels
+    del refs
+    rank, k = choice.rank, int(labels.max()) + 1
+    if config.method == "svd":  # a truncation above every adapter's own rank keeps nothing more
+        rank = min(rank, max(s.rank for a in adapters for s in a.modules.values()))
+    rows = torch.zeros(n, dtype=torch.long)
+    for c in range(k):
+        members = (labels == c).nonzero().squeeze(1)
+        rows[members] = torch.arange(members.numel())
+    sq_err = torch.full((n, len(modules)), float("nan"), dtype=torch.float64)
+    weight = torch.zeros(n, len(modules), dtype=torch.float64)
+    weight_map: dict[str, str] = {}
+    with staged_directory(Path(out)) as tmp:
+        (tmp / "tensors").mkdir()
+        per_fit = max(config.iters, 1)
+        fits = sum(len({int(labels[i]) for i, a in enumerate(adapters) if m.name in a.modules}) for m in modules)
+        if config.method == "svd":
+            fits = len(modules)
+        bar = tqdm(total=fits * per_fit, desc="compress", unit="it", disable=not progress)
+        for mi, module in enumerate(modules):
+            bar.set_postfix_str(module.name, refresh=False)
+            tensors = _compress_module(adapters, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
+            shard = f"tensors/m{mi:05d}.safetensors"
+            save_file(tensors, str(tmp / shard))
+            weight_map.update({key: shard for key in tensors})
+        bar.close()
+        agg = ((torch.nan_to_num(sq_err) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
+        kind = "svd" if config.method == "svd" else "shared"
+        manifest = Manifest(
+            method=config.method, sigma="full" if config.method == "jd-full" else "diag", rank=rank,
+            base_model=next(iter(bases)) if len(bases) == 1 else None,
+            settings={**config.model_dump(), "rank_chosen": rank, "clusters_chosen": k,
+                      "reference_modules": ref_names, "auto_tried": choice.tried},
+            modules=modules,
+            clusters=[ClusterInfo(id=c, rank=rank, kind=kind) for c in range(k)],
+            adapters={a.name: AdapterInfo(
+                cluster=int(labels[i]), block=0, row=int(rows[i]), rank=max(s.rank for s in a.modules.values()),
+                lora_params=a.lora_params, checksum=checksums[i], source=str(a.path), error=float(agg[i]),
+                module_errors=[None if e != e else round(float(e) ** 0.5, 6) for e in sq_err[i].tolist()])
+                for i, a in enumerate(adapters)},
+            weight_map=weight_map)
+        write_manifest(tmp, manifest)
+    return Summary(manifest, time.perf_counter() - t0, choice.tried)
+
+
+def _compress_module(adapters, module: ModuleInfo, labels, rows, k, rank, config, mi, sq_err, weight, bar) -> dict:
+    """Fit every cluster's basis for one module; fill errors; return the shard's tensors."""
+    f, present = load_module(adapters, module.name, config.device)
+    fn, norms = normalize(f)
+    norms = norms.cpu()
+    weight[present, mi] = norms**2
+    tensors: dict[str, torch.Tensor] = {}
+    if config.method == "svd":
+        U, s, V = exact_diag(f)  # all r_max singular triplets, descending
+        loss = (s[:, rank:].double().cpu() ** 2).sum(1)  # Eckart–Young: the discarded energy
+        sq_err[present, mi] = torch.where(norms > 0, loss / norms.clamp_min(1e-300) ** 2, torch.zeros_like(loss))
+        U, s, V = (_pad_cols(t[..., :rank], rank) for t in (U, s, V))
+        for j, i in enumerate(present.tolist()):
+            tensors[u_key(i, module.name)] = U[j].cpu().contiguous()
+            tensors[v_key(i, module.name)] = V[j].cpu().contiguous()
+            tensors[sigma_key(i, 0, module.name)] = s[j : j + 1].cpu().contiguous()
+        bar.update(max(config.iters, 1))
+        return tensors
+    lab = labels[present]
+    clusters_here = [c for c in range(k) if bool((lab == c).any())]
+    for c in clusters_here:
+        local = (lab == c).nonzero().squeeze(1)
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + mi * 1009 + c)
+        res = solvers.fit(config.method, fn.subset(local.to(fn.A.device)), rank, config.iters, config.tol, gen,
+                          on_iter=lambda: bar.update(1))
+        bar.update(max(config.iters, 1) - (len(res.losses) - 1))  # iterations skipped by --tol, or the 0-iter fit
+        sub = fn.subset(local.to(fn.A.device))
+        loss = solvers.final_losses(config.method, sub, res.U, res.V, res.sigma).cpu()
+        members = present[local]
+        sq_err[members, mi] = torch.where(norms[local] > 0, loss, torch.zeros_like(loss))
+        n_c = int((labels == c).sum())
+        sigma = torch.zeros((n_c,) + tuple(res.sigma.shape[1:]), dtype=torch.float32)
+        restore = norms[local].to(torch.float32).view(-1, *([1] * (res.sigma.dim() - 1)))
+        sigma[rows[members]] = res.sigma.cpu() * restore  # undo the unit-norm scaling (§2.7)
+        tensors[u_key(c, module.name)] = res.U.cpu().contiguous()
+        tensors[v_key(c, module.name)] = res.V.cpu().contiguous()
+        tensors[sigma_key(c, 0, module.name)] = sigma
+    return tensors
+
+
+def _choose_svd_rank(refs: list[Reference], n: int, config: CompressConfig, max_rank: int) -> Choice:
+    """For --method svd: the given rank, or the smallest power of two below --max-error."""
+    from vllm_jd.compress.clustering import Clustering, relative_errors
+
+    def errors(r: int) -> torch.Tensor:
+        cost = torch.zeros(n, dtype=torch.float64)
+        for ref in refs:
+            _, s, _ = truncated_svd(ref.f, r)
+            cost[ref.present] += (1 - (s.double().cpu() ** 2).sum(1)).clamp_min(0) * ref.norms**2
+        return relative_errors(cost, refs, n)
+
+    tried = []
+    r = config.rank or 1
+    while True:
+        e = errors(r)
+        tried.append((r, n, float(e.mean())))
+        if config.rank is not None or float(e.mean()) < config.max_error or r >= max_rank:
+            return Choice(r, n, Clustering(torch.arange(n), e, 0), tried)
+        r = min(2 * r, max_rank)
+
+
+def _pad_cols(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """Zero-pad the last dim of t to ``rank`` (a module whose adapters have lower rank)."""
+    if t.shape[-1] == rank:
+        return t
+    return torch.nn.functional.pad(t, (0, rank - t.shape[-1]))

@@ -1,0 +1,188 @@
+"""``add``: put new adapters into an existing store without touching its bases.
+
+Each new adapter is projected onto every shared cluster (JD-Full: ``Σ = U_cᵀ P V_c``; JD-Diag:
+the closed-form diagonal) and goes to the one with the lowest aggregate error over all modules.
+If that error is above ``max_error`` it is stored exactly as a singleton cluster at its own rank
+(QR of B and Aᵀ), so quality is never silently lost. For an ``svd`` store a new adapter gets its
+own truncated SVD, or an exact singleton above ``max_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vllm_jd.compress import solvers
+from vllm_jd.compress.errors import AdapterError
+from vllm_jd.compress.factors import ModuleFactors, load_module
+from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
+from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, TensorReader, locked, read_manifest,
+                                    sigma_key, u_key, v_key, write_manifest)
+from vllm_jd.compress.svd import exact_diag, exact_full
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Added:
+    name: str
+    cluster: int
+    kind: str
+    error: float
+
+
+def _check_modules(manifest: Manifest, adapter: PeftAdapter) -> None:
+    dims = {m.name: (m.d_in, m.d_out) for m in manifest.modules}
+    for m, s in adapter.modules.items():
+        if m not in dims:
+            raise AdapterError(adapter.name, f"module '{m}' is not in the store (its modules: "
+                                             f"{', '.join(sorted(dims)[:4])}, …)", adapter.path)
+        if dims[m] != (s.d_in, s.d_out):
+            raise AdapterError(adapter.name, f"module '{m}' maps {s.d_in}→{s.d_out} but the store has "
+                                             f"{dims[m][0]}→{dims[m][1]}", adapter.path)
+
+
+def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5) -> list[Added]:
+    """Add the PEFT adapters under ``paths`` to ``store``; returns where each one went."""
+    store = Path(store)
+    if not max_error > 0:
+        raise ValueError(f"`max_error` must be > 0, got {max_error}")
+    with locked(store):
+        manifest = read_manifest(store)
+        adapters = [open_adapter(name, p) for name, p in discover(paths)]
+        for a in adapters:
+            if a.name in manifest.adapters:
+                raise AdapterError(a.name, "an adapter of this name is already in the store", a.path)
+            _check_modules(manifest, a)
+        return _add(store, manifest, adapters, max_error)
+
+
+def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error: float) -> list[Added]:
+    reader = TensorReader(store, manifest)
+    n = len(adapters)
+    shared = [c.id for c in manifest.clusters if c.kind == "shared"]
+    cost = torch.zeros(n, len(shared), dtype=torch.float64)
+    total = torch.zeros(n, dtype=torch.float64)
+    for m in manifest.modules:  # pass 1: the error of every new adapter under every shared cluster
+        if not any(m.name in a.modules for a in adapters):
+            continue
+        f, present = load_module(adapters, m.name)
+        total[present] += f.norms() ** 2
+        for j, c in enumerate(shared):
+            if u_key(c, m.name) not in manifest.weight_map:
+                cost[present, j] += f.norms() ** 2
+                continue
+            U, V = reader.get(u_key(c, m.name)), reader.get(v_key(c, m.name))
+            cost[present, j] += solvers.projection_losses(manifest.method, f, U, V)
+    rel = (cost / total.clamp_min(1e-300)[:, None]).sqrt()
+    best = rel.argmin(1) if shared else torch.zeros(n, dtype=torch.long)
+    block = manifest.next_block
+    placed: list[Added] = []
+    new_clusters: list[ClusterInfo] = []
+    for i, a in enumerate(adapters):
+        err = float(rel[i, best[i]]) if shared else float("inf")
+        if manifest.method == "svd":
+            kind = "svd" if err <= max_error else "exact"
+        else:
+            kind = "shared" if err <= max_error else "exact"
+        if kind == "shared":
+            placed.append(Added(a.name, shared[int(best[i])], kind, err))
+        else:
+            cid = len(manifest.clusters) + len(new_clusters)
+            rank = max(s.rank for s in a.modules.values()) if kind == "exact" else manifest.rank
+            new_clusters.append(ClusterInfo(id=cid, rank=rank, kind=kind))
+            placed.append(Added(a.name, cid, kind, 0.0 if kind == "exact" else err))
+    tensors, rows, errors = _tensors(reader, manifest, adapters, placed, new_clusters, block)
+    shard = f"tensors/add-{block:05d}-{uuid.uuid4().hex[:6]}.safetensors"
+    tmp = store / f"{shard}.tmp"
+    try:
+        save_file(tensors, str(tmp))
+        tmp.rename(store / shard)
+        manifest.clusters.extend(new_clusters)
+        manifest.weight_map.update({k: shard for k in tensors})
+        for i, (a, p) in enumerate(zip(adapters, placed)):
+            manifest.adapters[a.name] = AdapterInfo(
+                cluster=p.cluster, block=block, row=rows[i], rank=max(s.rank for s in a.modules.values()),
+                lora_params=a.lora_params, checksum=a.checksum(), source=str(a.path), error=errors[i][0],
+                module_errors=errors[i][1])
+            p.error = errors[i][0]
+        manifest.next_block = block + 1
+        write_manifest(store, manifest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        (store / shard).unlink(missing_ok=True)
+        raise
+    return placed
+
+
+def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapter], placed: list[Added],
+             new_clusters: list[ClusterInfo], block: int):
+    """Pass 2: Σ rows (and singleton bases) of the new adapters, with their errors."""
+    ranks = {c.id: c.rank for c in manifest.clusters + new_clusters}
+    by_cluster: dict[int, list[int]] = {}
+    for i, p in enumerate(placed):
+        by_cluster.setdefault(p.cluster, []).append(i)
+    rows = [by_cluster[p.cluster].index(i) for i, p in enumerate(placed)]
+    full = manifest.sigma == "full"
+    sq = [[None] * len(manifest.modules) for _ in adapters]
+    weight = [[0.0] * len(manifest.modules) for _ in adapters]
+    tensors: dict[str, torch.Tensor] = {}
+    for mi, m in enumerate(manifest.modules):
+        if not any(m.name in a.modules for a in adapters):
+            continue
+        f, present = load_module(adapters, m.name)
+        norms = f.norms()
+        local = {int(i): j for j, i in enumerate(present)}
+        for c, members in by_cluster.items():
+            r = ranks[c]
+            shape = (len(members), r, r) if full else (len(members), r)
+            sig = torch.zeros(shape, dtype=torch.float32)
+            for row, i in enumerate(members):
+                if i not in local:
+                    continue
+                j = local[i]
+                one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
+                U, V, s, loss = _fit_one(reader, manifest, one, c, r, placed[i].kind, m.name)
+                if U is not None:
+                    tensors[u_key(c, m.name)], tensors[v_key(c, m.name)] = U, V
+                if full:
+                    sig[row, : s.shape[0], : s.shape[1]] = s
+                else:
+                    sig[row, : s.shape[0]] = s
+                nrm = float(norms[j])
+                sq[i][mi] = loss / nrm**2 if nrm > 0 else 0.0
+                weight[i][mi] = nrm**2
+            tensors[sigma_key(c, block, m.name)] = sig
+    errors = []
+    for i in range(len(adapters)):
+        w = sum(weight[i])
+        agg = (sum((e or 0.0) * wt for e, wt in zip(sq[i], weight[i])) / w) ** 0.5 if w > 0 else 0.0
+        errors.append((agg, [None if e is None else round(e**0.5, 6) for e in sq[i]]))
+    return tensors, rows, errors
+
+
+def _fit_one(reader: TensorReader, manifest: Manifest, one: ModuleFactors, cluster: int, rank: int, kind: str,
+             module: str):
+    """(U, V) for a new singleton (else None), Σ of the adapter, and its squared loss."""
+    if kind == "shared":
+        U, V = reader.get(u_key(cluster, module)), reader.get(v_key(cluster, module))
+        s = solvers.project(manifest.method, one, U, V)[0]
+        loss = float(solvers.final_losses(manifest.method, one, U, V, s[None])[0])
+        return None, None, s, loss
+    if kind == "exact" and manifest.sigma == "full":
+        U, s, V = exact_full(one)  # zero-padded ranks sit in the trailing rows/columns of Σ
+        return _pad(U[0], rank), _pad(V[0], rank), s[0, :rank, :rank], 0.0
+    U, s, V = exact_diag(one)
+    keep = min(rank, s.shape[1])
+    loss = float((s[0, keep:].double() ** 2).sum())
+    return _pad(U[0, :, :keep], rank), _pad(V[0, :, :keep], rank), s[0, :keep], loss
+
+
+def _pad(x: torch.Tensor, rank: int) -> torch.Tensor:
+    x = x[:, :rank]
+    return torch.nn.functional.pad(x, (0, rank - x.shape[1])).contiguous()

@@ -1,0 +1,74 @@
+"""``inspect``: what a store holds, its errors, its bytes and the parameters it saves."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from vllm_jd.compress.accounting import STORE_BYTES_PER_PARAM, account
+from vllm_jd.compress.store import read_manifest
+
+
+def summarize(store: str | Path) -> dict:
+    """A JSON-ready summary of ``store``."""
+    manifest = read_manifest(store)
+    acc = account(manifest)
+    errors = [a.error for a in manifest.adapters.values()]
+    sizes: dict[int, int] = {}
+    for a in manifest.adapters.values():
+        sizes[a.cluster] = sizes.get(a.cluster, 0) + 1
+    kinds: dict[str, int] = {}
+    for c in manifest.clusters:
+        kinds[c.kind] = kinds.get(c.kind, 0) + 1
+    b = STORE_BYTES_PER_PARAM
+    return {
+        "store": str(store),
+        "format_version": manifest.format_version,
+        "method": manifest.method,
+        "sigma": manifest.sigma,
+        "rank": manifest.rank,
+        "base_model": manifest.base_model,
+        "modules": len(manifest.modules),
+        "adapters": len(manifest.adapters),
+        "clusters": len(manifest.clusters),
+        "cluster_kinds": kinds,
+        "cluster_sizes": [sizes.get(c.id, 0) for c in manifest.clusters],
+        "error": {"min": min(errors), "median": statistics.median(errors), "max": max(errors),
+                  "mean": statistics.fmean(errors)} if errors else None,
+        "bytes_per_adapter": {"sigma": (statistics.fmean(acc.sigma_params) if errors else 0) * b,
+                              "cluster_id": 4},
+        "bytes_per_basis": {"mean": statistics.fmean(acc.basis_params) * b, "total": sum(acc.basis_params) * b},
+        "bytes_resident": sum(acc.basis_params) * b + sum(acc.sigma_params) * b + 4 * len(errors),
+        "bytes_uncompressed_lora": acc.lora_params * b,
+        "params_saved": {"per_adapter": statistics.fmean(acc.per_adapter_saved) if errors else 0.0,
+                         "total": acc.total_saved},
+        "adapter_errors": {name: a.error for name, a in manifest.adapters.items()},
+        "adapter_clusters": {name: a.cluster for name, a in manifest.adapters.items()},
+    }
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.2f} MiB" if x >= 2**20 else f"{x / 1024:,.1f} KiB"
+
+
+def format_summary(s: dict, max_rows: int = 20) -> str:
+    """Human-readable text of ``summarize``'s result."""
+    e = s["error"]
+    lines = [
+        f"store        {s['store']}  (format v{s['format_version']})",
+        f"method       {s['method']}  Σ {s['sigma']}  rank {s['rank']}  base model {s['base_model']}",
+        f"adapters     {s['adapters']}  in {s['clusters']} clusters {s['cluster_kinds']}  over {s['modules']} modules",
+        f"error        min {e['min']:.4f}  median {e['median']:.4f}  max {e['max']:.4f}" if e else "error        -",
+        f"resident     {_mib(s['bytes_resident'])} (float32) vs {_mib(s['bytes_uncompressed_lora'])} of LoRAs; "
+        f"per adapter {_mib(s['bytes_per_adapter']['sigma'])} Σ + 4 B cluster id; "
+        f"per basis {_mib(s['bytes_per_basis']['mean'])}",
+        f"params saved per adapter {s['params_saved']['per_adapter']:.2f} / total {s['params_saved']['total']:.2f}",
+        "",
+        f"{'adapter':<32} {'cluster':>7} {'error':>8}",
+    ]
+    names = sorted(s["adapter_errors"], key=s["adapter_errors"].get, reverse=True)
+    for name in names[:max_rows]:
+        lines.append(f"{name:<32} {s['adapter_clusters'][name]:>7} {s['adapter_errors'][name]:>8.4f}")
+    if len(names) > max_rows:
+        lines.append(f"… {len(names) - max_rows} more (worst first; --json lists all)")
+    return "\n".join(lines)

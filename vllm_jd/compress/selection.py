@@ -1,0 +1,72 @@
+"""Pick rank and cluster count from reconstruction error (paper 001 §6.4, App. F).
+
+The paper's recipe, run on the reference (middle-layer) modules only:
+- ≤ 100 adapters: one cluster at rank ⌈n/2⌉ + 7, if its mean error is below the target;
+- otherwise rank 16 and the smallest cluster count in 1, 2, 4, 8, … whose mean error is below
+  the target (``--max-error``, default 0.5: "below 0.5 reconstruction loss reliably translates
+  into preserving 99% or more of the LoRA performance").
+With a fixed rank only the cluster count is searched; with a fixed cluster count the rank is
+doubled from 16. k = n clusters at rank ≥ r_i is lossless, so the cluster search always ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from vllm_jd.compress.clustering import Clustering, Reference, cluster
+
+logger = logging.getLogger(__name__)
+
+RECIPE_RANK = 16
+"""The paper's rank for the cluster search (001 §6.4)."""
+
+
+@dataclass
+class Choice:
+    rank: int
+    clusters: int
+    clustering: Clustering
+    tried: list[tuple[int, int, float]]
+    """(rank, clusters, mean reference error) of every setting evaluated, in order."""
+
+
+def choose(method: str, refs: list[Reference], n: int, rank: int | None, clusters: int | None,
+           max_error: float, max_rank: int, iters: int, tol: float | None, seed: int,
+           max_rounds: int = 10, on_iter=None) -> Choice:
+    """Resolve ``rank``/``clusters`` given as None ("auto") by the recipe above.
+
+    max_rank: the smallest module dimension (a rank above it is invalid).
+    """
+    tried: list[tuple[int, int, float]] = []
+
+    def run(r: int, k: int) -> Clustering:
+        result = cluster(method, refs, n, r, k, iters, tol, torch.Generator().manual_seed(seed), max_rounds, on_iter)
+        err = float(result.errors.mean())
+        tried.append((r, k, err))
+        logger.info("auto: rank %d, %d clusters → mean reference error %.4f", r, k, err)
+        return result
+
+    if rank is not None and clusters is not None:
+        return Choice(rank, clusters, run(rank, clusters), tried)
+    if clusters is not None:
+        r = min(RECIPE_RANK, max_rank)
+        while True:
+            res = run(r, clusters)
+            if float(res.errors.mean()) < max_error or r >= max_rank:
+                return Choice(r, clusters, res, tried)
+            r = min(2 * r, max_rank)
+    if rank is None and n <= 100:
+        r = min((n + 1) // 2 + 7, max_rank)
+        res = run(r, 1)
+        if float(res.errors.mean()) < max_error:
+            return Choice(r, 1, res, tried)
+    r = rank if rank is not None else min(RECIPE_RANK, max_rank)
+    k = 1
+    while True:
+        res = run(r, k)
+        if float(res.errors.mean()) < max_error or k >= n:
+            return Choice(r, k, res, tried)
+        k = min(2 * k, n)

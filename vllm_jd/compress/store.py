@@ -1,0 +1,189 @@
+"""The on-disk store: ``manifest.json`` plus immutable safetensors shards.
+
+Layout::
+
+    STORE/manifest.json              format version, method, modules, clusters, adapters, weight map
+    STORE/tensors/<shard>.safetensors
+
+Tensor keys (the manifest's ``weight_map`` says which shard holds each, like HF's sharded
+checkpoints):
+
+    U.<cluster>.<module>             [d_out, r_c]  float32
+    V.<cluster>.<module>             [d_in, r_c]   float32
+    sigma.<cluster>.<block>.<module> [k, r_c, r_c] (sigma "full") or [k, r_c] ("diag")
+
+Adapter ``name`` reads row ``row`` of ``sigma.<cluster>.<block>.*``. Shards are never
+rewritten: ``compress`` writes one shard per module; ``add`` writes one new shard with new Σ
+blocks (and singleton bases) and then replaces the manifest atomically, so a reader always sees
+a complete store and a failed command leaves it byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors import safe_open
+
+from vllm_jd.compress.errors import StoreError
+
+FORMAT = "vllm-jd-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ModuleInfo(BaseModel):
+    name: str = Field(description="Module path without the PEFT prefix, e.g. model.layers.0.self_attn.q_proj")
+    d_in: int
+    d_out: int
+
+
+class ClusterInfo(BaseModel):
+    id: int
+    rank: int = Field(description="Rank r_c of this cluster's U_c, V_c and Σ_i")
+    kind: Literal["shared", "exact", "svd"] = Field(
+        description="shared: a JD basis; exact: one adapter stored losslessly; svd: one adapter truncated")
+
+
+class AdapterInfo(BaseModel):
+    cluster: int
+    block: int = Field(description="Σ block this adapter's row lives in (0 = written by compress)")
+    row: int
+    rank: int = Field(description="Largest LoRA rank r_i of the source adapter")
+    lora_params: int = Field(description="Parameters of the source adapter: Σ_m r_i,m (d_in + d_out)")
+    checksum: str
+    source: str
+    error: float = Field(description="Aggregate relative error over modules")
+    module_errors: list[float | None] = Field(description="Relative error per module; None = no such module")
+
+
+class Manifest(BaseModel):
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    method: Literal["jd-full", "jd-diag", "svd"]
+    sigma: Literal["full", "diag"]
+    rank: int
+    base_model: str | None = None
+    settings: dict = Field(default_factory=dict)
+    modules: list[ModuleInfo]
+    clusters: list[ClusterInfo]
+    adapters: dict[str, AdapterInfo]
+    weight_map: dict[str, str] = Field(default_factory=dict)
+    next_block: int = 1
+
+    def module_index(self) -> dict[str, int]:
+        return {m.name: i for i, m in enumerate(self.modules)}
+
+
+def u_key(cluster: int, module: str) -> str:
+    return f"U.{cluster}.{module}"
+
+
+def v_key(cluster: int, module: str) -> str:
+    return f"V.{cluster}.{module}"
+
+
+def sigma_key(cluster: int, block: int, module: str) -> str:
+    return f"sigma.{cluster}.{block}.{module}"
+
+
+def read_manifest(store: Path) -> Manifest:
+    """Load and check ``STORE/manifest.json``; raises StoreError on anything unexpected."""
+    path = Path(store) / MANIFEST
+    if not path.exists():
+        raise StoreError(f"{store} is not a vllm-jd store: no {MANIFEST}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"cannot read {path}: {e}") from None
+    if raw.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a vllm-jd store (format={raw.get('format')!r})")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {raw.get('format_version')} is not supported "
+                         f"(this vllm-jd reads version {FORMAT_VERSION})")
+    try:
+        return Manifest.model_validate(raw)
+    except ValueError as e:
+        raise StoreError(f"{path}: malformed manifest: {e}") from None
+
+
+def write_manifest(store: Path, manifest: Manifest) -> None:
+    """Replace ``STORE/manifest.json`` atomically (write, fsync, rename)."""
+    tmp = Path(store) / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=1))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(store) / MANIFEST)
+
+
+class TensorReader:
+    """Read store tensors by key, keeping shards open (safetensors mmaps them)."""
+
+    def __init__(self, store: Path, manifest: Manifest):
+        self.store, self.manifest, self._open = Path(store), manifest, {}
+
+    def get(self, key: str) -> torch.Tensor:
+        shard = self.manifest.weight_map.get(key)
+        if shard is None:
+            raise StoreError(f"{self.store}: tensor {key} is not in the weight map")
+        if shard not in self._open:
+            try:
+                self._open[shard] = safe_open(str(self.store / shard), framework="pt")
+            except Exception as e:
+                raise StoreError(f"{self.store}: cannot open shard {shard}: {e}") from None
+        return self._open[shard].get_tensor(key)
+
+    def sigma(self, name: str, module: str) -> torch.Tensor:
+        """Σ of adapter ``name`` for ``module``: [r_c, r_c] (full) or [r_c] (diag)."""
+        a = self.manifest.adapters[name]
+        return self.get(sigma_key(a.cluster, a.block, module))[a.row]
+
+
+@contextmanager
+def locked(store: Path) -> Iterator[None]:
+    """Exclusive lock on a store for read-modify-write commands (``add``).
+
+    The lock is taken on the store directory itself, so locking writes nothing into the store.
+    """
+    if not (Path(store) / MANIFEST).exists():
+        raise StoreError(f"{store} is not a vllm-jd store: no {MANIFEST}")
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """Yield a sibling temporary directory that replaces ``out`` only if the block succeeds.
+
+    ``out`` may be absent, empty, or an existing store; anything else is refused so that no
+    user data is overwritten. On failure the temporary directory is removed and ``out`` is
+    untouched.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise StoreError(f"refusing to overwrite {out}: it exists and is not a vllm-jd store")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,63 @@
+"""Configuration objects; every field documented, every bad value a ValueError naming it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class CompressConfig(BaseModel):
+    """Settings of ``vllm-jd compress`` (and the projection in ``vllm-jd add``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["jd-full", "jd-diag", "svd"] = Field(
+        "jd-full", description="jd-full: orthonormal shared U, V and full r×r Σ_i; jd-diag: diagonal Σ_i; "
+                               "svd: per-adapter truncated SVD (baseline, no sharing)")
+    rank: int | None = Field(None, description="Rank r of U_c, V_c and Σ_i; None = auto (paper's recipe)")
+    clusters: int | None = Field(None, description="Number of clusters; None = auto (smallest count, doubling, "
+                                                   "whose mean error is below max_error)")
+    max_error: float = Field(0.5, description="Target relative reconstruction error for auto settings, and "
+                                             "the threshold above which `add` keeps an adapter exact")
+    iters: int = Field(10, description="JD iterations per fit (paper default 10)")
+    tol: float | None = Field(None, description="Stop a fit early when eq. 19's subspace change is below tol "
+                                               "(paper: 1e-3)")
+    seed: int = Field(0, description="Seed of the random initialisation and k-means")
+    device: str = Field("cpu", description="torch device for the computation: cpu or cuda[:N]")
+    max_rounds: int = Field(10, description="Cap on clustered-JD rounds (fit per cluster, then reassign)")
+
+    @field_validator("rank", "clusters")
+    @classmethod
+    def _positive_or_auto(cls, v: int | None, info) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"`{info.field_name}` must be a positive integer or auto, got {v}")
+        return v
+
+    @field_validator("max_error")
+    @classmethod
+    def _max_error(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"`max_error` must be > 0, got {v}")
+        return v
+
+    @field_validator("iters", "max_rounds")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        if v < 0:
+            raise ValueError(f"`{info.field_name}` must be ≥ 0, got {v}")
+        return v
+
+    @field_validator("tol")
+    @classmethod
+    def _tol(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"`tol` must be > 0, got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError(f"`device` must be cpu or cuda[:N], got {v!r}")
+        return v
