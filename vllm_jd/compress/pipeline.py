@@ -37,6 +37,10 @@ class Summary:
     manifest: Manifest
     seconds: float
     tried: list[tuple[int, int, float]]
+    select_seconds: float = 0.0
+    """Time to load the reference modules and choose rank, clusters and assignments."""
+    module_seconds: list[float] | None = None
+    """Time of each module's pass (load, fit every cluster, write its shard)."""
 
 
 def module_table(adapters: list[PeftAdapter]) -> list[ModuleInfo]:
@@ -110,6 +114,8 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
                             config.iters, config.tol, config.seed, config.max_rounds, on_iter=lambda: sel_bar.update(1))
         labels = choice.clustering.labels
     del refs
+    t_select = time.perf_counter() - t0
+    module_seconds: list[float] = []
     rank, k = choice.rank, int(labels.max()) + 1
     if config.method == "svd":  # a truncation above every adapter's own rank keeps nothing more
         rank = min(rank, max(s.rank for a in adapters for s in a.modules.values()))
@@ -128,11 +134,13 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
             fits = len(modules)
         bar = tqdm(total=fits * per_fit, desc="compress", unit="it", disable=not progress)
         for mi, module in enumerate(modules):
+            t_module = time.perf_counter()
             bar.set_postfix_str(module.name, refresh=False)
             tensors = _compress_module(adapters, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
             shard = f"tensors/m{mi:05d}.safetensors"
             save_file(tensors, str(tmp / shard))
             weight_map.update({key: shard for key in tensors})
+            module_seconds.append(time.perf_counter() - t_module)
         bar.close()
         agg = ((torch.nan_to_num(sq_err) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
         kind = "svd" if config.method == "svd" else "shared"
@@ -150,7 +158,7 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
                 for i, a in enumerate(adapters)},
             weight_map=weight_map)
         write_manifest(tmp, manifest)
-    return Summary(manifest, time.perf_counter() - t0, choice.tried)
+    return Summary(manifest, time.perf_counter() - t0, choice.tried, t_select, module_seconds)
 
 
 def _compress_module(adapters, module: ModuleInfo, labels, rows, k, rank, config, mi, sq_err, weight, bar) -> dict:

@@ -1,0 +1,101 @@
+"""Compression speed and memory at Mistral-7B scale (issue: offline compression).
+
+1,000 rank-16 adapters on q/k/v with Mistral-7B's shapes (q 4096→4096, k and v 4096→1024) that
+share structure like trained adapters (a common rank-32 component plus noise), JD-Full rank 64,
+7 clusters, 10 iterations, through the real pipeline (`compress_adapters`). Adapters are
+generated in memory, deterministically per (adapter, module), so no 25 GB of files are needed;
+generation time is reported apart. Prints one JSON line per measured module and one summary
+line with the extrapolation to all 96 modules of a 32-layer model.
+
+    python bench/compress.py [--adapters 1000] [--layers 2] [--rank 64] [--clusters 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_jd.compress.peft_io import ModuleSpec
+from vllm_jd.compress.pipeline import compress_adapters
+from vllm_jd.config import CompressConfig
+
+HIDDEN, KV = 4096, 1024
+GEN_SECONDS = [0.0]
+
+
+class SyntheticAdapter:
+    """PeftAdapter's interface over factors generated on demand (B_i = U₀X_i + ε, A_i = Y_iV₀ᵀ + ε)."""
+
+    def __init__(self, index: int, modules: dict[str, tuple[int, int]], common: dict, rank: int, noise: float):
+        self.name, self.path, self.index = f"syn-{index:05d}", Path(f"<synthetic {index}>"), index
+        self.modules = {m: ModuleSpec("a", "b", rank, d_in, d_out, 2.0) for m, (d_in, d_out) in modules.items()}
+        self.common, self.rank, self.noise = common, rank, noise
+        self.lora_params = sum(rank * (a + b) for a, b in modules.values())
+        self.base_model = "mistral-7b-shaped"
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t = time.perf_counter()
+        g = torch.Generator().manual_seed(hash((self.index, module)) & 0x7FFFFFFF)
+        U0, V0 = self.common[module]
+        q = U0.shape[1]
+        a = torch.randn(self.rank, q, generator=g) @ V0.T + self.noise * torch.randn(self.rank, V0.shape[0], generator=g)
+        bt = (U0 @ torch.randn(q, self.rank, generator=g)).T + self.noise * torch.randn(self.rank, U0.shape[0], generator=g)
+        GEN_SECONDS[0] += time.perf_counter() - t
+        return a.contiguous(), (2.0 * bt).contiguous()
+
+    def checksum(self) -> str:
+        return f"synthetic:{self.index}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=1000)
+    ap.add_argument("--layers", type=int, default=2, help="layers actually compressed (3 modules each)")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--clusters", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--noise", type=float, default=0.5)
+    ap.add_argument("--total-modules", type=int, default=96, help="modules of the full model, for extrapolation")
+    args = ap.parse_args()
+
+    modules = {}
+    for layer in range(args.layers):
+        for proj, d_out in (("q_proj", HIDDEN), ("k_proj", KV), ("v_proj", KV)):
+            modules[f"model.layers.{layer}.self_attn.{proj}"] = (HIDDEN, d_out)
+    g = torch.Generator().manual_seed(0)
+    common = {m: (torch.linalg.qr(torch.randn(d_out, 32, generator=g)).Q, torch.linalg.qr(torch.randn(d_in, 32, generator=g)).Q)
+              for m, (d_in, d_out) in modules.items()}
+    adapters = [SyntheticAdapter(i, modules, common, 16, args.noise / 64) for i in range(args.adapters)]
+    config = CompressConfig(method="jd-full", rank=args.rank, clusters=args.clusters, iters=args.iters)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = compress_adapters(adapters, Path(tmp) / "store", config, progress=False)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    errors = sorted(a.error for a in s.manifest.adapters.values())
+    for m, sec in zip(s.manifest.modules, s.module_seconds):
+        print(json.dumps({"bench": "compress_module", "module": m.name, "d_in": m.d_in, "d_out": m.d_out,
+                          "seconds": round(sec, 2)}))
+    q = [t for m, t in zip(s.manifest.modules, s.module_seconds) if m.name.endswith("q_proj")]
+    kv = [t for m, t in zip(s.manifest.modules, s.module_seconds) if not m.name.endswith("q_proj")]
+    per_layer = sum(q) / len(q) + 2 * sum(kv) / len(kv)
+    extrapolated = s.select_seconds + per_layer * args.total_modules / 3
+    print(json.dumps({
+        "bench": "compress", "adapters": args.adapters, "rank": args.rank, "clusters": args.clusters,
+        "iters": args.iters, "modules_run": len(modules), "select_seconds": round(s.select_seconds, 1),
+        "seconds_per_module_q": round(sum(q) / len(q), 2), "seconds_per_module_kv": round(sum(kv) / len(kv), 2),
+        "generation_seconds": round(GEN_SECONDS[0], 1), "total_seconds": round(s.seconds, 1),
+        "extrapolated_seconds_96_modules": round(extrapolated, 1), "goal_seconds": 1200,
+        "peak_rss_gb": round(peak_gb, 2), "goal_rss_gb": 6.0,
+        "error_median": round(errors[len(errors) // 2], 4), "error_max": round(errors[-1], 4),
+        "cluster_sizes": sorted((sum(a.cluster == c.id for a in s.manifest.adapters.values()) for c in s.manifest.clusters), reverse=True),
+        "rounds_tried": s.tried,
+    }))
+
+
+if __name__ == "__main__":
+    main()
