@@ -1,0 +1,110 @@
+"""A store loaded for serving: every basis and every Σ_i as dense device tensors.
+
+No vLLM import here. Layout, per store module m (C clusters, N adapters, R = largest cluster
+rank; smaller clusters are zero-padded, which changes no product):
+
+    U[m]      [C, d_out, R]   expand weights
+    V[m]      [C, d_in, R]    shrink weights
+    sigma[m]  [N + 1, R, R]   (full) or [N + 1, R] (diag); row N is all zeros = "no adapter"
+    cluster   [N + 1] long    cluster of each adapter row (row N → 0, harmless: Σ is zero)
+
+Activating an adapter is then a table lookup (name → row); nothing is copied per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_jd.compress.errors import StoreError
+from vllm_jd.compress.store import Manifest, TensorReader, read_manifest, sigma_key, u_key, v_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Bank:
+    """Everything a server needs from a store, on one device and in one dtype."""
+
+    store: Path
+    manifest: Manifest
+    names: list[str]
+    """Adapter names; adapter ``names[i]`` owns Σ row i."""
+    rows: dict[str, int]
+    rank: int
+    cluster: torch.Tensor
+    U: dict[str, torch.Tensor] = field(default_factory=dict)
+    V: dict[str, torch.Tensor] = field(default_factory=dict)
+    sigma: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def none_row(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.manifest.clusters)
+
+    @property
+    def diag(self) -> bool:
+        return self.manifest.sigma == "diag"
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        return {m.name: (m.d_in, m.d_out) for m in self.manifest.modules}
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held for bases (U, V) and for Σ over all modules."""
+        nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {"bases": nb(self.U.values()) + nb(self.V.values()), "sigma": nb(self.sigma.values()),
+                "cluster_ids": self.cluster.numel() * self.cluster.element_size()}
+
+
+def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              modules: list[str] | None = None) -> Bank:
+    """Load ``store`` (all modules, or only ``modules``) into dense tensors on ``device``."""
+    store = Path(store)
+    manifest = read_manifest(store)
+    reader = TensorReader(store, manifest)
+    names = list(manifest.adapters)
+    rows = {n: i for i, n in enumerate(names)}
+    C, N = len(manifest.clusters), len(names)
+    R = max((c.rank for c in manifest.clusters), default=1)
+    cluster = torch.zeros(N + 1, dtype=torch.long)
+    for i, n in enumerate(names):
+        cluster[i] = manifest.adapters[n].cluster
+    bank = Bank(store, manifest, names, rows, R, cluster.to(device))
+    wanted = set(modules) if modules is not None else None
+    by_block: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, n in enumerate(names):
+        a = manifest.adapters[n]
+        by_block.setdefault((a.cluster, a.block), []).append((a.row, i))
+    for m in manifest.modules:
+        if wanted is not None and m.name not in wanted:
+            continue
+        U = torch.zeros(C, m.d_out, R, dtype=dtype)
+        V = torch.zeros(C, m.d_in, R, dtype=dtype)
+        for c in manifest.clusters:
+            if u_key(c.id, m.name) in manifest.weight_map:
+                u, v = reader.get(u_key(c.id, m.name)), reader.get(v_key(c.id, m.name))
+                U[c.id, :, : u.shape[1]] = u
+                V[c.id, :, : v.shape[1]] = v
+        sig = torch.zeros((N + 1, R) if bank.diag else (N + 1, R, R), dtype=dtype)
+        for (c, block), members in by_block.items():
+            key = sigma_key(c, block, m.name)
+            if key not in manifest.weight_map:
+                continue
+            s = reader.get(key)
+            src = torch.tensor([r for r, _ in members])
+            dst = torch.tensor([i for _, i in members])
+            if bank.diag:
+                sig[dst, : s.shape[1]] = s[src].to(dtype)
+            else:
+                sig[dst, : s.shape[1], : s.shape[2]] = s[src].to(dtype)
+        bank.U[m.name], bank.V[m.name], bank.sigma[m.name] = U.to(device), V.to(device), sig.to(device)
+    if wanted is not None and (missing := wanted - set(bank.U)):
+        raise StoreError(f"{store}: no module {sorted(missing)[0]} in the store")
+    logger.info("loaded store %s: %d adapters, %d clusters, rank %d, %d modules", store, N, C, R, len(bank.U))
+    return bank

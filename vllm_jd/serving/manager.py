@@ -1,0 +1,191 @@
+"""Worker-side adapter management: every basis and Σ resident, an adapter is a Σ row.
+
+vLLM's LoRA manager loads an adapter from disk into a slot (``max_loras`` slots, each a full
+R×d copy). Here the store is loaded once at start; "loading" an adapter is a manifest lookup
+(name → Σ row), activating it touches only vLLM's slot bookkeeping, and each step the token →
+adapter mapping becomes token → (Σ row, cluster) metadata shared by every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import vllm.lora.model_manager as vllm_model_manager
+import vllm.lora.utils as vllm_lora_utils
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.model_manager import LRUCacheLoRAModelManager
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+from vllm_jd.compress.errors import StoreError
+from vllm_jd.envs import store_path
+from vllm_jd.kernels.metadata import build_meta
+from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.serving.bank import Bank, load_bank
+from vllm_jd.serving.layers import JD_CLASS_FOR, JDLayerMixin
+from vllm_jd.serving.state import JDState
+
+logger = logging.getLogger(__name__)
+
+
+class JDLoRAModel(LoRAModel):
+    """An adapter of the store: no weights, just its Σ row."""
+
+    def __init__(self, lora_model_id: int, rank: int, row: int):
+        super().__init__(lora_model_id, rank, {})
+        self.jd_row = row
+
+    def clone(self, lora_model_id: int) -> "JDLoRAModel":
+        return JDLoRAModel(lora_model_id, self.rank, self.jd_row)
+
+
+def _jd_from_layer(layer, max_loras, lora_config, packed_modules_list, model_config=None):
+    """vLLM's ``from_layer``, substituting our class for the stock class vLLM would pick."""
+    for lora_cls in vllm_lora_utils._all_lora_classes:
+        if lora_cls.can_replace_layer(source_layer=layer, lora_config=lora_config,
+                                      packed_modules_list=packed_modules_list, model_config=model_config):
+            jd_cls = JD_CLASS_FOR.get(lora_cls)
+            if jd_cls is None:
+                raise StoreError(f"vllm-jd cannot serve LoRA on {type(layer).__name__} "
+                                 f"(vLLM would use {lora_cls.__name__}); remove that module from the store")
+            instance = jd_cls(layer)
+            instance.create_lora_weights(max_loras, lora_config, model_config)
+            return instance
+    return layer
+
+
+@contextmanager
+def _substitute_from_layer():
+    original = vllm_model_manager.from_layer
+    vllm_model_manager.from_layer = _jd_from_layer
+    try:
+        yield
+    finally:
+        vllm_model_manager.from_layer = original
+
+
+class JDLoRAModelManager(LRUCacheLoRAModelManager):
+    """LRUCacheLoRAModelManager whose layers read shared bases and a resident Σ table."""
+
+    def __init__(self, model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config):
+        self.jd_state = JDState()
+        dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else torch.float32
+        self.jd_bank: Bank = load_bank(store_path(), device="cpu", dtype=dtype)
+        self.jd_rows = dict(self.jd_bank.rows)
+        self.jd_rank = self.jd_bank.rank
+        self.jd_none_row = self.jd_bank.none_row
+        self.jd_cluster_of_row = self.jd_bank.cluster.numpy().copy()
+        self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
+        self._jd_last_index_mapping: tuple | None = None
+        if lora_config.target_modules is None:
+            lora_config.target_modules = sorted({m.rsplit(".", 1)[-1] for m in self.jd_bank.U})
+        super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config)
+        self._jd_bind_layers()
+        self.jd_bank.U.clear(), self.jd_bank.V.clear(), self.jd_bank.sigma.clear()  # the layers own them now
+
+    # ---- which modules, and their weights -------------------------------------------------
+    def _jd_store_names(self, module_name: str, n_slices: int | None = None) -> list[str]:
+        parent, _, leaf = module_name.rpartition(".")
+        children = self.packed_modules_mapping.get(leaf)
+        if children and (n_slices is None or n_slices == len(children)):
+            return [f"{parent}.{c}" if parent else c for c in children]
+        return [module_name]
+
+    def _match_target_modules(self, module_name: str) -> bool:
+        return any(n in self.jd_bank.U for n in self._jd_store_names(module_name))
+
+    def _create_lora_modules(self):
+        with _substitute_from_layer():
+            super()._create_lora_modules()
+
+    def _jd_bind_layers(self) -> None:
+        bank, used = self.jd_bank, set()
+        C, R = bank.num_clusters, bank.rank
+        for module_name, module in self.modules.items():
+            if not isinstance(module, JDLayerMixin):
+                continue
+            names = self._jd_store_names(module_name, module.n_slices)
+            present = [n in bank.U for n in names]
+            used.update(n for n, p in zip(names, present) if p)
+            if module.tp_size == 1:
+                for s, name in enumerate(names):
+                    exp = (module.input_size, module.output_slices[s])
+                    got = (bank.V[name].shape[1], bank.U[name].shape[1]) if present[s] else exp
+                    if got != exp:
+                        raise StoreError(f"store module {name} maps {got[0]}→{got[1]} but the model's {module_name} "
+                                         f"(slice {s}) maps {exp[0]}→{exp[1]}: the store was built for another model")
+            U, V = module.jd_shard([bank.U[n] if p else None for n, p in zip(names, present)],
+                                   [bank.V[n] if p else None for n, p in zip(names, present)])
+            dtype = next(u.dtype for u in U if u is not None)
+            U = [u if u is not None else torch.zeros(C, module.output_slices[s], R, dtype=dtype) for s, u in enumerate(U)]
+            V = [v if v is not None else torch.zeros(C, module.input_size, R, dtype=dtype) for v in V]
+            zero_sigma = torch.zeros_like(next(iter(bank.sigma.values())))
+            sigma = torch.stack([bank.sigma[n] if p else zero_sigma for n, p in zip(names, present)])
+            w = JDLayerWeights.from_bases(torch.stack(V), U, sigma)
+            w = JDLayerWeights(w.V_all.to(self.device), [u.to(self.device) for u in w.UT], w.sigma.to(self.device),
+                               w.num_clusters, w.rank)
+            module.jd_bind(w, self.jd_state, names)
+        if unused := sorted(set(bank.U) - used):
+            dims = bank.module_dims()[unused[0]]
+            raise StoreError(f"store module {unused[0]} ({dims[0]}→{dims[1]}) matches no LoRA-capable layer of "
+                             f"{type(self.model).__name__} ({len(unused)} such modules): the store was built for another model")
+        logger.info("vllm-jd: %d layers bound to store %s (%d adapters, %d clusters, rank %d)",
+                    sum(isinstance(m, JDLayerMixin) for m in self.modules.values()), bank.store,
+                    len(bank.names), bank.num_clusters, bank.rank)
+
+    # ---- adapters are Σ rows ---------------------------------------------------------------
+    def _add_adapter(self, lora: LoRAModel):
+        row = getattr(lora, "jd_row", None)
+        if row is None:
+            raise StoreError("only adapters of the vllm-jd store can be served while a store is loaded")
+        if lora.id >= self._jd_id_to_row.shape[0]:
+            grown = np.full(max(2 * self._jd_id_to_row.shape[0], lora.id + 1), self.jd_none_row, dtype=np.int64)
+            grown[: self._jd_id_to_row.shape[0]] = self._jd_id_to_row
+            self._jd_id_to_row = grown
+        self._jd_id_to_row[lora.id] = row
+        self._jd_last_index_mapping = None
+        self._registered_adapters[lora.id] = lora
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        """Slot bookkeeping only: the layers read Σ rows, so nothing is copied."""
+        if lora_id in self._active_adapters:
+            self._active_adapters.touch(lora_id)
+            return False
+        if len(self._active_adapters) >= self.lora_slots:
+            self._active_adapters.remove_oldest()
+        index = self.lora_index_to_id.index(None)
+        self._active_adapters[lora_id] = None
+        self.lora_index_to_id[index] = lora_id
+        return True
+
+    def create_dummy_lora(self, lora_id: int, rank: int, embedding_modules=None) -> LoRAModel:
+        return JDLoRAModel(lora_id, rank, self.jd_none_row)  # warm-up adapters add exactly zero
+
+    def set_adapter_mapping(self, mapping) -> None:
+        """Token → lora id (0 = none) becomes token → (Σ row, cluster) for every layer."""
+        if mapping.index_mapping == self._jd_last_index_mapping:
+            return
+        ids = np.fromiter(mapping.index_mapping, dtype=np.int64, count=len(mapping.index_mapping))
+        rows = self._jd_id_to_row[np.clip(ids, 0, self._jd_id_to_row.shape[0] - 1)]
+        rows = np.where(ids > 0, rows, self.jd_none_row)
+        self.jd_state.meta = build_meta(rows, self.jd_cluster_of_row, self.jd_none_row, self.device)
+        self._jd_last_index_mapping = mapping.index_mapping
+
+    def remove_all_adapters(self):
+        super().remove_all_adapters()
+        self._jd_last_index_mapping = None
+
+
+class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+    """vLLM's worker LoRA manager with our model manager and a manifest lookup as "load"."""
+
+    _manager_cls = JDLoRAModelManager
+
+    def _load_adapter(self, lora_request) -> LoRAModel:
+        manager = self._adapter_manager
+        row = manager.jd_rows.get(lora_request.lora_name)
+        if row is None:
+            raise StoreError(f"adapter {lora_request.lora_name!r} is not in the vllm-jd store {store_path()}")
+        return JDLoRAModel(lora_request.lora_int_id, manager.jd_rank, row)

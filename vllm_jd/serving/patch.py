@@ -1,0 +1,72 @@
+"""The one module that changes vLLM's objects. It refuses any vLLM but the pinned version.
+
+Two patches, both undone by nothing (a process serves one store):
+1. the worker's LoRA manager class (the model runner mixin hard-codes
+   ``LRUCacheWorkerLoRAManager``; vLLM has no hook for it) → ``JDWorkerLoRAManager``;
+2. ``OpenAIServingModels.init_static_loras`` also registers every adapter of the store as a
+   model name, in bulk and without an engine call per adapter (10,000 adapters register in
+   milliseconds; the worker resolves a name to its Σ row on first use).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_jd.envs import store_path
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = "0.32.0"
+_installed = False
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Raise RuntimeError unless ``version`` (default: the installed vLLM's) is the pinned one."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if version.split("+")[0] != SUPPORTED_VLLM:
+        raise RuntimeError(f"vllm-jd {SUPPORTED_VLLM} patches vLLM internals and supports only vllm=={SUPPORTED_VLLM}, "
+                           f"found vllm {version}; install vllm-jd's pinned vLLM (pip install 'vllm-jd[cpu]' or "
+                           f"'vllm-jd[gpu]')")
+
+
+def install() -> None:
+    """Apply both patches (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    check_vllm_version()
+    import vllm.v1.worker.lora_model_runner_mixin as mixin
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    from vllm_jd.serving.manager import JDWorkerLoRAManager
+
+    mixin.LRUCacheWorkerLoRAManager = JDWorkerLoRAManager
+    original = OpenAIServingModels.init_static_loras
+
+    async def init_static_loras(self) -> None:
+        await original(self)
+        register_store_adapters(self)
+
+    OpenAIServingModels.init_static_loras = init_static_loras
+    _installed = True
+    logger.info("vllm-jd installed for store %s", store_path())
+
+
+def register_store_adapters(models) -> int:
+    """Add every adapter of the store to ``models.lora_requests`` (``OpenAIServingModels``)."""
+    from vllm.lora.request import LoRARequest
+
+    from vllm_jd.compress.store import read_manifest
+
+    store = store_path()
+    manifest = read_manifest(store)
+    start = models.lora_id_counter.inc(len(manifest.adapters)) - len(manifest.adapters)
+    for i, name in enumerate(manifest.adapters):
+        if models.is_base_model(name):
+            raise ValueError(f"store adapter {name!r} has the name of the base model; rename it")
+        models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=start + i + 1, lora_path=str(store))
+    logger.info("vllm-jd: %d adapters of %s are model names", len(manifest.adapters), store)
+    return len(manifest.adapters)
