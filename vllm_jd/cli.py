@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | inspect. Argument parsing only; the work is in compress/."""
+"""``vllm-jd``: compress | add | export | inspect | serve. Argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-jd", description="Compress LoRA adapters into shared bases and serve them.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="serve a store through vLLM's OpenAI server (vllm-jd serve --help)", add_help=False)
 
     c = sub.add_parser("compress", help="PEFT adapters → a new store")
     c.add_argument("adapters", nargs="+", help="PEFT adapter folders, or folders whose subfolders are adapters")
@@ -86,7 +87,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_HELP = """usage: vllm-jd serve MODEL --jd-store STORE [any vllm serve argument]
+
+Start vLLM's OpenAI-compatible server with every adapter of STORE served as a model name.
+LoRA settings (--enable-lora, --max-lora-rank, --max-loras, --max-cpu-loras) are derived from
+the store; pass any other `vllm serve` argument as usual (--host, --port, --dtype, ...)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # everything after MODEL goes to vLLM, so argparse stays out of the way
+        if len(argv) == 1 or argv[1] in ("-h", "--help"):
+            print(SERVE_HELP)
+            return 0
+        from vllm_jd.serving.serve import serve
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return serve(argv[1:])
+        except (ValueError, OSError) as e:
+            print(f"vllm-jd serve: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,92 @@
+"""Serving fixtures: a tiny float32 Llama, 20 adapters on all 7 projections, their store with one
+exact singleton added, the adapters exported back, and greedy references from transformers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_jd.cli import main as cli
+from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
+
+PROMPTS = ["def hello(", "import os", "class Foo:", "x = 1", "for i in range(", "return None", "while True:",
+           "print(", "with open(", "try:", "lambda x:", "assert ", "yield from", "if __name__", "async def",
+           "raise ValueError(", "from . import", "global ", "del x", "pass", "not in", "elif x", "else:", "0x"]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def serving_store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serving")
+    make_adapters(root / "adapters", 20, llama_lora_modules(), rank=8, structure="shared", seed=0, alpha=16)
+    assert cli(["-q", "compress", str(root / "adapters"), "--out", str(root / "store"), "--rank", "16",
+                "--clusters", "2"]) == 0
+    far = make_adapters(root / "late", 1, llama_lora_modules(), rank=8, structure="random", seed=9, prefix="late")[0]
+    assert cli(["-q", "add", str(root / "store"), str(far)]) == 0  # an exact singleton cluster of rank 8
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def adapter_names(serving_store) -> list[str]:
+    from vllm_jd.compress.store import read_manifest
+
+    return list(read_manifest(serving_store).adapters)
+
+
+@pytest.fixture(scope="session")
+def exported(serving_store, adapter_names, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported")
+    for name in adapter_names:
+        assert cli(["-q", "export", str(serving_store), name, "--out", str(out / name)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, exported):
+    """reference(prompt, adapter or None) → greedy token ids from transformers with the exported
+    adapter merged into the weights (float32)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    cache: dict = {}
+
+    def generate(prompt: str, adapter: str | None) -> list[int]:
+        key = (prompt, adapter)
+        if key not in cache:
+            model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, str(exported / adapter)).merge_and_unload()
+            ids = tok(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2)
+            cache[key] = out[0, ids.shape[1]:].tolist()
+        return cache[key]
+
+    return generate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_python(code: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a fresh vLLM, no plugin state from this process)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    for k, v in list(full_env.items()):
+        if v is None:
+            full_env.pop(k)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout)

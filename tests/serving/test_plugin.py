@@ -1,0 +1,106 @@
+"""Plugin entry point, version guard, `vllm-jd serve` argument building, bulk model names."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import textwrap
+
+import pytest
+from conftest import run_python
+
+from vllm_jd.serving.patch import check_vllm_version
+from vllm_jd.serving.serve import build_vllm_args
+
+
+def test_entry_point_is_registered():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "vllm_jd.serving.plugin:register" for ep in eps)
+
+
+@pytest.mark.parametrize("version", ["0.33.0", "0.31.2", "1.0.0"])
+def test_version_guard_refuses_other_vllm(version):
+    with pytest.raises(RuntimeError, match=f"supports only vllm==0.32.0, found vllm {version}"):
+        check_vllm_version(version)
+
+
+def test_version_guard_accepts_pinned():
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.0+cpu")
+    check_vllm_version()  # the installed one
+
+
+def test_register_without_store_is_inert():
+    code = textwrap.dedent("""
+        import sys
+        from vllm_jd.serving.plugin import register
+        register(); register()
+        print("LOADED", "vllm" in sys.modules, "vllm_jd.serving.patch" in sys.modules)
+    """)
+    proc = run_python(code, {"VLLM_JD_STORE": None})
+    assert "LOADED False False" in proc.stdout, proc.stderr
+
+
+def test_register_with_store_patches_once(serving_store):
+    code = textwrap.dedent("""
+        from vllm_jd.serving.plugin import register
+        register(); register()
+        import vllm.v1.worker.lora_model_runner_mixin as mixin
+        print("MANAGER", mixin.LRUCacheWorkerLoRAManager.__name__)
+    """)
+    proc = run_python(code, {"VLLM_JD_STORE": str(serving_store)})
+    assert "MANAGER JDWorkerLoRAManager" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_serve_args(serving_store, adapter_names):
+    argv, store = build_vllm_args(["/m", "--jd-store", str(serving_store), "--port", "9000"])
+    assert store == serving_store.resolve()
+    assert argv[:4] == ["serve", "/m", "--port", "9000"]
+    opts = {argv[i]: argv[i + 1] for i in range(5, len(argv) - 1)}
+    assert "--enable-lora" in argv and opts["--max-lora-rank"] == "16"
+    assert opts["--max-loras"] == opts["--max-num-seqs"] == "256"
+    assert int(opts["--max-cpu-loras"]) >= len(adapter_names)
+    argv, _ = build_vllm_args(["/m", f"--jd-store={serving_store}", "--max-num-seqs", "8"])
+    assert argv[argv.index("--max-loras") + 1] == "8" and argv.count("--max-num-seqs") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/m"], "--jd-store STORE is required"),
+    (["--jd-store", "X"], "usage: vllm-jd serve MODEL"),
+    (["/m", "--jd-store", "/nonexistent"], "not a vllm-jd store"),
+])
+def test_serve_args_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        build_vllm_args(argv)
+
+
+@pytest.mark.parametrize("flag", ["--lora-modules", "--max-loras"])
+def test_serve_refuses_conflicting_flags(serving_store, flag):
+    with pytest.raises(ValueError, match=flag):
+        build_vllm_args(["/m", "--jd-store", str(serving_store), flag, "a=b"])
+
+
+def test_ten_thousand_model_names(tmp_path, monkeypatch):
+    """Registering a store's adapters is one dict insert each: 10,000 names, unique stable ids."""
+    from vllm.utils.counter import AtomicCounter
+
+    from vllm_jd.serving.patch import register_store_adapters
+
+    manifest = {"format": "vllm-jd-store", "format_version": 1, "method": "jd-full", "sigma": "full", "rank": 8,
+                "modules": [{"name": "m", "d_in": 4, "d_out": 4}], "clusters": [{"id": 0, "rank": 8, "kind": "shared"}],
+                "adapters": {f"a{i}": {"cluster": 0, "block": 0, "row": i, "rank": 8, "lora_params": 64, "checksum": "",
+                                       "source": "", "error": 0.0, "module_errors": [0.0]} for i in range(10_000)}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("VLLM_JD_STORE", str(tmp_path))
+
+    class Models:
+        lora_requests: dict = {}
+        lora_id_counter = AtomicCounter(3)
+
+        def is_base_model(self, name):
+            return name == "base"
+
+    models = Models()
+    assert register_store_adapters(models) == 10_000
+    ids = {r.lora_int_id for r in models.lora_requests.values()}
+    assert len(ids) == 10_000 and min(ids) == 4 and models.lora_id_counter.inc(0) == 10_003

