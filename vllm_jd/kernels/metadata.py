@@ -29,10 +29,45 @@ class JDMeta:
     token_flat: torch.Tensor
     any_adapter: bool
     """False when no token has an adapter: layers skip the LoRA branch entirely."""
+    sorted_tokens: torch.Tensor | None = None
+    """GPU kernels: token ids grouped by Σ row (tokens with no adapter left out) [T]."""
+    row_start: torch.Tensor | None = None
+    """GPU kernels: per active Σ row, its first index into sorted_tokens [max_segs]."""
+    row_len: torch.Tensor | None = None
+    """GPU kernels: per active Σ row, its token count (0 = unused entry) [max_segs]."""
+    row_id: torch.Tensor | None = None
+    """GPU kernels: the active Σ rows [max_segs]."""
+    max_row_len: int = 0
+    cluster_of_row: torch.Tensor | None = None
+    """GPU kernels: [N+1] cluster of every Σ row."""
+    none_row: int = -1
+    _grid: tuple | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_row.shape[0])
+
+    def cluster_grid(self, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Tokens laid out per cluster in a padded [C, L] grid, computed once per step.
+
+        Returns perm [C·L] (token at each grid cell, T = padding), inv [T] (grid cell of each
+        token) and L (the largest cluster's token count).
+        """
+        if self._grid is None or self._grid[3] != num_clusters:
+            tc = self.token_cluster.cpu().numpy()
+            T, C = len(tc), num_clusters
+            counts = np.bincount(tc, minlength=C)
+            L = max(int(counts.max()) if T else 1, 1)
+            order = np.argsort(tc, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            flat = tc[order] * L + (np.arange(T) - starts[tc[order]])
+            perm = np.full(C * L, T, dtype=np.int64)
+            perm[flat] = order
+            inv = np.empty(T, dtype=np.int64)
+            inv[order] = flat
+            dev = self.token_row.device
+            self._grid = (torch.from_numpy(perm).to(dev), torch.from_numpy(inv).to(dev), L, C)
+        return self._grid[:3]
 
 
 def build_meta(rows: np.ndarray, cluster_of_row: np.ndarray, none_row: int, device: torch.device | str = "cpu",
@@ -60,4 +95,37 @@ def build_meta(rows: np.ndarray, cluster_of_row: np.ndarray, none_row: int, devi
     token_flat = seg_of_token * L + (np.arange(T) - starts[seg_of_token]) if T else np.zeros(0, dtype=np.int64)
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
     return JDMeta(token_row=as_t(rows), token_cluster=as_t(cluster_of_row[rows]), seg_row=as_t(rows[starts]),
-                  seg_index=as_t(seg_index), token_flat=as_t(token_flat), any_adapter=bool((rows != none_row).any()))
+                  seg_index=as_t(seg_index), token_flat=as_t(token_flat), any_adapter=bool((rows != none_row).any()),
+                  none_row=none_row)
+
+
+def adapter_segments(rows: np.ndarray, none_row: int, max_segs: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group tokens by Σ row for the GPU kernels (one program column per active adapter).
+
+    Returns sorted_tokens [T] (adapter tokens first, grouped by row, stable), row_start,
+    row_len, row_id [max_segs] (padded with length 0). Tokens with ``none_row`` are excluded, so
+    the kernels never touch them and their output stays exactly the base output.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    keep = sorted_rows != none_row
+    uniq, starts, counts = np.unique(sorted_rows[keep], return_index=True, return_counts=True)
+    n = len(uniq) if max_segs is None else max_segs
+    if len(uniq) > n:
+        raise ValueError(f"{len(uniq)} distinct adapters in one step, more than max_segs={n}")
+    pad = lambda a: np.concatenate([a, np.zeros(n - len(a), dtype=np.int64)])  # noqa: E731
+    return order.astype(np.int64), pad(starts), pad(counts), pad(uniq)
+
+
+def with_segments(meta: JDMeta, cluster_of_row: np.ndarray, none_row: int, device: torch.device | str = "cpu",
+                  max_segs: int | None = None) -> JDMeta:
+    """Add the GPU kernels' adapter segments (and the row → cluster table) to ``meta``."""
+    rows = meta.token_row.cpu().numpy()
+    sorted_tokens, start, length, row = adapter_segments(rows, none_row, max_segs)
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    meta.sorted_tokens, meta.row_start, meta.row_len, meta.row_id = map(as_t, (sorted_tokens, start, length, row))
+    meta.max_row_len = int(length.max()) if len(length) else 0
+    meta.cluster_of_row = as_t(np.asarray(cluster_of_row, dtype=np.int64))
+    return meta

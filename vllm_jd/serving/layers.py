@@ -19,17 +19,16 @@ from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallel
                               MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
                               ReplicatedLinearWithLoRA, RowParallelLinearWithLoRA)
 
-from vllm_jd.kernels.dispatch import apply_jd_lora
 from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.serving.op import jd_lora_layer, register_layer
 from vllm_jd.serving.state import JDState
 
 
 class JDLayerMixin:
     """The shared-basis LoRA branch; mixed in front of a vLLM LoRA layer class."""
 
-    jd_weights: JDLayerWeights | None = None
-    jd_state: JDState | None = None
-    jd_store_modules: list[str | None] = []
+    jd_layer_id: int = -1
+    jd_store_modules: list[str] = []
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         self.lora_config = lora_config
@@ -74,17 +73,17 @@ class JDLayerMixin:
         stack = lambda xs: torch.stack(xs) if xs[0] is not None else None  # noqa: E731
         return [stack(x) for x in Us], [stack(x) for x in Vs]
 
-    def jd_bind(self, weights: JDLayerWeights, state: JDState, store_modules: list[str | None]) -> None:
-        self.jd_weights, self.jd_state, self.jd_store_modules = weights, state, store_modules
+    def jd_bind(self, weights: JDLayerWeights, state: JDState, store_modules: list[str]) -> None:
+        self.jd_layer_id = register_layer(weights, state)
+        self.jd_store_modules = store_modules
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        meta = self.jd_state.meta if self.jd_state is not None else None
-        if self.jd_weights is None or meta is None or not meta.any_adapter:
+        if self.jd_layer_id < 0:
             return output
         shape = output.shape
         if x.ndim == 3:
             x, output = x.flatten(0, 1), output.flatten(0, 1)
-        apply_jd_lora(x, output, self.jd_weights, meta)
+        jd_lora_layer(x, output, self.jd_layer_id)
         return output.reshape(shape)
 
     def _apply_async_impl(self, x, bias=None):

@@ -21,7 +21,6 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from vllm_jd.compress.errors import StoreError
 from vllm_jd.envs import store_path
-from vllm_jd.kernels.metadata import build_meta
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 from vllm_jd.serving.bank import Bank, load_bank
 from vllm_jd.serving.layers import JD_CLASS_FOR, JDLayerMixin
@@ -70,7 +69,6 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
     """LRUCacheLoRAModelManager whose layers read shared bases and a resident Σ table."""
 
     def __init__(self, model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config):
-        self.jd_state = JDState()
         dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else torch.float32
         self.jd_bank: Bank = load_bank(store_path(), device="cpu", dtype=dtype)
         self.jd_rows = dict(self.jd_bank.rows)
@@ -79,6 +77,8 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         self.jd_cluster_of_row = self.jd_bank.cluster.numpy().copy()
         self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
         self._jd_last_index_mapping: tuple | None = None
+        self.jd_state = JDState(self.jd_cluster_of_row, self.jd_none_row, device, max_tokens=max_num_batched_tokens,
+                                max_segs=max_num_seqs + 1)
         if lora_config.target_modules is None:
             lora_config.target_modules = sorted({m.rsplit(".", 1)[-1] for m in self.jd_bank.U})
         super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config)
@@ -170,7 +170,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         ids = np.fromiter(mapping.index_mapping, dtype=np.int64, count=len(mapping.index_mapping))
         rows = self._jd_id_to_row[np.clip(ids, 0, self._jd_id_to_row.shape[0] - 1)]
         rows = np.where(ids > 0, rows, self.jd_none_row)
-        self.jd_state.meta = build_meta(rows, self.jd_cluster_of_row, self.jd_none_row, self.device)
+        self.jd_state.update(rows)
         self._jd_last_index_mapping = mapping.index_mapping
 
     def remove_all_adapters(self):
@@ -189,3 +189,20 @@ class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         if row is None:
             raise StoreError(f"adapter {lora_request.lora_name!r} is not in the vllm-jd store {store_path()}")
         return JDLoRAModel(lora_request.lora_int_id, manager.jd_rank, row)
+
+    def add_adapter(self, lora_request) -> bool:
+        """vLLM's version copies the whole registry per call (``list_adapters()``), i.e. per adapter
+        per step: 1.1 s of a 4.8 s profiled run with 1,024 adapters. Same logic, O(1) lookups."""
+        manager = self._adapter_manager
+        registered = manager._registered_adapters
+        if lora_request.lora_int_id not in registered or lora_request.load_inplace:
+            lora = self._load_adapter(lora_request)
+            manager.remove_adapter(lora.id)
+            if len(manager) + 1 > manager.capacity:
+                manager.remove_oldest_adapter()
+            loaded = manager.add_adapter(lora)
+        else:
+            registered.touch(lora_request.lora_int_id)
+            loaded = True
+        manager.activate_adapter(lora_request.lora_int_id)
+        return loaded

@@ -3,7 +3,8 @@
 Starts vLLM's own OpenAI-compatible server (``vllm serve``) with the plugin on. It sets what
 vLLM needs so the user passes only model and store:
 
-- ``--enable-lora``, ``--max-lora-rank`` = the smallest rank vLLM accepts ≥ the store's rank;
+- ``--enable-lora``, ``--lora-target-modules`` = the store's modules, ``--max-lora-rank`` = the
+  smallest rank vLLM accepts ≥ the store's rank;
 - ``--max-loras`` = ``--max-num-seqs`` (default 256): with every Σ resident a slot is a table
   entry, so the scheduler's distinct-adapter cap must never bind before the batch size does;
 - ``--max-cpu-loras`` ≥ the number of adapters (each entry is a few bytes);
@@ -67,11 +68,14 @@ def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
         if _option(rest, flag) is not None or flag in rest:
             raise ValueError(f"{flag} cannot be combined with --jd-store: every adapter is served from the store")
     max_num_seqs = int(_option(rest, "--max-num-seqs") or DEFAULT_MAX_NUM_SEQS)
-    ours = ["--enable-lora", "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= rank)),
+    # the store's module set goes into vLLM's config hash, so a compile cache never outlives a store change
+    targets = ",".join(sorted({m.name.rsplit(".", 1)[-1] for m in manifest.modules}))
+    ours = ["--enable-lora", "--lora-target-modules", *targets.split(","),
+            "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= rank)),
             "--max-loras", str(max_num_seqs), "--max-cpu-loras", str(len(manifest.adapters) + max_num_seqs + 16)]
     if _option(rest, "--max-num-seqs") is None:
         ours += ["--max-num-seqs", str(max_num_seqs)]
-    for flag in ("--max-lora-rank", "--max-loras", "--max-cpu-loras"):
+    for flag in ("--max-lora-rank", "--max-loras", "--max-cpu-loras", "--lora-target-modules"):
         if _option(rest, flag) is not None:
             raise ValueError(f"{flag} is set by vllm-jd serve from the store; remove it")
     return ["serve", *rest, *ours], store_path

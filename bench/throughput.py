@@ -1,0 +1,176 @@
+"""Serving throughput: base model vs vllm-jd vs vLLM's own multi-LoRA, in one run.
+
+Default workload (the serving issue): a tiny bf16 Llama (hidden 512, 4 layers), 1,024 rank-16
+adapters on q/k/v compressed to JD-Full rank 64 with 8 clusters; 512 requests of ~24 prompt
+tokens and 10 output tokens, each naming a uniformly random adapter, from 64 concurrent
+clients. Each server is started alone, measured, and stopped. Prints one JSON line per system,
+then a summary line with the ratios to the base model and the resident bytes.
+
+    python bench/throughput.py [--adapters 1024] [--requests 512] [--concurrency 64] [--systems base,jd,vllm-lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from vllm_jd.cli import main as cli
+from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
+
+HERE = Path(__file__).resolve().parent
+WORDS = "the of and to in is for on with as by at from that this it be are was not or have an which".split()
+
+
+def start(cmd: list[str], port: int, log: Path, timeout: float = 600) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env.pop("VLLM_JD_STORE", None)
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server not up after {timeout} s; see {log}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def drive(port: int, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
+    """Send every (model, prompt) job with ``concurrency`` clients; requests/s and latencies."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for j in jobs:
+        queue.put_nowait(j)
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while not queue.empty():
+            model, prompt = queue.get_nowait()
+            t = time.perf_counter()
+            async with session.post(f"http://127.0.0.1:{port}/v1/completions",
+                                    json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                          "temperature": 0, "ignore_eos": True}) as r:
+                await r.read()
+                errors += r.status != 200
+            latencies.append(time.perf_counter() - t)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"requests": len(jobs), "errors": errors, "seconds": round(wall, 2),
+            "requests_per_s": round(len(jobs) / wall, 2),
+            "p50_latency_s": round(latencies[len(latencies) // 2], 3),
+            "p99_latency_s": round(latencies[int(len(latencies) * 0.99) - 1], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=1024)
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--clusters", type=int, default=8)
+    ap.add_argument("--max-loras", type=int, default=8, help="vLLM multi-LoRA slots (the baseline)")
+    ap.add_argument("--systems", default="base,jd,vllm-lora")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep model/adapters/store here (default: temporary)")
+    ap.add_argument("--port", type=int, default=8471)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.adapters < 1 or args.requests < 1 or args.concurrency < 1:
+        sys.exit("--adapters, --requests and --concurrency must be positive")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vllm-jd-bench-"))
+    hidden, layers, heads, kv_heads = 512, 4, 8, 4
+    model = work / "model"
+    if not (model / "config.json").exists():
+        import torch
+
+        make_tiny_llama(model, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=1024,
+                        dtype=torch.bfloat16)
+    modules = llama_lora_modules(hidden, layers, heads, kv_heads, targets=("q_proj", "k_proj", "v_proj"))
+    adapters = work / "adapters"
+    if not adapters.exists():
+        make_adapters(adapters, args.adapters, modules, rank=16, structure="shared", seed=args.seed, alpha=32)
+    store = work / "store"
+    if not store.exists():
+        t = time.perf_counter()
+        assert cli(["-q", "compress", str(adapters), "--out", str(store), "--rank", str(args.rank),
+                    "--clusters", str(args.clusters)]) == 0
+        print(json.dumps({"bench": "compress", "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+    names = sorted(p.name for p in adapters.iterdir())
+    rng = random.Random(args.seed)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(24)) for _ in range(args.requests)]
+    picks = [rng.choice(names) for _ in range(args.requests)]
+    py = sys.executable
+    common = ["--host", "127.0.0.1", "--port", str(args.port), "--dtype", "bfloat16", "--max-model-len", "512",
+              "--max-num-seqs", str(args.concurrency)]
+    api = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    systems = {
+        "base": (api + common, [(str(model), p) for p in prompts]),
+        "jd": ([str(Path(py).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store)] + common,
+               list(zip(picks, prompts))),
+        "vllm-lora": (api + common + ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(args.max_loras),
+                                      "--max-cpu-loras", str(max(args.max_loras, 64)), "--lora-modules",
+                                      *[f"{n}={adapters / n}" for n in names]], list(zip(picks, prompts))),
+    }
+    results = {}
+    for name in args.systems.split(","):
+        cmd, jobs = systems[name]
+        t = time.perf_counter()
+        proc = start(cmd, args.port, work / f"{name}.log")
+        startup = time.perf_counter() - t
+        try:
+            asyncio.run(drive(args.port, jobs[: min(16, len(jobs))], args.concurrency, args.max_tokens))  # warm-up
+            res = asyncio.run(drive(args.port, jobs, args.concurrency, args.max_tokens))
+        finally:
+            stop(proc)
+        results[name] = res
+        print(json.dumps({"bench": "throughput", "system": name, "startup_s": round(startup, 1), **res}), flush=True)
+    summary = {"bench": "throughput_summary", "adapters": args.adapters, "rank": args.rank, "clusters": args.clusters}
+    if "base" in results:
+        for name, res in results.items():
+            summary[f"{name}_vs_base"] = round(res["requests_per_s"] / results["base"]["requests_per_s"], 3)
+    summary.update(resident_bytes(store, modules, args.max_loras))
+    print(json.dumps(summary), flush=True)
+
+
+def resident_bytes(store: Path, modules: dict[str, tuple[int, int]], max_loras: int) -> dict:
+    """Bytes vllm-jd keeps resident (bf16) against what vLLM's ``max_loras`` rank-16 slots take."""
+    from vllm_jd.serving.bank import load_bank
+
+    bank = load_bank(store)
+    b = {k: v // 2 for k, v in bank.resident_bytes().items()}  # loaded as float32 here; served in bf16
+    slots = sum(max_loras * 16 * (d_in + d_out) * 2 for d_in, d_out in modules.values())
+    return {"jd_bases_bytes": b["bases"], "jd_sigma_bytes": b["sigma"], "jd_total_bytes": b["bases"] + b["sigma"],
+            "vllm_lora_slot_bytes": slots, "adapters_resident_jd": len(bank.names), "adapters_resident_vllm": max_loras}
+
+
+if __name__ == "__main__":
+    main()
