@@ -22,6 +22,20 @@ from vllm_jd.kernels.torch_ops import JDLayerWeights
 
 
 @triton.jit
+def _segment_tile(sorted_tokens_ptr, row_start_ptr, row_id_ptr, cluster_of_row_ptr, seg, pid_m, n_tok, R,
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Tile ``pid_m`` of adapter segment ``seg``: its Σ row, cluster, token ids and masks."""
+    start = tl.load(row_start_ptr + seg)
+    row = tl.load(row_id_ptr + seg)
+    c = tl.load(cluster_of_row_ptr + row)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_tok
+    tok = tl.load(sorted_tokens_ptr + start + offs_m, mask=mask_m, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    return row, c, tok, mask_m, offs_r, offs_r < R
+
+
+@triton.jit
 def _jd_shrink_sigma_kernel(
     x_ptr,  # [T, d_in] activations
     v_ptr,  # V_all [d_in, C*S*R]: column (c*S + s)*R + r holds V[s, c][:, r]
@@ -41,14 +55,8 @@ def _jd_shrink_sigma_kernel(
     n_tok = tl.load(row_len_ptr + seg)
     if pid_m * BLOCK_M >= n_tok:
         return
-    start = tl.load(row_start_ptr + seg)
-    row = tl.load(row_id_ptr + seg)
-    c = tl.load(cluster_of_row_ptr + row)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_tok
-    tok = tl.load(sorted_tokens_ptr + start + offs_m, mask=mask_m, other=0)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    row, c, tok, mask_m, offs_r, mask_r = _segment_tile(
+        sorted_tokens_ptr, row_start_ptr, row_id_ptr, cluster_of_row_ptr, seg, pid_m, n_tok, R, BLOCK_M, BLOCK_R)
     col = (c * S + s) * R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
@@ -91,14 +99,8 @@ def _jd_expand_kernel(
     n_tok = tl.load(row_len_ptr + seg)
     if pid_m * BLOCK_M >= n_tok:
         return
-    start = tl.load(row_start_ptr + seg)
-    row = tl.load(row_id_ptr + seg)
-    c = tl.load(cluster_of_row_ptr + row)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_tok
-    tok = tl.load(sorted_tokens_ptr + start + offs_m, mask=mask_m, other=0)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    row, c, tok, mask_m, offs_r, mask_r = _segment_tile(
+        sorted_tokens_ptr, row_start_ptr, row_id_ptr, cluster_of_row_ptr, seg, pid_m, n_tok, R, BLOCK_M, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_s
     gt = tl.load(g_ptr + s * stride_gs + tok[:, None] * stride_gt + offs_r[None, :],
