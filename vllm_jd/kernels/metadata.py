@@ -18,6 +18,23 @@ SEGMENT_CHUNK = 16
 
 
 @dataclass
+class GridMeta:
+    """Tokens in a padded per-cluster grid [C, L] (stable order within a cluster).
+
+    perm [C·L]: token at each cell (T = padding); inv [T]: cell of each token; seg_row,
+    seg_index, cell_flat: same-Σ-row segments of the cells (pad cells carry the zero row).
+    """
+
+    perm: torch.Tensor
+    inv: torch.Tensor
+    L: int
+    num_clusters: int
+    seg_row: torch.Tensor
+    seg_index: torch.Tensor
+    cell_flat: torch.Tensor
+
+
+@dataclass
 class JDMeta:
     """token_row/token_cluster [T] long; seg_row [G] long; seg_index [G, L] long (T = padding);
     token_flat [T] long: position of token t in the flattened [G·L] segment layout."""
@@ -47,13 +64,9 @@ class JDMeta:
     def num_tokens(self) -> int:
         return int(self.token_row.shape[0])
 
-    def cluster_grid(self, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Tokens laid out per cluster in a padded [C, L] grid, computed once per step.
-
-        Returns perm [C·L] (token at each grid cell, T = padding), inv [T] (grid cell of each
-        token) and L (the largest cluster's token count).
-        """
-        if self._grid is None or self._grid[3] != num_clusters:
+    def cluster_grid(self, num_clusters: int) -> "GridMeta":
+        """Tokens laid out per cluster in a padded [C, L] grid (computed once per step)."""
+        if self._grid is None or self._grid.num_clusters != num_clusters:
             tc = self.token_cluster.cpu().numpy()
             T, C = len(tc), num_clusters
             counts = np.bincount(tc, minlength=C)
@@ -65,9 +78,37 @@ class JDMeta:
             perm[flat] = order
             inv = np.empty(T, dtype=np.int64)
             inv[order] = flat
+            rows = np.append(self.token_row.cpu().numpy(), self.none_row)[perm]  # pad cells: the zero row
+            seg_row, seg_index, cell_flat = segments(rows)
             dev = self.token_row.device
-            self._grid = (torch.from_numpy(perm).to(dev), torch.from_numpy(inv).to(dev), L, C)
-        return self._grid[:3]
+            as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)  # noqa: E731
+            self._grid = GridMeta(as_t(perm), as_t(inv), L, C, as_t(seg_row), as_t(seg_index), as_t(cell_flat))
+        return self._grid
+
+
+def segments(rows: np.ndarray, chunk: int = SEGMENT_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal Σ rows in ``rows`` [T], cut every ``chunk`` items.
+
+    Returns seg_row [G], seg_index [G, L] (item index, T = padding) and item_flat [T] (position
+    of item t in the flattened [G·L] layout).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    T = rows.shape[0]
+    if T == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    change = np.ones(T, dtype=bool)
+    change[1:] = rows[1:] != rows[:-1]
+    run_start = np.flatnonzero(change)
+    run_id = np.cumsum(change) - 1
+    pos_in_run = np.arange(T) - run_start[run_id]
+    starts = np.flatnonzero(change | (pos_in_run % chunk == 0))
+    lengths = np.diff(np.append(starts, T))
+    L = int(lengths.max())
+    seg_index = starts[:, None] + np.arange(L)[None, :]
+    seg_index = np.where(np.arange(L)[None, :] < lengths[:, None], seg_index, T)
+    seg_of_item = np.repeat(np.arange(len(starts)), lengths)
+    item_flat = seg_of_item * L + (np.arange(T) - starts[seg_of_item])
+    return rows[starts], seg_index, item_flat
 
 
 def build_meta(rows: np.ndarray, cluster_of_row: np.ndarray, none_row: int, device: torch.device | str = "cpu",
@@ -77,24 +118,9 @@ def build_meta(rows: np.ndarray, cluster_of_row: np.ndarray, none_row: int, devi
     cluster_of_row: [N+1] cluster id of every row.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    T = rows.shape[0]
-    if T == 0:
-        starts = np.zeros(0, dtype=np.int64)
-    else:
-        change = np.ones(T, dtype=bool)
-        change[1:] = rows[1:] != rows[:-1]
-        run_start = np.flatnonzero(change)
-        run_id = np.cumsum(change) - 1
-        pos_in_run = np.arange(T) - run_start[run_id]
-        starts = np.flatnonzero(change | (pos_in_run % chunk == 0))
-    lengths = np.diff(np.append(starts, T))
-    L = int(lengths.max()) if T else 1
-    seg_index = starts[:, None] + np.arange(L)[None, :]
-    seg_index = np.where(np.arange(L)[None, :] < lengths[:, None], seg_index, T)
-    seg_of_token = np.repeat(np.arange(len(starts)), lengths)
-    token_flat = seg_of_token * L + (np.arange(T) - starts[seg_of_token]) if T else np.zeros(0, dtype=np.int64)
+    seg_row, seg_index, token_flat = segments(rows, chunk)
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
-    return JDMeta(token_row=as_t(rows), token_cluster=as_t(cluster_of_row[rows]), seg_row=as_t(rows[starts]),
+    return JDMeta(token_row=as_t(rows), token_cluster=as_t(np.asarray(cluster_of_row)[rows]), seg_row=as_t(seg_row),
                   seg_index=as_t(seg_index), token_flat=as_t(token_flat), any_adapter=bool((rows != none_row).any()),
                   none_row=none_row)
 

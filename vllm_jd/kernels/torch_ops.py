@@ -54,6 +54,19 @@ class JDLayerWeights:
         return self._v_grid
 
 
+def _apply_sigma(h: torch.Tensor, sigma: torch.Tensor, seg_row: torch.Tensor, seg_index: torch.Tensor,
+                 item_flat: torch.Tensor) -> torch.Tensor:
+    """g[i] = Σ[row(i)] h[i] for items [n, S, R], one batched matmul over same-row segments."""
+    n, S, R = h.shape
+    h_pad = torch.cat([h, h.new_zeros(1, S, R)])[seg_index]  # [G, Lg, S, R]
+    sig = sigma.index_select(0, seg_row)  # [G, S, R, R] or [G, S, R]
+    if sig.dim() == 3:
+        g_pad = h_pad * sig[:, None]
+    else:
+        g_pad = torch.matmul(h_pad.transpose(1, 2), sig.transpose(-1, -2)).transpose(1, 2)
+    return g_pad.reshape(-1, S, R).index_select(0, item_flat)
+
+
 def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDMeta) -> None:
     """In place: ``y[t, slice s] += U[s, c(t)] Σ[s, a(t)] V[s, c(t)]ᵀ x[t]`` for every token.
 
@@ -62,28 +75,22 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
     """
     T, d_in = x.shape
     S, C, R = len(w.UT), w.num_clusters, w.rank
-    if C > 1:  # shrink: one batched GEMM over the padded per-cluster grid of tokens
-        perm, inv, L = meta.cluster_grid(C)
-        xg = torch.cat([x, x.new_zeros(1, d_in)]).index_select(0, perm).view(C, L, d_in)
-        h = torch.bmm(xg, w.V_grid()).view(C * L, S, R).index_select(0, inv)  # [T, S, R]
-    else:
-        h = (x @ w.V_all).view(T, S, R)
-    # sigma per segment of same-adapter tokens: pad each to Lg rows, one batched matmul
-    h_pad = torch.cat([h, h.new_zeros(1, S, R)])[meta.seg_index]  # [G, Lg, S, R]
-    sig = w.sigma.index_select(0, meta.seg_row)  # [G, S, R, R] or [G, S, R]
-    if sig.dim() == 3:
-        g_pad = h_pad * sig[:, None]
-    else:
-        g_pad = torch.matmul(h_pad.transpose(1, 2), sig.transpose(-1, -2)).transpose(1, 2)  # g = Σ h
-    g = g_pad.reshape(-1, S, R).index_select(0, meta.token_flat)  # [T, S, R]
-    if C > 1:
-        gp = torch.cat([g, g.new_zeros(1, S, R)]).index_select(0, perm).view(C, L, S, R)
+    if C == 1:
+        g = _apply_sigma((x @ w.V_all).view(T, S, R), w.sigma, meta.seg_row, meta.seg_index, meta.token_flat)
+        off = 0
+        for s in range(S):
+            d = w.UT[s].shape[1]
+            y[:, off : off + d] += g[:, s] @ w.UT[s]
+            off += d
+        return
+    # shrink, sigma and expand all run in the padded per-cluster grid; only the output goes back
+    grid = meta.cluster_grid(C)
+    xg = torch.cat([x, x.new_zeros(1, d_in)]).index_select(0, grid.perm).view(C, grid.L, d_in)
+    h = torch.bmm(xg, w.V_grid()).view(C * grid.L, S, R)
+    g = _apply_sigma(h, w.sigma, grid.seg_row, grid.seg_index, grid.cell_flat).view(C, grid.L, S, R)
     off = 0
-    for s in range(S):  # expand: one (batched) GEMM per slice
+    for s in range(S):
         d = w.UT[s].shape[1]
-        if C > 1:
-            add = torch.bmm(gp[:, :, s], w.UT[s].view(C, R, d)).view(C * L, d).index_select(0, inv)
-        else:
-            add = g[:, s] @ w.UT[s]
-        y[:, off : off + d] += add
+        out = torch.bmm(g[:, :, s], w.UT[s].view(C, R, d)).view(C * grid.L, d)
+        y[:, off : off + d] += out.index_select(0, grid.inv)
         off += d
