@@ -21,7 +21,7 @@ SEGMENT_CHUNK = 16
 class GridMeta:
     """Tokens in a padded per-cluster grid [C, L] (stable order within a cluster).
 
-    perm [C·L]: token at each cell (T = padding); inv [T]: cell of each token; seg_row,
+    perm [C·L]: token at each cell (padding reads token 0); inv [T]: cell of each token; seg_row,
     seg_index, cell_flat: same-Σ-row segments of the cells (pad cells carry the zero row).
     """
 
@@ -74,11 +74,12 @@ class JDMeta:
             order = np.argsort(tc, kind="stable")
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
             flat = tc[order] * L + (np.arange(T) - starts[tc[order]])
-            perm = np.full(C * L, T, dtype=np.int64)
+            perm = np.zeros(C * L, dtype=np.int64)  # pad cells read token 0; their Σ row is the zero row
             perm[flat] = order
             inv = np.empty(T, dtype=np.int64)
             inv[order] = flat
-            rows = np.append(self.token_row.cpu().numpy(), self.none_row)[perm]  # pad cells: the zero row
+            rows = np.full(C * L, self.none_row, dtype=np.int64)
+            rows[flat] = self.token_row.cpu().numpy()[order]
             seg_row, seg_index, cell_flat = segments(rows)
             dev = self.token_row.device
             as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)  # noqa: E731
@@ -89,8 +90,8 @@ class JDMeta:
 def segments(rows: np.ndarray, chunk: int = SEGMENT_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of equal Σ rows in ``rows`` [T], cut every ``chunk`` items.
 
-    Returns seg_row [G], seg_index [G, L] (item index, T = padding) and item_flat [T] (position
-    of item t in the flattened [G·L] layout).
+    Returns seg_row [G], seg_index [G, L] (item index; padding repeats the segment's first item)
+    and item_flat [T] (position of item t in the flattened [G·L] layout).
     """
     rows = np.asarray(rows, dtype=np.int64)
     T = rows.shape[0]
@@ -105,7 +106,8 @@ def segments(rows: np.ndarray, chunk: int = SEGMENT_CHUNK) -> tuple[np.ndarray, 
     lengths = np.diff(np.append(starts, T))
     L = int(lengths.max())
     seg_index = starts[:, None] + np.arange(L)[None, :]
-    seg_index = np.where(np.arange(L)[None, :] < lengths[:, None], seg_index, T)
+    # padding repeats the segment's first item: its result lands in a cell nothing reads back
+    seg_index = np.where(np.arange(L)[None, :] < lengths[:, None], seg_index, starts[:, None])
     seg_of_item = np.repeat(np.arange(len(starts)), lengths)
     item_flat = seg_of_item * L + (np.arange(T) - starts[seg_of_item])
     return rows[starts], seg_index, item_flat

@@ -58,7 +58,8 @@ def _apply_sigma(h: torch.Tensor, sigma: torch.Tensor, seg_row: torch.Tensor, se
                  item_flat: torch.Tensor) -> torch.Tensor:
     """g[i] = Σ[row(i)] h[i] for items [n, S, R], one batched matmul over same-row segments."""
     n, S, R = h.shape
-    h_pad = torch.cat([h, h.new_zeros(1, S, R)])[seg_index]  # [G, Lg, S, R]
+    G, Lg = seg_index.shape
+    h_pad = h.index_select(0, seg_index.view(-1)).view(G, Lg, S, R)
     sig = sigma.index_select(0, seg_row)  # [G, S, R, R] or [G, S, R]
     if sig.dim() == 3:
         g_pad = h_pad * sig[:, None]
@@ -85,12 +86,8 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
         return
     # shrink, sigma and expand all run in the padded per-cluster grid; only the output goes back
     grid = meta.cluster_grid(C)
-    xg = torch.cat([x, x.new_zeros(1, d_in)]).index_select(0, grid.perm).view(C, grid.L, d_in)
+    xg = x.index_select(0, grid.perm).view(C, grid.L, d_in)
     h = torch.bmm(xg, w.V_grid()).view(C * grid.L, S, R)
     g = _apply_sigma(h, w.sigma, grid.seg_row, grid.seg_index, grid.cell_flat).view(C, grid.L, S, R)
-    off = 0
-    for s in range(S):
-        d = w.UT[s].shape[1]
-        out = torch.bmm(g[:, :, s], w.UT[s].view(C, R, d)).view(C * grid.L, d)
-        y[:, off : off + d] += out.index_select(0, grid.inv)
-        off += d
+    outs = [torch.bmm(g[:, :, s], w.UT[s].view(C, R, -1)) for s in range(S)]  # [C, L, d_s] each
+    y += torch.cat(outs, 2).view(C * grid.L, -1).index_select(0, grid.inv)
