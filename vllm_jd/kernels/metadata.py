@@ -22,7 +22,7 @@ class GridMeta:
     """Tokens in a padded per-cluster grid [C, L] (stable order within a cluster).
 
     perm [C·L]: token at each cell (padding reads token 0); inv [T]: cell of each token; seg_row,
-    seg_index, cell_flat: same-Σ-row segments of the cells (pad cells carry the zero row).
+    seg_index (grid cells), cell_flat: same-Σ-row segments of the real cells.
     """
 
     perm: torch.Tensor
@@ -78,9 +78,12 @@ class JDMeta:
             perm[flat] = order
             inv = np.empty(T, dtype=np.int64)
             inv[order] = flat
-            rows = np.full(C * L, self.none_row, dtype=np.int64)
-            rows[flat] = self.token_row.cpu().numpy()[order]
-            seg_row, seg_index, cell_flat = segments(rows)
+            # segments over the real cells only (grid order); pad cells take any value (cell 0's),
+            # since nothing reads them back: at decode every token is then its own segment
+            seg_row, seg_index, real_flat = segments(self.token_row.cpu().numpy()[order])
+            seg_index = flat[seg_index] if T else seg_index
+            cell_flat = np.zeros(C * L, dtype=np.int64)
+            cell_flat[flat] = real_flat
             dev = self.token_row.device
             as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)  # noqa: E731
             self._grid = GridMeta(as_t(perm), as_t(inv), L, C, as_t(seg_row), as_t(seg_index), as_t(cell_flat))
