@@ -3,8 +3,9 @@
 Default workload (the serving issue): a tiny bf16 Llama (hidden 512, 4 layers), 1,024 rank-16
 adapters on q/k/v compressed to JD-Full rank 64 with 8 clusters; 512 requests of ~24 prompt
 tokens and 10 output tokens, each naming a uniformly random adapter, from 64 concurrent
-clients. Each server is started alone, measured, and stopped. Prints one JSON line per system,
-then a summary line with the ratios to the base model and the resident bytes.
+clients. Each server is started alone, measured ``--rounds`` times (median reported), and stopped.
+Prints one JSON line per system, then a summary line with the ratios to the base model and the
+resident bytes.
 
     python bench/throughput.py [--adapters 1024] [--requests 512] [--concurrency 64] [--systems base,jd,vllm-lora]
 """
@@ -103,6 +104,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep model/adapters/store here (default: temporary)")
     ap.add_argument("--port", type=int, default=8471)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measured rounds per server; the median is reported (this machine is noisy: ±15%% run to run)")
     args = ap.parse_args()
     if args.adapters < 1 or args.requests < 1 or args.concurrency < 1:
         sys.exit("--adapters, --requests and --concurrency must be positive")
@@ -148,11 +151,13 @@ def main() -> None:
         startup = time.perf_counter() - t
         try:
             asyncio.run(drive(args.port, jobs[: min(16, len(jobs))], args.concurrency, args.max_tokens))  # warm-up
-            res = asyncio.run(drive(args.port, jobs, args.concurrency, args.max_tokens))
+            rounds = [asyncio.run(drive(args.port, jobs, args.concurrency, args.max_tokens)) for _ in range(args.rounds)]
         finally:
             stop(proc)
+        res = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]  # the median round
         results[name] = res
-        print(json.dumps({"bench": "throughput", "system": name, "startup_s": round(startup, 1), **res}), flush=True)
+        print(json.dumps({"bench": "throughput", "system": name, "startup_s": round(startup, 1), **res,
+                          "rounds_requests_per_s": [r["requests_per_s"] for r in rounds]}), flush=True)
     summary = {"bench": "throughput_summary", "adapters": args.adapters, "rank": args.rank, "clusters": args.clusters}
     if "base" in results:
         for name, res in results.items():
