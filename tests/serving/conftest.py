@@ -53,10 +53,9 @@ def exported(serving_store, adapter_names, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_model, exported):
+def merged_reference(tiny_model: Path, exported: Path):
     """reference(prompt, adapter or None) → greedy token ids from transformers with the exported
-    adapter merged into the weights (float32)."""
+    adapter (a folder under ``exported``) merged into the weights (float32)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +74,25 @@ def reference(tiny_model, exported):
         return cache[key]
 
     return generate
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, exported):
+    return merged_reference(tiny_model, exported)
+
+
+@pytest.fixture
+def reference_for(tiny_model, tmp_path):
+    """reference_for(store) → the merged reference for the adapters of another store."""
+    from vllm_jd.compress.store import read_manifest
+
+    def make(store: Path):
+        out = tmp_path / "exported"
+        for name in read_manifest(store).adapters:
+            assert cli(["-q", "export", str(store), name, "--out", str(out / name)]) == 0
+        return merged_reference(tiny_model, out)
+
+    return make
 
 
 def free_port() -> int:

@@ -105,3 +105,37 @@ def test_store_for_another_model_fails_at_start(tmp_path, tiny_model):
     assert proc.returncode != 0
     assert ("store module model.layers.0.self_attn.q_proj maps 64→64 but the model's "
             "model.layers.0.self_attn.qkv_proj (slice 0) maps 256→256") in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method, rank", [("jd-diag", 16), ("svd", 4)])
+def test_diag_and_svd_stores_serve_exactly(method, rank, tmp_path, tiny_model, serving_store, reference_for):
+    """Diagonal Σ (JD-Diag) and one basis per adapter (SVD) go through the same layers."""
+    from vllm_jd.cli import main as cli
+
+    adapters = serving_store.parent / "adapters"
+    names = ["adapter-0003", "adapter-0011"]
+    for n in names:
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / n).symlink_to(adapters / n)
+    store = tmp_path / "store"
+    clusters = ["--clusters", "1"] if method != "svd" else []  # svd: one basis per adapter
+    assert cli(["-q", "compress", str(tmp_path / "src"), "--out", str(store), "--method", method, "--rank", str(rank),
+                *clusters]) == 0
+    prompts = PROMPTS[:3]
+    adapters_used = [names[0], names[1], None]
+    code = textwrap.dedent(f"""
+        import json
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+        if __name__ == "__main__":
+            llm = LLM(model={str(tiny_model)!r}, **{ENGINE!r})
+            reqs = [LoRARequest(n, i + 1, {str(store)!r}) if n else None for i, n in enumerate({adapters_used!r})]
+            outs = llm.generate({prompts!r}, SamplingParams(temperature=0, max_tokens={MAX_TOKENS}, ignore_eos=True),
+                                lora_request=reqs, use_tqdm=False)
+            print("RESULT" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    """)
+    proc = run_python(code, {"VLLM_JD_STORE": str(store), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    ref = reference_for(store)
+    assert json.loads(line[0][6:]) == [ref(p, a) for p, a in zip(prompts, adapters_used)]
