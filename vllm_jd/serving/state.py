@@ -28,6 +28,8 @@ class JDState:
             self._seg_host = torch.zeros(3, max_segs, dtype=torch.int64).pin_memory()
             self._sorted_host = torch.zeros(max_tokens, dtype=torch.int64).pin_memory()
             self._cluster = torch.from_numpy(self.cluster_of_row).to(self.device)
+            self._copied = torch.cuda.Event()  # the pinned buffers are reused: wait for the last copy
+            self._copied.record()
 
     def update(self, rows: np.ndarray) -> JDMeta:
         """Set the metadata for tokens whose Σ rows are ``rows`` [T] (``none_row`` = no adapter)."""
@@ -38,10 +40,12 @@ class JDState:
         T = len(sorted_tokens)
         if T > self._sorted.shape[0]:
             raise ValueError(f"{T} tokens in one step, more than the {self._sorted.shape[0]} the buffers hold")
+        self._copied.synchronize()  # normally long done; guards the pinned buffers against a pending DMA
         self._sorted_host[:T] = torch.from_numpy(sorted_tokens)
         self._seg_host[0], self._seg_host[1], self._seg_host[2] = (torch.from_numpy(a) for a in (start, length, row))
         self._sorted.copy_(self._sorted_host, non_blocking=True)
         self._seg.copy_(self._seg_host, non_blocking=True)
+        self._copied.record()
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.meta = JDMeta(token_row=empty, token_cluster=empty, seg_row=empty, seg_index=empty, token_flat=empty,
                            any_adapter=True, sorted_tokens=self._sorted, row_start=self._seg[0], row_len=self._seg[1],
