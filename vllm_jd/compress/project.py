@@ -142,12 +142,15 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
             r = ranks[c]
             shape = (len(members), r, r) if full else (len(members), r)
             sig = torch.zeros(shape, dtype=torch.float32)
+            basis = None  # an existing cluster's (U, V), read once for all its new members
+            if placed[members[0]].kind == "shared":
+                basis = reader.get(u_key(c, m.name)), reader.get(v_key(c, m.name))
             for row, i in enumerate(members):
                 if i not in local:
                     continue
                 j = local[i]
                 one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
-                U, V, s, loss = _fit_one(reader, manifest, one, c, r, placed[i].kind, m.name)
+                U, V, s, loss = _fit_one(manifest, one, r, placed[i].kind, basis)
                 if U is not None:
                     tensors[u_key(c, m.name)], tensors[v_key(c, m.name)] = U, V
                 if full:
@@ -166,11 +169,14 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
     return tensors, rows, errors
 
 
-def _fit_one(reader: TensorReader, manifest: Manifest, one: ModuleFactors, cluster: int, rank: int, kind: str,
-             module: str):
-    """(U, V) for a new singleton (else None), Σ of the adapter, and its squared loss."""
+def _fit_one(manifest: Manifest, one: ModuleFactors, rank: int, kind: str,
+             basis: tuple[torch.Tensor, torch.Tensor] | None):
+    """(U, V) for a new singleton (else None), Σ of the adapter, and its squared loss.
+
+    basis: the (U, V) of the existing cluster a "shared" adapter is projected onto.
+    """
     if kind == "shared":
-        U, V = reader.get(u_key(cluster, module)), reader.get(v_key(cluster, module))
+        U, V = basis
         s = solvers.project(manifest.method, one, U, V)[0]
         loss = float(solvers.final_losses(manifest.method, one, U, V, s[None])[0])
         return None, None, s, loss
