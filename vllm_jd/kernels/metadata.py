@@ -17,6 +17,10 @@ SEGMENT_CHUNK = 16
 """Longest segment; bounds the padding of the batched Σ matmul to < 16 rows per segment."""
 
 
+def _long_tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
+
 @dataclass
 class GridMeta:
     """Tokens in a padded per-cluster grid [C, L] (stable order within a cluster).
@@ -36,8 +40,9 @@ class GridMeta:
 
 @dataclass
 class JDMeta:
-    """token_row/token_cluster [T] long; seg_row [G] long; seg_index [G, L] long (T = padding);
-    token_flat [T] long: position of token t in the flattened [G·L] segment layout."""
+    """token_row/token_cluster [T] long; seg_row [G] long; seg_index [G, L] long (padding repeats
+    a segment's first token); token_flat [T] long: position of token t in the flattened [G·L]
+    segment layout."""
 
     token_row: torch.Tensor
     token_cluster: torch.Tensor
@@ -54,11 +59,10 @@ class JDMeta:
     """GPU kernels: per active Σ row, its token count (0 = unused entry) [max_segs]."""
     row_id: torch.Tensor | None = None
     """GPU kernels: the active Σ rows [max_segs]."""
-    max_row_len: int = 0
     cluster_of_row: torch.Tensor | None = None
     """GPU kernels: [N+1] cluster of every Σ row."""
     none_row: int = -1
-    _grid: tuple | None = None
+    _grid: GridMeta | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -84,8 +88,7 @@ class JDMeta:
             seg_index = flat[seg_index] if T else seg_index
             cell_flat = np.zeros(C * L, dtype=np.int64)
             cell_flat[flat] = real_flat
-            dev = self.token_row.device
-            as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)  # noqa: E731
+            as_t = lambda a: _long_tensor(a, self.token_row.device)  # noqa: E731
             self._grid = GridMeta(as_t(perm), as_t(inv), L, C, as_t(seg_row), as_t(seg_index), as_t(cell_flat))
         return self._grid
 
@@ -124,7 +127,7 @@ def build_meta(rows: np.ndarray, cluster_of_row: np.ndarray, none_row: int, devi
     """
     rows = np.asarray(rows, dtype=np.int64)
     seg_row, seg_index, token_flat = segments(rows, chunk)
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
+    as_t = lambda a: _long_tensor(a, device)  # noqa: E731
     return JDMeta(token_row=as_t(rows), token_cluster=as_t(np.asarray(cluster_of_row)[rows]), seg_row=as_t(seg_row),
                   seg_index=as_t(seg_index), token_flat=as_t(token_flat), any_adapter=bool((rows != none_row).any()),
                   none_row=none_row)
@@ -155,8 +158,7 @@ def with_segments(meta: JDMeta, cluster_of_row: np.ndarray, none_row: int, devic
     """Add the GPU kernels' adapter segments (and the row → cluster table) to ``meta``."""
     rows = meta.token_row.cpu().numpy()
     sorted_tokens, start, length, row = adapter_segments(rows, none_row, max_segs)
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    meta.sorted_tokens, meta.row_start, meta.row_len, meta.row_id = map(as_t, (sorted_tokens, start, length, row))
-    meta.max_row_len = int(length.max()) if len(length) else 0
-    meta.cluster_of_row = as_t(np.asarray(cluster_of_row, dtype=np.int64))
+    segs = (_long_tensor(a, device) for a in (sorted_tokens, start, length, row))
+    meta.sorted_tokens, meta.row_start, meta.row_len, meta.row_id = segs
+    meta.cluster_of_row = _long_tensor(cluster_of_row, device)
     return meta

@@ -28,7 +28,6 @@ class JDLayerMixin:
     """The shared-basis LoRA branch; mixed in front of a vLLM LoRA layer class."""
 
     jd_layer_id: int = -1
-    jd_store_modules: list[str] = []
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         self.lora_config = lora_config
@@ -73,9 +72,8 @@ class JDLayerMixin:
         stack = lambda xs: torch.stack(xs) if xs[0] is not None else None  # noqa: E731
         return [stack(x) for x in Us], [stack(x) for x in Vs]
 
-    def jd_bind(self, weights: JDLayerWeights, state: JDState, store_modules: list[str]) -> None:
+    def jd_bind(self, weights: JDLayerWeights, state: JDState) -> None:
         self.jd_layer_id = register_layer(weights, state)
-        self.jd_store_modules = store_modules
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self.jd_layer_id < 0:

@@ -123,10 +123,9 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             V = [v if v is not None else torch.zeros(C, module.input_size, R, dtype=dtype) for v in V]
             zero_sigma = torch.zeros_like(next(iter(bank.sigma.values())))
             sigma = torch.stack([bank.sigma[n] if p else zero_sigma for n, p in zip(names, present)])
-            w = JDLayerWeights.from_bases(torch.stack(V), U, sigma)
-            w = JDLayerWeights(w.V_all.to(self.device), [u.to(self.device) for u in w.UT], w.sigma.to(self.device),
-                               w.num_clusters, w.rank)
-            module.jd_bind(w, self.jd_state, names)
+            dev = self.device
+            w = JDLayerWeights.from_bases(torch.stack(V).to(dev), [u.to(dev) for u in U], sigma.to(dev))
+            module.jd_bind(w, self.jd_state)
         if unused := sorted(set(bank.U) - used):
             dims = bank.module_dims()[unused[0]]
             raise StoreError(f"store module {unused[0]} ({dims[0]}→{dims[1]}) matches no LoRA-capable layer of "

@@ -49,6 +49,5 @@ class JDState:
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.meta = JDMeta(token_row=empty, token_cluster=empty, seg_row=empty, seg_index=empty, token_flat=empty,
                            any_adapter=True, sorted_tokens=self._sorted, row_start=self._seg[0], row_len=self._seg[1],
-                           row_id=self._seg[2], max_row_len=int(length.max()) if T else 0,
-                           cluster_of_row=self._cluster)
+                           row_id=self._seg[2], cluster_of_row=self._cluster)
         return self.meta
