@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | inspect | serve. Argument parsing only; the work is elsewhere."""
+"""``vllm-jd``: compress | add | export | merge | inspect | serve. Argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-rounds", type=int, default=10, help="cap on clustering rounds (default 10)")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--basis-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
+                   help="dtype U_c, V_c are stored in (int8: per-column scales; default fp32)")
+    c.add_argument("--sigma-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
+                   help="dtype Σ_i are stored in (int8: per-row scales; default fp32)")
 
     a = sub.add_parser("add", help="project new adapters into an existing store")
     a.add_argument("store")
@@ -49,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("store")
     e.add_argument("name")
     e.add_argument("--out", required=True)
+
+    g = sub.add_parser("merge", help="merge adapters of a store into ONE PEFT LoRA (Compress-then-Merge)")
+    g.add_argument("store")
+    # selection is checked by merge() (exactly one of the two), so a bad pair exits 2 with a message
+    g.add_argument("--adapters", nargs="+", default=None, metavar="NAME", help="adapter names of the store to merge")
+    g.add_argument("--cluster", type=int, default=None, help="merge every adapter of this cluster id")
+    g.add_argument("--rule", required=True, choices=["task-arithmetic", "ties", "dare-ties"])
+    g.add_argument("--beta", type=float, default=0.25, help="norm reweighting β in [0, 1] (default 0.25, paper)")
+    g.add_argument("--scale", type=float, default=1.0, help="merge scaling factor α (default 1)")
+    g.add_argument("--rank", type=int, default=None, help="target rank r (default: the store's rank)")
+    g.add_argument("--topk", type=float, default=25.0, help="TIES: percent of coordinates kept per task (default 25)")
+    g.add_argument("--drop", type=float, default=0.05, help="DARE: drop rate p in [0, 1) (default 0.05)")
+    g.add_argument("--seed", type=int, default=0, help="seed of DARE's drops")
+    g.add_argument("--iters", type=int, default=100, help="max subspace iterations (default 100)")
+    g.add_argument("--space", choices=["auto", "core", "full"], default="auto",
+                   help="solve in the core space (Theorem 4.1), the full space, or auto (default)")
+    g.add_argument("--out", required=True, help="PEFT adapter folder to create (must not exist or be empty)")
 
     i = sub.add_parser("inspect", help="adapters, clusters, errors, bytes and parameters saved")
     i.add_argument("store")
@@ -63,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
 
         config = CompressConfig(method=args.method, rank=args.rank, clusters=args.clusters, max_error=args.max_error,
                                 iters=args.iters, tol=args.tol, seed=args.seed, device=args.device,
-                                max_rounds=args.max_rounds)
+                                max_rounds=args.max_rounds, basis_dtype=args.basis_dtype,
+                                sigma_dtype=args.sigma_dtype)
         s = compress(args.adapters, args.out, config, progress=not args.quiet)
         m = s.manifest
         errs = sorted(a.error for a in m.adapters.values())
@@ -79,6 +101,14 @@ def _run(args: argparse.Namespace) -> int:
         from vllm_jd.compress.export import export
 
         print(f"wrote {export(args.store, args.name, args.out)}")
+    elif args.command == "merge":
+        from vllm_jd.compress.merge import merge_to_peft
+
+        r = merge_to_peft(args.store, args.out, names=args.adapters, cluster=args.cluster, rule=args.rule,
+                          beta=args.beta, scale=args.scale, rank=args.rank, topk=args.topk, drop=args.drop,
+                          seed=args.seed, iters=args.iters, space=args.space)
+        print(f"merged {len(r.sources)} adapters × {len(r.modules)} modules → {args.out}: rule {r.rule}, "
+              f"rank {r.rank}, mean retention {r.mean_retention:.4f}")
     elif args.command == "inspect":
         from vllm_jd.compress.report import format_summary, summarize
 

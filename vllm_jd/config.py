@@ -26,6 +26,10 @@ class CompressConfig(BaseModel):
     seed: int = Field(0, description="Seed of the random initialisation and k-means")
     device: str = Field("cpu", description="torch device for the computation: cpu or cuda[:N]")
     max_rounds: int = Field(10, description="Cap on clustered-JD rounds (fit per cluster, then reassign)")
+    basis_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(
+        "fp32", description="dtype U_c, V_c are stored in (int8: per-column scales); errors are measured after it")
+    sigma_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(
+        "fp32", description="dtype Σ_i are stored in (int8: per-row scales); errors are measured after it")
 
     @field_validator("rank", "clusters")
     @classmethod

@@ -28,7 +28,7 @@ def planted_store(planted_adapters, tmp_path_factory) -> Path:
 
 def test_manifest_contents(planted_store, planted_adapters):
     m = read_manifest(planted_store)
-    assert m.format_version == 1 and m.method == "jd-full" and m.rank == 4 and len(m.clusters) == 3
+    assert m.format_version == 2 and m.method == "jd-full" and m.rank == 4 and len(m.clusters) == 3
     assert sorted(x.name for x in m.modules) == sorted(TINY_MODULES)
     assert sorted(m.adapters) == sorted(p.name for p in planted_adapters.iterdir())
     a = m.adapters["adapter-0005"]

@@ -107,9 +107,12 @@ def test_store_for_another_model_fails_at_start(tmp_path, tiny_model):
             "model.layers.0.self_attn.qkv_proj (slice 0) maps 256→256") in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method, rank", [("jd-diag", 16), ("svd", 4)])
-def test_diag_and_svd_stores_serve_exactly(method, rank, tmp_path, tiny_model, serving_store, reference_for):
-    """Diagonal Σ (JD-Diag) and one basis per adapter (SVD) go through the same layers."""
+@pytest.mark.parametrize("method, rank, dtypes", [("jd-diag", 16, []), ("svd", 4, []),
+                                                   ("jd-full", 16, ["--basis-dtype", "int8", "--sigma-dtype", "int8"])])
+def test_diag_svd_and_int8_stores_serve_exactly(method, rank, dtypes, tmp_path, tiny_model, serving_store,
+                                                reference_for):
+    """Diagonal Σ (JD-Diag), one basis per adapter (SVD) and an int8 store go through the same
+    layers; an int8 store serves exactly what it exports (dequantised once at load)."""
     from vllm_jd.cli import main as cli
 
     adapters = serving_store.parent / "adapters"
@@ -120,7 +123,7 @@ def test_diag_and_svd_stores_serve_exactly(method, rank, tmp_path, tiny_model, s
     store = tmp_path / "store"
     clusters = ["--clusters", "1"] if method != "svd" else []  # svd: one basis per adapter
     assert cli(["-q", "compress", str(tmp_path / "src"), "--out", str(store), "--method", method, "--rank", str(rank),
-                *clusters]) == 0
+                *clusters, *dtypes]) == 0
     prompts = PROMPTS[:3]
     adapters_used = [names[0], names[1], None]
     code = textwrap.dedent(f"""

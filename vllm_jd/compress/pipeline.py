@@ -23,6 +23,7 @@ from vllm_jd.compress.clustering import Reference
 from vllm_jd.compress.errors import AdapterError
 from vllm_jd.compress.factors import load_module, normalize
 from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
+from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
 from vllm_jd.compress.selection import Choice, choose
 from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, ModuleInfo, sigma_key, staged_directory,
                                     u_key, v_key, write_manifest)
@@ -124,6 +125,7 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
         members = (labels == c).nonzero().squeeze(1)
         rows[members] = torch.arange(members.numel())
     sq_err = torch.full((n, len(modules)), float("nan"), dtype=torch.float64)
+    sq_err_fp32 = sq_err.clone()  # the same before quantisation (equal for an fp32 store)
     weight = torch.zeros(n, len(modules), dtype=torch.float64)
     weight_map: dict[str, str] = {}
     with staged_directory(Path(out)) as tmp:
@@ -137,15 +139,20 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
             t_module = time.perf_counter()
             bar.set_postfix_str(module.name, refresh=False)
             tensors = _compress_module(adapters, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
+            sq_err_fp32[:, mi] = sq_err[:, mi]
+            tensors = _store_dtypes(tensors, adapters, module, labels, rows, config, mi, sq_err)
             shard = f"tensors/m{mi:05d}.safetensors"
             save_file(tensors, str(tmp / shard))
             weight_map.update({key: shard for key in tensors})
             module_seconds.append(time.perf_counter() - t_module)
         bar.close()
         agg = ((torch.nan_to_num(sq_err) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
+        agg32 = ((torch.nan_to_num(sq_err_fp32) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
+        quantised = (config.basis_dtype, config.sigma_dtype) != ("fp32", "fp32")
         kind = "svd" if config.method == "svd" else "shared"
         manifest = Manifest(
             method=config.method, sigma="full" if config.method == "jd-full" else "diag", rank=rank,
+            basis_dtype=config.basis_dtype, sigma_dtype=config.sigma_dtype,
             base_model=next(iter(bases)) if len(bases) == 1 else None,
             settings={**config.model_dump(), "rank_chosen": rank, "clusters_chosen": k,
                       "reference_modules": ref_names, "auto_tried": choice.tried},
@@ -154,6 +161,7 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
             adapters={a.name: AdapterInfo(
                 cluster=int(labels[i]), block=0, row=int(rows[i]), rank=max(s.rank for s in a.modules.values()),
                 lora_params=a.lora_params, checksum=checksums[i], source=str(a.path), error=float(agg[i]),
+                error_fp32=float(agg32[i]) if quantised else None,
                 module_errors=[None if e != e else round(float(e) ** 0.5, 6) for e in sq_err[i].tolist()])
                 for i, a in enumerate(adapters)},
             weight_map=weight_map)
@@ -199,6 +207,33 @@ def _compress_module(adapters, module: ModuleInfo, labels, rows, k, rank, config
         tensors[v_key(c, module.name)] = res.V.cpu().contiguous()
         tensors[sigma_key(c, 0, module.name)] = sigma
     return tensors
+
+
+def _store_dtypes(tensors: dict, adapters, module: ModuleInfo, labels, rows, config, mi, sq_err) -> dict:
+    """Encode one module's tensors in the configured store dtypes; re-measure the errors.
+
+    The errors recorded are those of what a reader gets back, so ``inspect`` and ``export``
+    agree with what is served. An fp32 store is returned unchanged.
+    """
+    if (config.basis_dtype, config.sigma_dtype) == ("fp32", "fp32"):
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for key, x in tensors.items():
+        kind = "sigma" if key.startswith("sigma.") else "basis"
+        out.update(encode(key, x, config.basis_dtype if kind == "basis" else config.sigma_dtype, kind))
+    f, present = load_module(adapters, module.name)
+    norms = f.norms()
+    cluster_of = labels[present]
+    for c in cluster_of.unique().tolist():
+        local = (cluster_of == c).nonzero().squeeze(1)
+        U = roundtrip(tensors[u_key(c, module.name)], config.basis_dtype, "basis")
+        V = roundtrip(tensors[v_key(c, module.name)], config.basis_dtype, "basis")
+        sig = roundtrip(tensors[sigma_key(c, 0, module.name)], config.sigma_dtype, "sigma")
+        members = present[local]
+        loss = reconstruction_losses(f.subset(local), U, V, sig[rows[members]])
+        nrm2 = norms[local].double() ** 2
+        sq_err[members, mi] = torch.where(nrm2 > 0, loss / nrm2.clamp_min(1e-300), torch.zeros_like(loss))
+    return out
 
 
 def _choose_svd_rank(refs: list[Reference], n: int, config: CompressConfig, max_rank: int) -> Choice:

@@ -21,6 +21,7 @@ from vllm_jd.compress import solvers
 from vllm_jd.compress.errors import AdapterError
 from vllm_jd.compress.factors import ModuleFactors, load_module
 from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
+from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
 from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, TensorReader, locked, read_manifest,
                                     sigma_key, u_key, v_key, write_manifest)
 from vllm_jd.compress.svd import exact_diag, exact_full
@@ -109,7 +110,7 @@ def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error
             manifest.adapters[a.name] = AdapterInfo(
                 cluster=p.cluster, block=block, row=rows[i], rank=max(s.rank for s in a.modules.values()),
                 lora_params=a.lora_params, checksum=a.checksum(), source=str(a.path), error=errors[i][0],
-                module_errors=errors[i][1])
+                module_errors=errors[i][1], error_fp32=errors[i][2])
             p.error = errors[i][0]
         manifest.next_block = block + 1
         write_manifest(store, manifest)
@@ -129,7 +130,9 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
         by_cluster.setdefault(p.cluster, []).append(i)
     rows = [by_cluster[p.cluster].index(i) for i, p in enumerate(placed)]
     full = manifest.sigma == "full"
+    quantised = (manifest.basis_dtype, manifest.sigma_dtype) != ("fp32", "fp32")
     sq = [[None] * len(manifest.modules) for _ in adapters]
+    sq32 = [[None] * len(manifest.modules) for _ in adapters]  # before quantisation
     weight = [[0.0] * len(manifest.modules) for _ in adapters]
     tensors: dict[str, torch.Tensor] = {}
     for mi, m in enumerate(manifest.modules):
@@ -145,27 +148,43 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
             basis = None  # an existing cluster's (U, V), read once for all its new members
             if placed[members[0]].kind == "shared":
                 basis = reader.get(u_key(c, m.name)), reader.get(v_key(c, m.name))
+            losses = {}
             for row, i in enumerate(members):
                 if i not in local:
                     continue
                 j = local[i]
                 one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
-                U, V, s, loss = _fit_one(manifest, one, r, placed[i].kind, basis)
+                U, V, s, losses[i] = _fit_one(manifest, one, r, placed[i].kind, basis)
                 if U is not None:
-                    tensors[u_key(c, m.name)], tensors[v_key(c, m.name)] = U, V
+                    basis = U, V
+                    tensors.update(encode(u_key(c, m.name), U, manifest.basis_dtype, "basis"))
+                    tensors.update(encode(v_key(c, m.name), V, manifest.basis_dtype, "basis"))
                 if full:
                     sig[row, : s.shape[0], : s.shape[1]] = s
                 else:
                     sig[row, : s.shape[0]] = s
-                nrm = float(norms[j])
+            tensors.update(encode(sigma_key(c, block, m.name), sig, manifest.sigma_dtype, "sigma"))
+            for i, loss in losses.items():
+                nrm = float(norms[local[i]])
+                sq32[i][mi] = loss / nrm**2 if nrm > 0 else 0.0
+            if quantised and losses:  # measure what a reader gets back, as compress does
+                Uq, Vq = (roundtrip(x, manifest.basis_dtype, "basis") for x in basis)
+                sq_sig = roundtrip(sig, manifest.sigma_dtype, "sigma")
+                for row, i in enumerate(members):
+                    if i in losses:
+                        j = local[i]
+                        one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
+                        losses[i] = float(reconstruction_losses(one, Uq, Vq, sq_sig[row : row + 1])[0])
+            for i, loss in losses.items():
+                nrm = float(norms[local[i]])
                 sq[i][mi] = loss / nrm**2 if nrm > 0 else 0.0
                 weight[i][mi] = nrm**2
-            tensors[sigma_key(c, block, m.name)] = sig
     errors = []
     for i in range(len(adapters)):
         w = sum(weight[i])
-        agg = (sum((e or 0.0) * wt for e, wt in zip(sq[i], weight[i])) / w) ** 0.5 if w > 0 else 0.0
-        errors.append((agg, [None if e is None else round(e**0.5, 6) for e in sq[i]]))
+        agg, agg32 = ((sum((e or 0.0) * wt for e, wt in zip(x[i], weight[i])) / w) ** 0.5 if w > 0 else 0.0
+                      for x in (sq, sq32))
+        errors.append((agg, [None if e is None else round(e**0.5, 6) for e in sq[i]], agg32 if quantised else None))
     return tensors, rows, errors
 
 

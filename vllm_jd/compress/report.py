@@ -6,7 +6,30 @@ import statistics
 from pathlib import Path
 
 from vllm_jd.compress.accounting import STORE_BYTES_PER_PARAM, account
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.compress.store import Manifest, read_manifest
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
+
+
+def stored_bytes(store: Path, manifest: Manifest) -> dict[str, int]:
+    """Bytes of the store's tensors as written (headers excluded), by kind: bases (U, V and their
+    int8 scales), sigma (Σ and scales); read from the shards' headers, no tensor is loaded."""
+    from safetensors import safe_open
+
+    out = {"bases": 0, "sigma": 0}
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in manifest.weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    for shard, keys in by_shard.items():
+        with safe_open(str(Path(store) / shard), framework="pt") as f:
+            for key in keys:
+                sl = f.get_slice(key)
+                n = _ITEMSIZE[sl.get_dtype()]
+                for d in sl.get_shape():
+                    n *= d
+                out["sigma" if key.startswith("sigma.") else "bases"] += n
+    out["total"] = out["bases"] + out["sigma"]
+    return out
 
 
 def summarize(store: str | Path) -> dict:
@@ -21,6 +44,8 @@ def summarize(store: str | Path) -> dict:
     for c in manifest.clusters:
         kinds[c.kind] = kinds.get(c.kind, 0) + 1
     b = STORE_BYTES_PER_PARAM
+    before = [a.error_fp32 for a in manifest.adapters.values() if a.error_fp32 is not None]
+    after = [a.error for a in manifest.adapters.values() if a.error_fp32 is not None]
     return {
         "store": str(store),
         "format_version": manifest.format_version,
@@ -35,6 +60,11 @@ def summarize(store: str | Path) -> dict:
         "cluster_sizes": [sizes.get(c.id, 0) for c in manifest.clusters],
         "error": {"min": min(errors), "median": statistics.median(errors), "max": max(errors),
                   "mean": statistics.fmean(errors)} if errors else None,
+        "dtypes": {"basis": manifest.basis_dtype, "sigma": manifest.sigma_dtype},
+        "error_added_by_dtypes": {"mean": statistics.fmean(x - y for x, y in zip(after, before)),
+                                  "max": max(x - y for x, y in zip(after, before)),
+                                  "mean_before": statistics.fmean(before)} if before else None,
+        "bytes_stored": stored_bytes(Path(store), manifest),
         "bytes_per_adapter": {"sigma": (statistics.fmean(acc.sigma_params) if errors else 0) * b,
                               "cluster_id": 4},
         "bytes_per_basis": {"mean": statistics.fmean(acc.basis_params) * b, "total": sum(acc.basis_params) * b},
@@ -62,6 +92,10 @@ def format_summary(s: dict, max_rows: int = 20) -> str:
         f"resident     {_mib(s['bytes_resident'])} (float32) vs {_mib(s['bytes_uncompressed_lora'])} of LoRAs; "
         f"per adapter {_mib(s['bytes_per_adapter']['sigma'])} Σ + 4 B cluster id; "
         f"per basis {_mib(s['bytes_per_basis']['mean'])}",
+        f"stored       {_mib(s['bytes_stored']['total'])} on disk: bases {_mib(s['bytes_stored']['bases'])} "
+        f"({s['dtypes']['basis']}), Σ {_mib(s['bytes_stored']['sigma'])} ({s['dtypes']['sigma']})"
+        + (f"; error added by the dtypes: mean {q['mean']:.2e}, max {q['max']:.2e}"
+           if (q := s["error_added_by_dtypes"]) else ""),
         f"params saved per adapter {s['params_saved']['per_adapter']:.2f} / total {s['params_saved']['total']:.2f}",
         "",
         f"{'adapter':<32} {'cluster':>7} {'error':>8}",

@@ -8,9 +8,10 @@ Layout::
 Tensor keys (the manifest's ``weight_map`` says which shard holds each, like HF's sharded
 checkpoints):
 
-    U.<cluster>.<module>             [d_out, r_c]  float32
-    V.<cluster>.<module>             [d_in, r_c]   float32
-    sigma.<cluster>.<block>.<module> [k, r_c, r_c] (sigma "full") or [k, r_c] ("diag")
+    U.<cluster>.<module>             [d_out, r_c]  in the manifest's basis_dtype
+    V.<cluster>.<module>             [d_in, r_c]   in the manifest's basis_dtype
+    sigma.<cluster>.<block>.<module> [k, r_c, r_c] (sigma "full") or [k, r_c] ("diag"), sigma_dtype
+    <key>.scale                      float32 per-channel scales of an int8 tensor (``quantize``)
 
 Adapter ``name`` reads row ``row`` of ``sigma.<cluster>.<block>.*``. Shards are never
 rewritten: ``compress`` writes one shard per module; ``add`` writes one new shard with new Σ
@@ -34,9 +35,11 @@ from pydantic import BaseModel, Field
 from safetensors import safe_open
 
 from vllm_jd.compress.errors import StoreError
+from vllm_jd.compress.quantize import SCALE_SUFFIX, StoreDtype, decode
 
 FORMAT = "vllm-jd-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v2 added basis_dtype / sigma_dtype (v1 stores are all float32)
 MANIFEST = "manifest.json"
 
 
@@ -61,7 +64,8 @@ class AdapterInfo(BaseModel):
     lora_params: int = Field(description="Parameters of the source adapter: Σ_m r_i,m (d_in + d_out)")
     checksum: str
     source: str
-    error: float = Field(description="Aggregate relative error over modules")
+    error: float = Field(description="Aggregate relative error over modules (of the stored, possibly quantised, tensors)")
+    error_fp32: float | None = Field(None, description="The same error before quantisation (None: stored as computed)")
     module_errors: list[float | None] = Field(description="Relative error per module; None = no such module")
 
 
@@ -71,6 +75,8 @@ class Manifest(BaseModel):
     method: Literal["jd-full", "jd-diag", "svd"]
     sigma: Literal["full", "diag"]
     rank: int
+    basis_dtype: StoreDtype = Field("fp32", description="dtype U_c and V_c are stored in")
+    sigma_dtype: StoreDtype = Field("fp32", description="dtype Σ_i are stored in")
     base_model: str | None = None
     settings: dict = Field(default_factory=dict)
     modules: list[ModuleInfo]
@@ -106,9 +112,9 @@ def read_manifest(store: Path) -> Manifest:
         raise StoreError(f"cannot read {path}: {e}") from None
     if raw.get("format") != FORMAT:
         raise StoreError(f"{path}: not a vllm-jd store (format={raw.get('format')!r})")
-    if raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(f"{path}: store format version {raw.get('format_version')} is not supported "
-                         f"(this vllm-jd reads version {FORMAT_VERSION})")
+                         f"(this vllm-jd reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     try:
         return Manifest.model_validate(raw)
     except ValueError as e:
@@ -130,7 +136,15 @@ class TensorReader:
     def __init__(self, store: Path, manifest: Manifest):
         self.store, self.manifest, self._open = Path(store), manifest, {}
 
+    def has(self, key: str) -> bool:
+        return key in self.manifest.weight_map
+
     def get(self, key: str) -> torch.Tensor:
+        """The float32 value of tensor ``key`` (int8 tensors dequantised with their scales)."""
+        x = self._raw(key)
+        return decode(x, self._raw(key + SCALE_SUFFIX) if x.dtype == torch.int8 else None)
+
+    def _raw(self, key: str) -> torch.Tensor:
         shard = self.manifest.weight_map.get(key)
         if shard is None:
             raise StoreError(f"{self.store}: tensor {key} is not in the weight map")

@@ -87,14 +87,14 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
         U = torch.zeros(C, m.d_out, R, dtype=dtype)
         V = torch.zeros(C, m.d_in, R, dtype=dtype)
         for c in manifest.clusters:
-            if u_key(c.id, m.name) in manifest.weight_map:
+            if reader.has(u_key(c.id, m.name)):
                 u, v = reader.get(u_key(c.id, m.name)), reader.get(v_key(c.id, m.name))
                 U[c.id, :, : u.shape[1]] = u
                 V[c.id, :, : v.shape[1]] = v
         sig = torch.zeros((N + 1, R) if bank.diag else (N + 1, R, R), dtype=dtype)
         for (c, block), members in by_block.items():
             key = sigma_key(c, block, m.name)
-            if key not in manifest.weight_map:
+            if not reader.has(key):
                 continue
             s = reader.get(key)
             src = torch.tensor([r for r, _ in members])
