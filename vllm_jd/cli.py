@@ -20,6 +20,13 @@ def _int_or_auto(value: str) -> int | None:
     return v
 
 
+def _compeft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--density", type=float, default=0.1, help="ComPEFT: fraction of parameters kept (default 0.1)")
+    p.add_argument("--alpha", type=float, default=1.0, help="ComPEFT: kept entries become ±alpha·std (default 1)")
+    p.add_argument("--encoding", choices=["golomb", "masks"], default="golomb",
+                   help="ComPEFT bit coding (default golomb; masks: 2 bits/param)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-jd", description="Compress LoRA adapters into shared bases and serve them.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
@@ -29,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="PEFT adapters → a new store")
     c.add_argument("adapters", nargs="+", help="PEFT adapter folders, or folders whose subfolders are adapters")
     c.add_argument("--out", required=True, help="store directory to create (an existing store is replaced atomically)")
-    c.add_argument("--method", choices=["jd-full", "jd-diag", "svd"], default="jd-full")
+    c.add_argument("--method", choices=["jd-full", "jd-diag", "svd", "compeft"], default="jd-full",
+                   help="jd-full (default), jd-diag, svd (per-adapter baseline), compeft (per-adapter sparse ternary)")
     c.add_argument("--rank", type=_int_or_auto, default=None, help="rank r, or auto (default)")
     c.add_argument("--clusters", type=_int_or_auto, default=None, help="cluster count, or auto (default)")
     c.add_argument("--max-error", type=float, default=0.5, help="target mean relative error for auto (default 0.5)")
@@ -38,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-rounds", type=int, default=10, help="cap on clustering rounds (default 10)")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     c.add_argument("--seed", type=int, default=0)
+    _compeft_args(c)
     c.add_argument("--basis-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
                    help="dtype U_c, V_c are stored in (int8: per-column scales; default fp32)")
     c.add_argument("--sigma-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
@@ -48,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("adapters", nargs="+")
     a.add_argument("--max-error", type=float, default=0.5,
                    help="above this error an adapter is stored exactly as its own cluster (default 0.5)")
+    a.add_argument("--exact-as", choices=["exact", "compeft"], default="exact",
+                   help="how such a singleton is stored: exact (lossless) or compeft (sparse ternary, ~55x smaller)")
+    _compeft_args(a)
 
     e = sub.add_parser("export", help="write one adapter of a store as a standard PEFT adapter")
     e.add_argument("store")
@@ -85,7 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         config = CompressConfig(method=args.method, rank=args.rank, clusters=args.clusters, max_error=args.max_error,
                                 iters=args.iters, tol=args.tol, seed=args.seed, device=args.device,
                                 max_rounds=args.max_rounds, basis_dtype=args.basis_dtype,
-                                sigma_dtype=args.sigma_dtype)
+                                sigma_dtype=args.sigma_dtype, density=args.density, alpha=args.alpha,
+                                compeft_encoding=args.encoding)
         s = compress(args.adapters, args.out, config, progress=not args.quiet)
         m = s.manifest
         errs = sorted(a.error for a in m.adapters.values())
@@ -94,8 +107,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "add":
         from vllm_jd.compress.project import add
 
-        for r in add(args.store, args.adapters, args.max_error):
-            how = "exact singleton" if r.kind == "exact" else f"projected ({r.kind})"
+        compeft = None
+        if args.exact_as == "compeft":
+            from vllm_jd.config import CompressConfig
+
+            c = CompressConfig(density=args.density, alpha=args.alpha, compeft_encoding=args.encoding)  # validates
+            compeft = (c.density, c.alpha, c.compeft_encoding)
+        for r in add(args.store, args.adapters, args.max_error, compeft=compeft):
+            how = {"exact": "exact singleton", "compeft": "ComPEFT singleton"}.get(r.kind, f"projected ({r.kind})")
             print(f"added {r.name}: cluster {r.cluster}, {how}, error {r.error:.4f}")
     elif args.command == "export":
         from vllm_jd.compress.export import export

@@ -12,9 +12,10 @@ class CompressConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["jd-full", "jd-diag", "svd"] = Field(
+    method: Literal["jd-full", "jd-diag", "svd", "compeft"] = Field(
         "jd-full", description="jd-full: orthonormal shared U, V and full r×r Σ_i; jd-diag: diagonal Σ_i; "
-                               "svd: per-adapter truncated SVD (baseline, no sharing)")
+                               "svd: per-adapter truncated SVD (baseline, no sharing); compeft: every adapter "
+                               "sparse-ternary coded on its own (ComPEFT, no sharing)")
     rank: int | None = Field(None, description="Rank r of U_c, V_c and Σ_i; None = auto (paper's recipe)")
     clusters: int | None = Field(None, description="Number of clusters; None = auto (smallest count, doubling, "
                                                    "whose mean error is below max_error)")
@@ -26,6 +27,12 @@ class CompressConfig(BaseModel):
     seed: int = Field(0, description="Seed of the random initialisation and k-means")
     device: str = Field("cpu", description="torch device for the computation: cpu or cuda[:N]")
     max_rounds: int = Field(10, description="Cap on clustered-JD rounds (fit per cluster, then reassign)")
+    density: float = Field(0.1, description="ComPEFT: fraction k of each adapter's parameters kept (paper grid "
+                                            "0.05–0.5)")
+    alpha: float = Field(1.0, description="ComPEFT: kept entries become ±alpha·std(adapter parameters) (paper: 1 "
+                                          "for ≥13B models at k ≤ 0.2, else tuned on validation data)")
+    compeft_encoding: Literal["golomb", "masks"] = Field(
+        "golomb", description="ComPEFT bit coding: golomb (smallest, ~0.58 bits/param at k=0.1) or masks (2 bits/param)")
     basis_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(
         "fp32", description="dtype U_c, V_c are stored in (int8: per-column scales); errors are measured after it")
     sigma_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(
@@ -57,6 +64,20 @@ class CompressConfig(BaseModel):
     def _tol(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
             raise ValueError(f"`tol` must be > 0, got {v}")
+        return v
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"`density` {v} is not in (0, 1]; pass 0.05 for 5%")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if not (v > 0 and v != float("inf")):
+            raise ValueError(f"`alpha` must be a finite number > 0, got {v}")
         return v
 
     @field_validator("device")

@@ -108,11 +108,13 @@ def test_store_for_another_model_fails_at_start(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("method, rank, dtypes", [("jd-diag", 16, []), ("svd", 4, []),
-                                                   ("jd-full", 16, ["--basis-dtype", "int8", "--sigma-dtype", "int8"])])
+                                                   ("jd-full", 16, ["--basis-dtype", "int8", "--sigma-dtype", "int8"]),
+                                                   ("compeft", None, ["--density", "0.5", "--alpha", "2"])])
 def test_diag_svd_and_int8_stores_serve_exactly(method, rank, dtypes, tmp_path, tiny_model, serving_store,
                                                 reference_for):
-    """Diagonal Σ (JD-Diag), one basis per adapter (SVD) and an int8 store go through the same
-    layers; an int8 store serves exactly what it exports (dequantised once at load)."""
+    """Diagonal Σ (JD-Diag), one basis per adapter (SVD), an int8 store and a ComPEFT store go
+    through the same layers; int8 and ComPEFT stores serve exactly what they export (decoded
+    once at load)."""
     from vllm_jd.cli import main as cli
 
     adapters = serving_store.parent / "adapters"
@@ -121,8 +123,9 @@ def test_diag_svd_and_int8_stores_serve_exactly(method, rank, dtypes, tmp_path, 
         (tmp_path / "src").mkdir(exist_ok=True)
         (tmp_path / "src" / n).symlink_to(adapters / n)
     store = tmp_path / "store"
-    clusters = ["--clusters", "1"] if method != "svd" else []  # svd: one basis per adapter
-    assert cli(["-q", "compress", str(tmp_path / "src"), "--out", str(store), "--method", method, "--rank", str(rank),
+    clusters = ["--clusters", "1"] if method.startswith("jd") else []  # svd, compeft: one basis per adapter
+    assert cli(["-q", "compress", str(tmp_path / "src"), "--out", str(store), "--method", method,
+                *(["--rank", str(rank)] if rank else []),
                 *clusters, *dtypes]) == 0
     prompts = PROMPTS[:3]
     adapters_used = [names[0], names[1], None]

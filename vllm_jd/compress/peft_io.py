@@ -66,6 +66,14 @@ class PeftAdapter:
         A: [r, d_in]; Bt: [r, d_out] with ``Bt = s · Bᵀ``, so ``P = Btᵀ A``.
         Raises AdapterError on NaN/Inf values.
         """
+        a, b = self.raw_factors(module)
+        return a, (b.T * self.modules[module].scale).contiguous()
+
+    def raw_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A [r, d_in], lora_B [d_out, r])`` as stored (scale not applied), float32.
+
+        Raises AdapterError on NaN/Inf values.
+        """
         spec = self.modules[module]
         if self.weights.name == BIN_NAME:
             if self._bin_state is None:
@@ -74,11 +82,10 @@ class PeftAdapter:
         else:
             with safe_open(str(self.weights), framework="pt") as f:
                 a, b = f.get_tensor(spec.a_key), f.get_tensor(spec.b_key)
-        a = a.to(torch.float32)
-        bt = b.to(torch.float32).T * spec.scale
-        if not (torch.isfinite(a).all() and torch.isfinite(bt).all()):
+        a, b = a.to(torch.float32), b.to(torch.float32)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(self.name, f"module '{module}' has NaN or Inf weights", self.path)
-        return a, bt.contiguous()
+        return a, b
 
     def checksum(self) -> str:
         """sha256 of the config file and the weights file, streamed."""

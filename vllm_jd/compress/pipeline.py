@@ -88,6 +88,10 @@ def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, p
 def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: CompressConfig,
                       progress: bool = True) -> Summary:
     """Compress opened adapters (anything with PeftAdapter's interface) into ``out``."""
+    if config.method == "compeft":
+        from vllm_jd.compress.compeft_store import compress_compeft
+
+        return compress_compeft(adapters, out, config, progress)
     t0 = time.perf_counter()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}: no CUDA device is available")

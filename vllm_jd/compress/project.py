@@ -3,7 +3,8 @@
 Each new adapter is projected onto every shared cluster (JD-Full: ``Σ = U_cᵀ P V_c``; JD-Diag:
 the closed-form diagonal) and goes to the one with the lowest aggregate error over all modules.
 If that error is above ``max_error`` it is stored exactly as a singleton cluster at its own rank
-(QR of B and Aᵀ), so quality is never silently lost. For an ``svd`` store a new adapter gets its
+(QR of B and Aᵀ), or ComPEFT-coded with ``compeft=`` (``compeft_store``), so quality is never
+silently lost. For an ``svd`` store a new adapter gets its
 own truncated SVD, or an exact singleton above ``max_error``.
 """
 
@@ -21,9 +22,10 @@ from vllm_jd.compress import solvers
 from vllm_jd.compress.errors import AdapterError
 from vllm_jd.compress.factors import ModuleFactors, load_module
 from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
+from vllm_jd.compress.compeft_store import Singleton, encode_singleton, sigma_of
 from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
 from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, TensorReader, locked, read_manifest,
-                                    sigma_key, u_key, v_key, write_manifest)
+                                    compeft_key, sigma_key, u_key, v_key, write_manifest)
 from vllm_jd.compress.svd import exact_diag, exact_full
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,12 @@ def _check_modules(manifest: Manifest, adapter: PeftAdapter) -> None:
                                              f"{dims[m][0]}→{dims[m][1]}", adapter.path)
 
 
-def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5) -> list[Added]:
-    """Add the PEFT adapters under ``paths`` to ``store``; returns where each one went."""
+def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5,
+        compeft: tuple[float, float, str] | None = None) -> list[Added]:
+    """Add the PEFT adapters under ``paths`` to ``store``; returns where each one went.
+
+    compeft: (density, alpha, encoding) to store singletons ComPEFT-coded instead of exactly.
+    """
     store = Path(store)
     if not max_error > 0:
         raise ValueError(f"`max_error` must be > 0, got {max_error}")
@@ -60,10 +66,11 @@ def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5) -> l
             if a.name in manifest.adapters:
                 raise AdapterError(a.name, "an adapter of this name is already in the store", a.path)
             _check_modules(manifest, a)
-        return _add(store, manifest, adapters, max_error)
+        return _add(store, manifest, adapters, max_error, compeft)
 
 
-def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error: float) -> list[Added]:
+def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error: float,
+         compeft: tuple[float, float, str] | None = None) -> list[Added]:
     reader = TensorReader(store, manifest)
     n = len(adapters)
     shared = [c.id for c in manifest.clusters if c.kind == "shared"]
@@ -85,6 +92,7 @@ def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error
     block = manifest.next_block
     placed: list[Added] = []
     new_clusters: list[ClusterInfo] = []
+    singletons: dict[int, Singleton] = {}  # ComPEFT-coded new singletons, by adapter index
     for i, a in enumerate(adapters):
         err = float(rel[i, best[i]]) if shared else float("inf")
         if manifest.method == "svd":
@@ -96,9 +104,13 @@ def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error
         else:
             cid = len(manifest.clusters) + len(new_clusters)
             rank = max(s.rank for s in a.modules.values()) if kind == "exact" else manifest.rank
-            new_clusters.append(ClusterInfo(id=cid, rank=rank, kind=kind))
+            info = None
+            if kind == "exact" and compeft is not None:
+                kind, singletons[i] = "compeft", encode_singleton(a, *compeft)
+                info = singletons[i].info
+            new_clusters.append(ClusterInfo(id=cid, rank=rank, kind=kind, compeft=info))
             placed.append(Added(a.name, cid, kind, 0.0 if kind == "exact" else err))
-    tensors, rows, errors = _tensors(reader, manifest, adapters, placed, new_clusters, block)
+    tensors, rows, errors = _tensors(reader, manifest, adapters, placed, new_clusters, block, singletons)
     shard = f"tensors/add-{block:05d}-{uuid.uuid4().hex[:6]}.safetensors"
     tmp = store / f"{shard}.tmp"
     try:
@@ -122,8 +134,9 @@ def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error
 
 
 def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapter], placed: list[Added],
-             new_clusters: list[ClusterInfo], block: int):
+             new_clusters: list[ClusterInfo], block: int, singletons: dict[int, "Singleton"] | None = None):
     """Pass 2: Σ rows (and singleton bases) of the new adapters, with their errors."""
+    singletons = singletons or {}
     ranks = {c.id: c.rank for c in manifest.clusters + new_clusters}
     by_cluster: dict[int, list[int]] = {}
     for i, p in enumerate(placed):
@@ -134,7 +147,7 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
     sq = [[None] * len(manifest.modules) for _ in adapters]
     sq32 = [[None] * len(manifest.modules) for _ in adapters]  # before quantisation
     weight = [[0.0] * len(manifest.modules) for _ in adapters]
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {compeft_key(placed[i].cluster): s.payload for i, s in singletons.items()}
     for mi, m in enumerate(manifest.modules):
         if not any(m.name in a.modules for a in adapters):
             continue
@@ -154,7 +167,15 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
                     continue
                 j = local[i]
                 one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
-                U, V, s, losses[i] = _fit_one(manifest, one, r, placed[i].kind, basis)
+                if i in singletons:  # bases are in the cluster's ComPEFT payload; Σ = s·I
+                    U, V, scale = singletons[i].bases[m.name]
+                    s = sigma_of(scale, U.shape[1], r, full)
+                    losses[i] = float(reconstruction_losses(one, U, V, s[None, : U.shape[1], : U.shape[1]]
+                                                            if full else s[None, : U.shape[1]])[0])
+                    basis = torch.nn.functional.pad(U, (0, r - U.shape[1])), torch.nn.functional.pad(V, (0, r - V.shape[1]))
+                    U = None
+                else:
+                    U, V, s, losses[i] = _fit_one(manifest, one, r, placed[i].kind, basis)
                 if U is not None:
                     basis = U, V
                     tensors.update(encode(u_key(c, m.name), U, manifest.basis_dtype, "basis"))
@@ -168,7 +189,8 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
                 nrm = float(norms[local[i]])
                 sq32[i][mi] = loss / nrm**2 if nrm > 0 else 0.0
             if quantised and losses:  # measure what a reader gets back, as compress does
-                Uq, Vq = (roundtrip(x, manifest.basis_dtype, "basis") for x in basis)
+                Uq, Vq = (roundtrip(x, manifest.basis_dtype, "basis") if placed[members[0]].kind != "compeft" else x
+                          for x in basis)
                 sq_sig = roundtrip(sig, manifest.sigma_dtype, "sigma")
                 for row, i in enumerate(members):
                     if i in losses:

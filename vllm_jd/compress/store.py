@@ -49,11 +49,24 @@ class ModuleInfo(BaseModel):
     d_out: int
 
 
+class CompeftInfo(BaseModel):
+    """How a ``compeft`` singleton's U_c = B′, V_c = A′ᵀ are encoded in tensor ``compeft.<cluster>``."""
+
+    encoding: Literal["golomb", "masks"]
+    density: float
+    alpha: float
+    d: int = Field(description="Entries of the adapter's flat task vector (all raw A and B)")
+    bits: int = Field(description="Payload bits (the paper's count: positions/masks + signs + 16-bit scale)")
+    ranks: dict[str, int] = Field(description="LoRA rank r_m of each module the adapter has")
+
+
 class ClusterInfo(BaseModel):
     id: int
     rank: int = Field(description="Rank r_c of this cluster's U_c, V_c and Σ_i")
-    kind: Literal["shared", "exact", "svd"] = Field(
-        description="shared: a JD basis; exact: one adapter stored losslessly; svd: one adapter truncated")
+    kind: Literal["shared", "exact", "svd", "compeft"] = Field(
+        description="shared: a JD basis; exact: one adapter stored losslessly; svd: one adapter truncated; "
+                    "compeft: one adapter's raw factors sparse-ternary coded (ComPEFT), Σ_i = LoRA scale")
+    compeft: CompeftInfo | None = None
 
 
 class AdapterInfo(BaseModel):
@@ -72,7 +85,7 @@ class AdapterInfo(BaseModel):
 class Manifest(BaseModel):
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
-    method: Literal["jd-full", "jd-diag", "svd"]
+    method: Literal["jd-full", "jd-diag", "svd", "compeft"]
     sigma: Literal["full", "diag"]
     rank: int
     basis_dtype: StoreDtype = Field("fp32", description="dtype U_c and V_c are stored in")
@@ -99,6 +112,10 @@ def v_key(cluster: int, module: str) -> str:
 
 def sigma_key(cluster: int, block: int, module: str) -> str:
     return f"sigma.{cluster}.{block}.{module}"
+
+
+def compeft_key(cluster: int) -> str:
+    return f"compeft.{cluster}"
 
 
 def read_manifest(store: Path) -> Manifest:
@@ -135,12 +152,33 @@ class TensorReader:
 
     def __init__(self, store: Path, manifest: Manifest):
         self.store, self.manifest, self._open = Path(store), manifest, {}
+        self._decoded: tuple[int, dict] | None = None  # the last ComPEFT cluster decoded
+
+    def _compeft_basis(self, key: str) -> tuple[int, str, str] | None:
+        """(cluster, "U"/"V", module) if ``key`` is a basis of a ComPEFT-coded cluster, else None."""
+        which, _, rest = key.partition(".")
+        cid, _, module = rest.partition(".")
+        if which not in ("U", "V") or not cid.isdigit() or int(cid) >= len(self.manifest.clusters):
+            return None
+        info = self.manifest.clusters[int(cid)].compeft
+        return (int(cid), which, module) if info is not None and module in info.ranks else None
 
     def has(self, key: str) -> bool:
-        return key in self.manifest.weight_map
+        return key in self.manifest.weight_map or self._compeft_basis(key) is not None
 
     def get(self, key: str) -> torch.Tensor:
-        """The float32 value of tensor ``key`` (int8 tensors dequantised with their scales)."""
+        """The float32 value of tensor ``key`` (int8 tensors dequantised with their scales,
+        ComPEFT-coded bases decoded)."""
+        if key not in self.manifest.weight_map and (cb := self._compeft_basis(key)) is not None:
+            cid, which, module = cb
+            if self._decoded is None or self._decoded[0] != cid:
+                from vllm_jd.compress.compeft_store import decode_bases  # compeft_store imports this module
+
+                dims = {m.name: (m.d_in, m.d_out) for m in self.manifest.modules}
+                c = self.manifest.clusters[cid]
+                self._decoded = cid, decode_bases(self._raw(compeft_key(cid)), c.compeft, dims, c.rank)
+            U, V = self._decoded[1][module]
+            return U if which == "U" else V
         x = self._raw(key)
         return decode(x, self._raw(key + SCALE_SUFFIX) if x.dtype == torch.int8 else None)
 
