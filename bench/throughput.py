@@ -8,6 +8,7 @@ Prints one JSON line per system, then a summary line with the ratios to the base
 resident bytes.
 
     python bench/throughput.py [--adapters 1024] [--requests 512] [--concurrency 64] [--systems base,jd,vllm-lora]
+    python bench/throughput.py --protocol paper [...]   (the paper's Figure 4 sweep: bench/paper_protocol.py)
 """
 
 from __future__ import annotations
@@ -15,83 +16,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
+from servers import WORDS, drive, start, stop
 
 from vllm_jd.cli import main as cli
 from vllm_jd.compress.synthetic import make_adapters
 from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
 
-HERE = Path(__file__).resolve().parent
-WORDS = "the of and to in is for on with as by at from that this it be are was not or have an which".split()
-
-
-def start(cmd: list[str], port: int, log: Path, timeout: float = 600) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    env.pop("VLLM_JD_STORE", None)
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server not up after {timeout} s; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-async def drive(port: int, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
-    """Send every (model, prompt) job with ``concurrency`` clients; requests/s and latencies."""
-    queue: asyncio.Queue = asyncio.Queue()
-    for j in jobs:
-        queue.put_nowait(j)
-    latencies: list[float] = []
-    errors = 0
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal errors
-        while not queue.empty():
-            model, prompt = queue.get_nowait()
-            t = time.perf_counter()
-            async with session.post(f"http://127.0.0.1:{port}/v1/completions",
-                                    json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                          "temperature": 0, "ignore_eos": True}) as r:
-                await r.read()
-                errors += r.status != 200
-            latencies.append(time.perf_counter() - t)
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"requests": len(jobs), "errors": errors, "seconds": round(wall, 2),
-            "requests_per_s": round(len(jobs) / wall, 2),
-            "p50_latency_s": round(latencies[len(latencies) // 2], 3),
-            "p99_latency_s": round(latencies[int(len(latencies) * 0.99) - 1], 3)}
 
 
 def main() -> None:
+    if "--protocol" in sys.argv:
+        i = sys.argv.index("--protocol")
+        protocol = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
+        if protocol == "paper":
+            import paper_protocol
+
+            return paper_protocol.main(sys.argv[1:i] + sys.argv[i + 2:])
+        if protocol != "issue":
+            sys.exit(f"--protocol {protocol!r}: expected 'issue' (default) or 'paper'")
+        del sys.argv[i : i + 2]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=1024)
     ap.add_argument("--requests", type=int, default=512)
