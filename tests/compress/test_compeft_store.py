@@ -60,6 +60,11 @@ def test_compeft_store_round_trip(tmp_path, adapters, encoding):
         assert set(a.unique().tolist()) <= {-c_val, 0.0, c_val}
     s = summarize(store)
     assert s["cluster_kinds"] == {"compeft": 4}
+    assert s["compeft"]["params"] == 4 * d and s["compeft"]["encodings"] == [encoding]
+    assert s["compeft"]["bits"] == sum(c.compeft.bits for c in m.clusters)
+    if encoding == "masks":
+        assert s["compeft"]["bits_per_param"] == pytest.approx(2 + 16 / d)
+    assert cli(["inspect", str(store)]) == 0
     payload = sum(reader._raw(compeft_key(i)).numel() for i in range(4))
     assert s["bytes_stored"]["bases"] == payload
 

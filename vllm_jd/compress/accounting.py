@@ -33,7 +33,7 @@ def account(manifest: Manifest) -> Accounting:
     """Parameters of ``manifest``'s store against the source LoRAs it was built from."""
     dims = [(m.d_in, m.d_out) for m in manifest.modules]
     basis = [sum(c.rank * (d_in + d_out) for d_in, d_out in dims) for c in manifest.clusters]
-    own_basis = {c.id for c in manifest.clusters if c.kind in ("svd", "exact")}
+    own_basis = {c.id for c in manifest.clusters if c.kind in ("svd", "exact", "compeft")}
     sizes: dict[int, int] = {}
     for a in manifest.adapters.values():
         sizes[a.cluster] = sizes.get(a.cluster, 0) + 1

@@ -65,6 +65,7 @@ def summarize(store: str | Path) -> dict:
                                   "max": max(x - y for x, y in zip(after, before)),
                                   "mean_before": statistics.fmean(before)} if before else None,
         "bytes_stored": stored_bytes(Path(store), manifest),
+        "compeft": _compeft(manifest),
         "bytes_per_adapter": {"sigma": (statistics.fmean(acc.sigma_params) if errors else 0) * b,
                               "cluster_id": 4},
         "bytes_per_basis": {"mean": statistics.fmean(acc.basis_params) * b, "total": sum(acc.basis_params) * b},
@@ -75,6 +76,16 @@ def summarize(store: str | Path) -> dict:
         "adapter_errors": {name: a.error for name, a in manifest.adapters.items()},
         "adapter_clusters": {name: a.cluster for name, a in manifest.adapters.items()},
     }
+
+
+def _compeft(manifest: Manifest) -> dict | None:
+    """Sizes of the ComPEFT-coded singletons: payload bits (the paper's count) per parameter."""
+    coded = [c.compeft for c in manifest.clusters if c.compeft is not None]
+    if not coded:
+        return None
+    bits, params = sum(c.bits for c in coded), sum(c.d for c in coded)
+    return {"adapters": len(coded), "params": params, "bits": bits, "bits_per_param": bits / params,
+            "ratio_vs_fp16": 16 * params / bits, "encodings": sorted({c.encoding for c in coded})}
 
 
 def _mib(x: float) -> str:
@@ -96,6 +107,8 @@ def format_summary(s: dict, max_rows: int = 20) -> str:
         f"({s['dtypes']['basis']}), Σ {_mib(s['bytes_stored']['sigma'])} ({s['dtypes']['sigma']})"
         + (f"; error added by the dtypes: mean {q['mean']:.2e}, max {q['max']:.2e}"
            if (q := s["error_added_by_dtypes"]) else ""),
+        *([f"ComPEFT      {c['adapters']} adapters, {c['bits_per_param']:.3f} bits/param "
+           f"({c['ratio_vs_fp16']:.1f}× smaller than fp16), {'/'.join(c['encodings'])}"] if (c := s["compeft"]) else []),
         f"params saved per adapter {s['params_saved']['per_adapter']:.2f} / total {s['params_saved']['total']:.2f}",
         "",
         f"{'adapter':<32} {'cluster':>7} {'error':>8}",
