@@ -1,0 +1,1 @@
+"""Cluster-aware scheduling: a pure admission policy (``policy``) and its vLLM glue."""

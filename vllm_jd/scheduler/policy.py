@@ -1,0 +1,140 @@
+"""Cluster-aware admission: which waiting requests run next, which cluster bases to move.
+
+A pure function of the queue and the residency state, with no vLLM import (the vLLM scheduler
+subclass only translates its queues into ``Request``s and carries out the ``Plan``), so every
+rule is tested on its own (``tests/scheduler``).
+
+State: at most ``max_resident`` (K) clusters' bases are on the device, counting those being
+loaded. Σ rows of every adapter stay resident, so only the cluster matters. A request can run
+only when its cluster is resident (base-model requests, cluster ``BASE``, always can).
+
+Rules, in order of precedence:
+
+1. **Aging.** A request that has waited ``max_wait`` seconds or more is *overdue*. Overdue
+   requests go first, oldest first. An overdue request's cluster, if not resident, takes a free
+   residency slot, else replaces an idle cluster (which admits nothing this step), else the
+   resident cluster with the fewest running requests (ties: the one whose oldest waiting
+   request is youngest) is *drained*: no new request of it is admitted, so it becomes idle and
+   is replaced. Unless the server is overloaded this bounds every wait by max_wait + one drain
+   + one load, however popular the other clusters are (a Zipf head cannot starve the tail).
+2. **Residency.** Otherwise requests of resident clusters are admitted in arrival order (FCFS
+   overall, so FCFS within a cluster); requests of non-resident clusters are passed over.
+3. **Loading.** Clusters needed by waiting requests and not resident are loaded, the one
+   needed by the oldest request first, into free residency slots, then in place of idle
+   clusters that no waiting request needs (then idle ones needed least urgently).
+
+At most ``budget`` requests are admitted per call (the free sequence slots of the step).
+Because admitted clusters are all resident and residency never exceeds K, a step never holds
+more than K distinct clusters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+BASE = -1
+"""Cluster id of requests for the base model (no adapter): they need no basis."""
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    cluster: int
+    arrival: float
+    """Seconds (any monotonic clock shared with ``now``)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    admit: tuple[str, ...]
+    """Waiting request ids to schedule now, in order."""
+    load: tuple[int, ...]
+    """Clusters whose bases to start moving to the device (asynchronously)."""
+    evict: tuple[int, ...]
+    """Resident clusters to release first (idle: no running request uses them)."""
+    drain: tuple[int, ...] = ()
+    """Resident clusters that admit nothing new until they are idle (aging)."""
+
+
+def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set[int], loading: set[int],
+              max_resident: int, now: float, max_wait: float, budget: int) -> Plan:
+    """Decide one scheduling step.
+
+    waiting: requests not yet running (any order; sorted by arrival here). running: cluster →
+    number of running requests. resident: clusters on the device; loading: clusters being moved
+    there (they count against ``max_resident`` but cannot serve yet). budget: most requests to
+    admit now.
+    """
+    if max_resident < 1:
+        raise ValueError(f"max_resident must be ≥ 1, got {max_resident}")
+    if max_wait <= 0:
+        raise ValueError(f"max_wait must be > 0, got {max_wait}")
+    queue = sorted(waiting, key=lambda r: (r.arrival, r.id))
+    first_wait: dict[int, float] = {}  # cluster → arrival of its oldest waiting request
+    for r in queue:
+        if r.cluster != BASE:
+            first_wait.setdefault(r.cluster, r.arrival)
+    overdue = [r for r in queue if now - r.arrival >= max_wait]
+    busy = {c for c, n in running.items() if n > 0}
+    idle = resident - busy
+
+    load: list[int] = []
+    evict: list[int] = []
+    drain: set[int] = set()
+    free = max_resident - len(resident | loading)
+    late = {r.cluster for r in overdue}
+    # 1. overdue requests whose cluster is not resident take a free slot, else an idle cluster
+    #    (even one with younger waiting requests: it admits nothing this step), else drain one
+    starving = []
+    for r in overdue:
+        if r.cluster != BASE and r.cluster not in resident | loading and r.cluster not in starving:
+            starving.append(r.cluster)
+    spare = sorted(idle - late, key=lambda c: (c in first_wait, -first_wait.get(c, 0.0), c))
+    for c in starving:
+        if free > 0:
+            free -= 1
+        elif spare:
+            evict.append(spare.pop(0))
+        else:
+            if resident and not (idle & late):
+                # every resident cluster is busy: stop feeding one so that it drains and can be
+                # replaced; never one with overdue requests of its own (unless all have); the
+                # choice is stable from step to step (its running count only falls as it drains)
+                drain.add(min(resident, key=lambda c: (c in late, running.get(c, 0),
+                                                       -first_wait.get(c, float("inf")), c)))
+            break
+        load.append(c)
+    closed = drain | set(evict)
+
+    # 2. admission: overdue first, then FCFS over the requests whose cluster is resident
+    admit: list[str] = []
+    seen: set[str] = set()
+    for r in overdue + queue:
+        if len(admit) >= budget:
+            break
+        if r.id not in seen and (r.cluster == BASE or (r.cluster in resident and r.cluster not in closed)):
+            admit.append(r.id)
+            seen.add(r.id)
+    admitted_clusters = {r.cluster for r in queue if r.id in seen}
+
+    # 3. other clusters the queue needs, oldest need first: free slots, then idle clusters that
+    #    admitted nothing (those nobody waits for first, then the least urgently awaited)
+    evictable = sorted(idle - admitted_clusters - closed, key=lambda c: (c in first_wait, -first_wait.get(c, 0.0), c))
+    for r in queue:
+        c = r.cluster
+        if r.id in seen or c == BASE or c in resident | loading or c in load:
+            continue
+        if free > 0:
+            free -= 1
+        elif evictable and (evictable[0] not in first_wait or _more_urgent(c, evictable[0], first_wait)):
+            evict.append(evictable.pop(0))
+        else:
+            break
+        load.append(c)
+    return Plan(tuple(admit), tuple(load), tuple(evict), tuple(sorted(drain)))
+
+
+def _more_urgent(c: int, other: int, first_wait: dict[int, float]) -> bool:
+    """Replace an idle cluster that still has waiting requests only for an older need."""
+    return first_wait.get(c, float("inf")) < first_wait.get(other, float("inf"))
