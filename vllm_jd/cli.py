@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve a store through vLLM's OpenAI server (vllm-jd serve --help)", add_help=False)
 
     c = sub.add_parser("compress", help="PEFT adapters → a new store")
-    c.add_argument("adapters", nargs="+", help="PEFT adapter folders, or folders whose subfolders are adapters")
+    c.add_argument("adapters", nargs="*", help="PEFT adapter folders, or folders whose subfolders are adapters")
+    c.add_argument("--from-store", default=None, metavar="STORE",
+                   help="also every adapter of STORE (its source folder if unchanged, else rebuilt from STORE): "
+                        "re-cluster a store with its added adapters; --out may be STORE itself")
     c.add_argument("--out", required=True, help="store directory to create (an existing store is replaced atomically)")
     c.add_argument("--method", choices=["jd-full", "jd-diag", "svd", "compeft"], default="jd-full",
                    help="jd-full (default), jd-diag, svd (per-adapter baseline), compeft (per-adapter sparse ternary)")
@@ -99,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
                                 max_rounds=args.max_rounds, basis_dtype=args.basis_dtype,
                                 sigma_dtype=args.sigma_dtype, density=args.density, alpha=args.alpha,
                                 compeft_encoding=args.encoding)
-        s = compress(args.adapters, args.out, config, progress=not args.quiet)
+        s = compress(args.adapters, args.out, config, progress=not args.quiet, from_store=args.from_store)
         m = s.manifest
         errs = sorted(a.error for a in m.adapters.values())
         print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "

@@ -79,9 +79,19 @@ def load_references(adapters: list[PeftAdapter], names: list[str], device: str) 
     return refs
 
 
-def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, progress: bool = True) -> Summary:
-    """Compress the PEFT adapters under ``paths`` into a new store at ``out`` (atomic)."""
-    adapters = [open_adapter(name, p) for name, p in discover(paths)]
+def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, progress: bool = True,
+             from_store: str | Path | None = None) -> Summary:
+    """Compress the PEFT adapters under ``paths`` (and every adapter of ``from_store``) into a new
+    store at ``out`` (atomic; ``out`` may be ``from_store`` itself)."""
+    adapters = [open_adapter(name, p) for name, p in discover(paths)] if paths or from_store is None else []
+    if from_store is not None:
+        from vllm_jd.compress.from_store import store_adapters
+
+        names = {a.name for a in adapters}
+        for a in store_adapters(from_store):
+            if a.name in names:
+                raise AdapterError(a.name, f"is both given and in --from-store {from_store}", a.path)
+            adapters.append(a)
     return compress_adapters(adapters, out, config, progress)
 
 
