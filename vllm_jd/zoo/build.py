@@ -1,0 +1,137 @@
+"""Build a trained adapter zoo in a folder: base model, one LoRA per task (or several), held-out
+examples.
+
+    DIR/model/            LlamaForCausalLM (safetensors, float32) + its byte-level tokenizer
+    DIR/adapters/<name>/  PEFT LoRA adapters (``save_pretrained``), name ``<task>-<j>``
+    DIR/tasks/<task>.jsonl  held-out examples, one ``{"prompt": ..., "answer": ...}`` a line
+    DIR/zoo.json          the config, adapter → task, accuracies measured with transformers, times
+
+Held-out prompts never occur in any training set. Everything is deterministic in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_jd.zoo.data import encode_examples, greedy, make_char_tokenizer
+from vllm_jd.zoo.tasks import exact_match, examples, select_tasks
+from vllm_jd.zoo.train import LoraConfig, ModelConfig, TrainConfig, config_dict, train_base, train_lora
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ZooConfig:
+    """Everything ``make_zoo`` needs. The defaults are the documented zoo (8 tasks)."""
+
+    tasks: int = 8
+    adapters_per_task: int = 1
+    seed: int = 0
+    train_per_task: int = 1000
+    test_per_task: int = 100
+    max_new_tokens: int = 16
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=350, batch_size=64, lr=3e-3))
+    adapter: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=20))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+def micro_config(tasks: int = 2, seed: int = 0) -> ZooConfig:
+    """A zoo small enough for unit tests (seconds): 1 layer, hidden 64, few steps, few examples."""
+    return ZooConfig(tasks=tasks, seed=seed, train_per_task=200, test_per_task=20, max_new_tokens=10,
+                     model=ModelConfig(hidden=64, layers=1, heads=1, kv_heads=1, intermediate=128),
+                     base=TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup=5, log_every=20),
+                     adapter=TrainConfig(steps=40, batch_size=16, lr=1e-2, warmup=5, log_every=20),
+                     lora=LoraConfig(rank=4, alpha=8))
+
+
+def accuracy(model, tok, pairs: list[tuple[str, str]], max_new_tokens: int) -> float:
+    """Exact-match accuracy of greedy decoding on ``(prompt, answer)`` pairs."""
+    outs = greedy(model, tok, [p for p, _ in pairs], max_new_tokens)
+    return sum(exact_match(o, a) for o, (_, a) in zip(outs, pairs)) / len(pairs)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _save_base(model, tok, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["torch_dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def make_zoo(out: str | Path, cfg: ZooConfig | None = None) -> dict:
+    """Train and write the zoo under ``out`` (created; must be empty or absent); returns zoo.json's dict."""
+    cfg = cfg or ZooConfig()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty")
+    tasks = select_tasks(cfg.tasks)
+    if cfg.adapters_per_task < 1:
+        raise ValueError("adapters_per_task must be at least 1")
+    t_start = time.perf_counter()
+    tok = make_char_tokenizer()
+    (out / "tasks").mkdir(parents=True)
+    test, train = {}, {}
+    for task in tasks:
+        test[task.name] = examples(task, cfg.test_per_task, seed=10_000 + cfg.seed)
+        held = {p for p, _ in test[task.name]}
+        train[task.name] = [examples(task, cfg.train_per_task, seed=cfg.seed * 100 + j, exclude=held)
+                            for j in range(cfg.adapters_per_task + 1)]  # [0]: base mixture, [j + 1]: adapter j
+        with open(out / "tasks" / f"{task.name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in test[task.name])
+
+    mixture = [e for task in tasks for e in encode_examples(tok, train[task.name][0])]
+    base, base_losses = train_base(cfg.model, mixture, cfg.base, cfg.seed)
+    model_dir = out / "model"
+    _save_base(base, tok, model_dir)
+    base.config._name_or_path = str(model_dir.resolve())
+    t_base = time.perf_counter() - t_start
+    base_acc = {t.name: accuracy(base, tok, test[t.name], cfg.max_new_tokens) for t in tasks}
+    logger.info("base accuracy %s (%.0f s)", {k: round(v, 3) for k, v in base_acc.items()}, t_base)
+
+    adapters: dict[str, dict] = {}
+    for task in tasks:
+        for j in range(cfg.adapters_per_task):
+            name = f"{task.name}-{j}"
+            seed = cfg.seed * 1000 + 17 * j + tasks.index(task) + 1
+            enc = encode_examples(tok, train[task.name][j + 1])
+            peft_model, losses = train_lora(base, enc, cfg.lora, cfg.adapter, seed, name)
+            acc = accuracy(peft_model, tok, test[task.name], cfg.max_new_tokens)
+            peft_model.save_pretrained(str(out / "adapters" / name), safe_serialization=True)
+            base = peft_model.unload()
+            adapters[name] = {"task": task.name, "seed": seed, "accuracy": acc, "base_accuracy": base_acc[task.name],
+                              "loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])}
+            logger.info("adapter %s: accuracy %.3f (base %.3f)", name, acc, base_acc[task.name])
+
+    zoo = {"format": 1, "model": "model", "adapters_dir": "adapters", "tasks_dir": "tasks",
+           "tasks": {t.name: t.description for t in tasks}, "adapters": adapters, "base_accuracy": base_acc,
+           "base_loss_first": _mean(base_losses[:10]), "base_loss_last": _mean(base_losses[-10:]),
+           "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+           "config": {**config_dict(cfg.model, cfg.lora), "base": config_dict(cfg.base)["TrainConfig"],
+                      "adapter": config_dict(cfg.adapter)["TrainConfig"], "tasks": cfg.tasks,
+                      "adapters_per_task": cfg.adapters_per_task, "train_per_task": cfg.train_per_task,
+                      "test_per_task": cfg.test_per_task},
+           "seconds": {"base": round(t_base, 1), "total": round(time.perf_counter() - t_start, 1)},
+           "torch_threads": torch.get_num_threads()}
+    (out / "zoo.json").write_text(json.dumps(zoo, indent=1))
+    return zoo
+
+
+def read_tasks(zoo: str | Path) -> dict[str, list[tuple[str, str]]]:
+    """Held-out ``(prompt, answer)`` pairs of a zoo, by task name."""
+    out = {}
+    for path in sorted((Path(zoo) / "tasks").glob("*.jsonl")):
+        out[path.stem] = [(r["prompt"], r["answer"]) for r in map(json.loads, path.read_text().splitlines())]
+    return out
