@@ -56,12 +56,18 @@ def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5,
 
     compeft: (density, alpha, encoding) to store singletons ComPEFT-coded instead of exactly.
     """
+    return add_named(store, discover(paths), max_error, compeft)
+
+
+def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float = 0.5,
+              compeft: tuple[float, float, str] | None = None) -> list[Added]:
+    """``add`` with explicit (name, adapter folder) pairs (a server registers under the request's name)."""
     store = Path(store)
     if not max_error > 0:
         raise ValueError(f"`max_error` must be > 0, got {max_error}")
     with locked(store):
         manifest = read_manifest(store)
-        adapters = [open_adapter(name, p) for name, p in discover(paths)]
+        adapters = [open_adapter(name, Path(p)) for name, p in named]
         for a in adapters:
             if a.name in manifest.adapters:
                 raise AdapterError(a.name, "an adapter of this name is already in the store", a.path)

@@ -199,6 +199,17 @@ class TensorReader:
         return self.get(sigma_key(a.cluster, a.block, module))[a.row]
 
 
+def remove_adapter(store: Path, name: str) -> None:
+    """Drop adapter ``name`` from the manifest (atomically, under the lock). Its tensors stay in
+    their immutable shards, unread, until the next ``compress --from-store``."""
+    with locked(store):
+        manifest = read_manifest(store)
+        if name not in manifest.adapters:
+            raise StoreError(f"no adapter named {name!r} in {store}")
+        del manifest.adapters[name]
+        write_manifest(store, manifest)
+
+
 @contextmanager
 def locked(store: Path) -> Iterator[None]:
     """Exclusive lock on a store for read-modify-write commands (``add``).

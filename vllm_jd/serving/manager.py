@@ -29,6 +29,25 @@ from vllm_jd.serving.state import JDState
 logger = logging.getLogger(__name__)
 
 
+def spare_adapters() -> int:
+    """Σ rows reserved at start for adapters registered while serving (``VLLM_JD_SPARE_ADAPTERS``)."""
+    import os
+
+    value = os.environ.get("VLLM_JD_SPARE_ADAPTERS", "256")
+    try:
+        n = int(value)
+    except ValueError:
+        raise StoreError(f"VLLM_JD_SPARE_ADAPTERS={value!r} is not an integer") from None
+    if n < 0:
+        raise StoreError(f"VLLM_JD_SPARE_ADAPTERS={n} must be ≥ 0")
+    return n
+
+
+def _pad(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Zero-pad the last dim of a basis [d, r] to the served rank."""
+    return torch.nn.functional.pad(x, (0, rank - x.shape[-1])) if x.shape[-1] < rank else x
+
+
 class JDLoRAModel(LoRAModel):
     """An adapter of the store: no weights, just its Σ row."""
 
@@ -77,10 +96,17 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         self.jd_cluster_of_row = self.jd_bank.cluster.numpy().copy()
         self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
         self._jd_last_index_mapping: tuple | None = None
+        self._jd_rows_used = self.jd_none_row + 1
+        self._jd_row_capacity = self._jd_rows_used + spare_adapters()
+        self.jd_cluster_of_row = np.concatenate(
+            [self.jd_cluster_of_row, np.zeros(self._jd_row_capacity - self._jd_rows_used, dtype=np.int64)])
+        self._jd_layers: list[tuple[JDLayerMixin, list[str], JDLayerWeights]] = []
         self.jd_state = JDState(self.jd_cluster_of_row, self.jd_none_row, device, max_tokens=max_num_batched_tokens,
                                 max_segs=max_num_seqs + 1)
         if lora_config.target_modules is None:
             lora_config.target_modules = sorted({m.rsplit(".", 1)[-1] for m in self.jd_bank.U})
+        self.jd_eager = bool(vllm_config is not None and vllm_config.model_config is not None
+                             and vllm_config.model_config.enforce_eager)
         super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config)
         self._jd_bind_layers()
         self.jd_bank.U.clear(), self.jd_bank.V.clear(), self.jd_bank.sigma.clear()  # the layers own them now
@@ -123,9 +149,12 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             V = [v if v is not None else torch.zeros(C, module.input_size, R, dtype=dtype) for v in V]
             zero_sigma = torch.zeros_like(next(iter(bank.sigma.values())))
             sigma = torch.stack([bank.sigma[n] if p else zero_sigma for n, p in zip(names, present)])
+            spare = self._jd_row_capacity - sigma.shape[1]  # rows for adapters registered while serving
+            sigma = torch.cat([sigma, sigma.new_zeros((sigma.shape[0], spare) + tuple(sigma.shape[2:]))], 1)
             dev = self.device
             w = JDLayerWeights.from_bases(torch.stack(V).to(dev), [u.to(dev) for u in U], sigma.to(dev))
             module.jd_bind(w, self.jd_state)
+            self._jd_layers.append((module, names, w))
         if unused := sorted(set(bank.U) - used):
             dims = bank.module_dims()[unused[0]]
             raise StoreError(f"store module {unused[0]} ({dims[0]}→{dims[1]}) matches no LoRA-capable layer of "
@@ -133,6 +162,77 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         logger.info("vllm-jd: %d layers bound to store %s (%d adapters, %d clusters, rank %d)",
                     sum(isinstance(m, JDLayerMixin) for m in self.modules.values()), bank.store,
                     len(bank.names), bank.num_clusters, bank.rank)
+
+    # ---- adapters registered while serving --------------------------------------------------
+    def jd_refresh(self) -> list[str]:
+        """Serve the adapters added to the store since start (``add``, ``/v1/load_lora_adapter``).
+
+        Their Σ rows go into the spare rows reserved at start (in place: CUDA graphs keep their
+        pointers); a new singleton cluster appends its bases to every layer. Returns the new names.
+        """
+        from vllm_jd.compress.store import TensorReader, read_manifest, u_key, v_key
+
+        store = store_path()
+        manifest = read_manifest(store)
+        new = [n for n in manifest.adapters if n not in self.jd_rows]
+        if not new:
+            return []
+        if self._jd_rows_used + len(new) > self._jd_row_capacity:
+            raise StoreError(f"no spare Σ rows left for {len(new)} new adapters (VLLM_JD_SPARE_ADAPTERS="
+                             f"{spare_adapters()} reserved at start); restart the server to serve them")
+        reader = TensorReader(store, manifest)
+        C_old = int(self._jd_layers[0][2].num_clusters) if self._jd_layers else 0
+        fresh = [c for c in manifest.clusters if c.id >= C_old]
+        if any(c.rank > self.jd_rank for c in fresh):
+            raise StoreError(f"a new cluster has rank {max(c.rank for c in fresh)} > the served rank {self.jd_rank}; "
+                             "restart the server to serve it")
+        if fresh and torch.device(self.device).type == "cuda" and not self.jd_eager:
+            raise StoreError("a new adapter needs its own cluster; with CUDA graphs that needs a restart "
+                             "(or serve with --enforce-eager)")
+        index = {m.name: i for i, m in enumerate(manifest.modules)}
+        rows = list(range(self._jd_rows_used, self._jd_rows_used + len(new)))
+        for module, names, w in self._jd_layers:
+            if fresh:
+                self._jd_append_clusters(module, names, w, reader, fresh, u_key, v_key)
+            for name, row in zip(new, rows):
+                a = manifest.adapters[name]
+                for s, n in enumerate(names):
+                    if n in index and a.module_errors[index[n]] is not None:
+                        sig = reader.sigma(name, n).to(w.sigma.dtype)
+                        r = sig.shape[0]
+                        if sig.dim() == 2:
+                            w.sigma[row, s, :r, :r] = sig
+                        else:
+                            w.sigma[row, s, :r] = sig
+        for name, row in zip(new, rows):
+            self.jd_rows[name] = row
+            self.jd_cluster_of_row[row] = manifest.adapters[name].cluster
+        self.jd_state.set_clusters(self.jd_cluster_of_row)
+        self._jd_rows_used += len(new)
+        logger.info("vllm-jd: serving %d new adapters of %s (%d new clusters)", len(new), store, len(fresh))
+        return new
+
+    def _jd_append_clusters(self, module, names, w: JDLayerWeights, reader, fresh, u_key, v_key) -> None:
+        """Append the bases of new clusters to one layer's weights (re-laid out, same object)."""
+        S, C, R = len(w.UT), w.num_clusters, w.rank
+        d_in = w.V_all.shape[0]
+        V_old = w.V_all.view(d_in, C, S, R).permute(2, 1, 0, 3)  # [S, C, d_in, R]
+        U_old = [ut.view(C, R, -1).transpose(1, 2) for ut in w.UT]  # [C, d_s, R]
+        V_new, U_new = [[] for _ in range(S)], [[] for _ in range(S)]
+        for c in fresh:
+            full_U = [reader.get(u_key(c.id, n)) if reader.has(u_key(c.id, n)) else None for n in names]
+            full_V = [reader.get(v_key(c.id, n)) if reader.has(v_key(c.id, n)) else None for n in names]
+            us, vs = module.jd_shard([None if u is None else _pad(u, R)[None] for u in full_U],
+                                     [None if v is None else _pad(v, R)[None] for v in full_V])
+            for s in range(S):
+                d_s = U_old[s].shape[1]
+                U_new[s].append(us[s][0] if us[s] is not None else torch.zeros(d_s, R))
+                V_new[s].append(vs[s][0] if vs[s] is not None else torch.zeros(d_in, R))
+        dt, dev = w.V_all.dtype, w.V_all.device
+        V = torch.cat([V_old, torch.stack([torch.stack(v) for v in V_new]).to(dev, dt)], 1)
+        U = [torch.cat([U_old[s], torch.stack(U_new[s]).to(dev, dt)], 0) for s in range(S)]
+        grown = JDLayerWeights.from_bases(V, U, w.sigma.transpose(0, 1))
+        w.V_all, w.UT, w.sigma, w.num_clusters, w._v_grid = grown.V_all, grown.UT, grown.sigma, grown.num_clusters, None
 
     # ---- adapters are Σ rows ---------------------------------------------------------------
     def _add_adapter(self, lora: LoRAModel):
@@ -185,6 +285,9 @@ class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def _load_adapter(self, lora_request) -> LoRAModel:
         manager = self._adapter_manager
         row = manager.jd_rows.get(lora_request.lora_name)
+        if row is None:  # added to the store while serving?
+            manager.jd_refresh()
+            row = manager.jd_rows.get(lora_request.lora_name)
         if row is None:
             raise StoreError(f"adapter {lora_request.lora_name!r} is not in the vllm-jd store {store_path()}")
         return JDLoRAModel(lora_request.lora_int_id, manager.jd_rank, row)

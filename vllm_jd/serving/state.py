@@ -31,6 +31,12 @@ class JDState:
             self._copied = torch.cuda.Event()  # the pinned buffers are reused: wait for the last copy
             self._copied.record()
 
+    def set_clusters(self, cluster_of_row: np.ndarray) -> None:
+        """The row → cluster table after adapters were added (same length: spare rows were reserved)."""
+        self.cluster_of_row = np.asarray(cluster_of_row, dtype=np.int64)
+        if self.device.type == "cuda":
+            self._cluster.copy_(torch.from_numpy(self.cluster_of_row))  # in place: graphs keep the pointer
+
     def update(self, rows: np.ndarray) -> JDMeta:
         """Set the metadata for tokens whose Σ rows are ``rows`` [T] (``none_row`` = no adapter)."""
         if self.device.type != "cuda":

@@ -1,0 +1,151 @@
+"""Adapters registered while serving (`/v1/load_lora_adapter` with a store): servable at once with
+exactly the outputs of the exported adapter, bad ones refused with a reason, paths confined to
+the adapter root, the store on disk updated so a restart keeps them, unload drops them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import MAX_TOKENS, PROMPTS, free_port, merged_reference
+from helpers import TINY_MODULES
+
+from vllm_jd.cli import main as cli
+from vllm_jd.compress.store import read_manifest
+from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.tiny_model import llama_lora_modules
+
+
+def start_server(model: Path, store: Path, root: Path, log: Path):
+    port = free_port()
+    exe = Path(sys.executable).parent / "vllm-jd"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_JD_STORE", None)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(exe), "serve", str(model), "--jd-store", str(store), "--jd-adapter-root", str(root),
+                                 "--jd-max-error", "0.3", "--host", "127.0.0.1", "--port", str(port), "--dtype",
+                                 "float32", "--max-model-len", "256", "--max-num-seqs", "16"],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"server did not start in 300 s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, serving_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("registration")
+    store = tmp / "store"
+    shutil.copytree(serving_store, store)
+    root = tmp / "root"
+    mods = llama_lora_modules()
+    make_adapters(root, 1, mods, rank=8, structure="shared", seed=0, alpha=16, prefix="near")  # projects well
+    make_adapters(root, 1, mods, rank=8, structure="random", seed=7, alpha=16, prefix="far")  # exact singleton
+    make_adapters(root, 1, TINY_MODULES, rank=4, prefix="wrong")  # another model's shapes
+    outside = make_adapters(tmp / "outside", 1, mods, rank=8, structure="random", seed=8, prefix="evil")[0]
+    (root / "escape").symlink_to(outside)  # a folder under the root that resolves outside it
+    proc, url = start_server(tiny_model, store, root, tmp / "server.log")
+    yield {"url": url, "store": store, "root": root, "tmp": tmp, "model": tiny_model, "proc": proc}
+    stop(proc)
+
+
+def load(url, name, path):
+    return requests.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120)
+
+
+def complete(url, model, prompt):
+    r = requests.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                     "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def reference_of(setup, names):
+    out = setup["tmp"] / f"exported-{'-'.join(names)}"
+    for n in names:
+        assert cli(["-q", "export", str(setup["store"]), n, "--out", str(out / n)]) == 0
+    return merged_reference(setup["model"], out)
+
+
+def test_register_projected_and_singleton_adapters_serve_at_once(setup):
+    url, store = setup["url"], setup["store"]
+    clusters_before = len(read_manifest(store).clusters)
+    t = time.perf_counter()
+    r = load(url, "near", setup["root"] / "near-0000")
+    assert r.status_code == 200, r.text
+    r = load(url, "far", "far-0000")  # relative to the adapter root
+    assert r.status_code == 200, r.text
+    assert time.perf_counter() - t < 30
+    m = read_manifest(store)  # on disk, so a restart keeps them
+    assert m.clusters[m.adapters["near"].cluster].kind == "shared"
+    assert m.clusters[m.adapters["far"].cluster].kind == "exact" and len(m.clusters) == clusters_before + 1
+    ids = [d["id"] for d in requests.get(f"{url}/v1/models", timeout=10).json()["data"]]
+    assert "near" in ids and "far" in ids
+    ref = reference_of(setup, ["near", "far", "adapter-0002"])
+    prompts = PROMPTS[:6]
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = list(zip(["near", "far", "adapter-0002", None, "far", "near"], prompts))
+    with ThreadPoolExecutor(len(jobs)) as pool:  # the new adapters share batches with old ones and the base
+        got = list(pool.map(lambda j: complete(url, j[0] or str(setup["model"]), j[1]), jobs))
+    for (a, p), g in zip(jobs, got):
+        assert g == ref(p, a), a
+
+
+def test_bad_adapter_is_400_and_the_server_keeps_serving(setup):
+    url = setup["url"]
+    before = (setup["store"] / "manifest.json").read_bytes()
+    r = load(url, "wrong", setup["root"] / "wrong-0000")
+    assert r.status_code == 400 and "but the store has 256→" in r.json()["error"]["message"], r.text
+    r = load(url, "missing", setup["root"] / "no-such-folder")
+    assert r.status_code == 400, r.text
+    assert (setup["store"] / "manifest.json").read_bytes() == before  # nothing half-written
+    assert len(complete(url, "adapter-0001", "x = 1")) == MAX_TOKENS
+
+
+@pytest.mark.parametrize("path", ["../outside/evil-0000", "escape", "/etc"])
+def test_paths_outside_the_root_are_refused(setup, path):
+    r = load(setup["url"], "evil", path)
+    assert r.status_code == 403, r.text
+    assert "outside the adapter root" in r.json()["error"]["message"]
+    assert "evil" not in read_manifest(setup["store"]).adapters
+
+
+def test_unload_then_restart_keeps_only_registered(setup):
+    url, store = setup["url"], setup["store"]
+    r = requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "near"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "near" not in read_manifest(store).adapters
+    r = requests.post(f"{url}/v1/completions", json={"model": "near", "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 404
+    stop(setup["proc"])
+    proc, url2 = start_server(setup["model"], store, setup["root"], setup["tmp"] / "server2.log")
+    setup["proc"] = proc
+    ids = [d["id"] for d in requests.get(f"{url2}/v1/models", timeout=10).json()["data"]]
+    assert "far" in ids and "near" not in ids
+    ref = reference_of(setup, ["far"])
+    assert complete(url2, "far", "def hello(") == ref("def hello(", "far")
