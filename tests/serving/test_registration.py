@@ -116,6 +116,32 @@ def test_register_projected_and_singleton_adapters_serve_at_once(setup):
         assert g == ref(p, a), a
 
 
+def test_metrics_per_cluster(setup):
+    url, store = setup["url"], setup["store"]
+    m = read_manifest(store)
+    c = m.adapters["adapter-0003"].cluster
+    text = requests.get(f"{url}/metrics", timeout=10).text
+
+    def value(series: str) -> float:
+        line = [ln for ln in text.splitlines() if ln.startswith(series + " ")]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = value(f'vllm_jd_requests_total{{cluster="{c}"}}')
+    gen_before = value(f'vllm_jd_generation_tokens_total{{cluster="{c}"}}')
+    for _ in range(3):
+        complete(url, "adapter-0003", "x = 1")
+    complete(url, str(setup["model"]), "x = 1")
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    assert value(f'vllm_jd_requests_total{{cluster="{c}"}}') == before + 3
+    assert value(f'vllm_jd_generation_tokens_total{{cluster="{c}"}}') == gen_before + 3 * MAX_TOKENS
+    assert value('vllm_jd_requests_total{cluster="base"}') >= 1
+    n_c = sum(a.cluster == c for a in m.adapters.values())
+    assert value(f'vllm_jd_cluster_adapters{{cluster="{c}"}}') == n_c
+    assert value("vllm_jd_resident_clusters") == len(m.clusters)
+    assert value("vllm_jd_registered_adapter_error_count") == 2  # near and far, registered above
+    assert "vllm_jd_adapter_requests_total" not in text  # adapter labels are opt-in
+
+
 def test_bad_adapter_is_400_and_the_server_keeps_serving(setup):
     url = setup["url"]
     before = (setup["store"] / "manifest.json").read_bytes()

@@ -1,6 +1,6 @@
 """The one module that changes vLLM's objects. It refuses any vLLM but the pinned version.
 
-Four patches, none undone (a process serves one store):
+Five patches, none undone (a process serves one store):
 1. the worker's LoRA manager class (the model runner mixin hard-codes
    ``LRUCacheWorkerLoRAManager``; vLLM has no hook for it) → ``JDWorkerLoRAManager``;
 2. ``OpenAIServingModels.init_static_loras`` also registers every adapter of the store as a
@@ -10,7 +10,8 @@ Four patches, none undone (a process serves one store):
    turns it off for LoRA because its punica ops do not trace; our branch is one opaque custom
    op, and compiling the base model is worth ~1.4× throughput on the tiny bench model;
 4. ``OpenAIServingModels.load_lora_adapter`` / ``unload_lora_adapter`` register adapters in the
-   store while serving (``registration``).
+   store while serving (``registration``);
+5. ``AsyncLLM.generate`` counts requests and tokens per cluster for ``/metrics`` (``metrics``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def install() -> None:
 
     OpenAIServingModels.init_static_loras = init_static_loras
     _runtime_registration(OpenAIServingModels)
+    _count_requests()
     _keep_cpu_compilation()
     _installed = True
     logger.info("vllm-jd installed for store %s", store_path())
@@ -88,6 +90,7 @@ def _runtime_registration(OpenAIServingModels) -> None:
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     from vllm_jd.envs import adapter_root, max_error
+    from vllm_jd.serving.metrics import metrics
     from vllm_jd.serving.registration import register, unregister
 
     original_load = OpenAIServingModels.load_lora_adapter
@@ -103,24 +106,48 @@ def _runtime_registration(OpenAIServingModels) -> None:
             return create_error_response("this server serves a vllm-jd store; start it with --jd-adapter-root DIR "
                                          "to register adapters from DIR while serving")
         try:
-            await asyncio.to_thread(register, store_path(), name, path, root, max_error())
+            added = await asyncio.to_thread(register, store_path(), name, path, root, max_error())
         except PermissionError as e:
             return create_error_response(str(e), "ForbiddenError", HTTPStatus.FORBIDDEN)
         except (ValueError, OSError) as e:  # AdapterError / StoreError are ValueErrors
             return create_error_response(str(e), "InvalidUserInput", HTTPStatus.BAD_REQUEST)
-        return await original_load(self, request.model_copy(update={"lora_path": store_path()}), base_model_name)
+        result = await original_load(self, request.model_copy(update={"lora_path": store_path()}), base_model_name)
+        if isinstance(result, str):
+            metrics(store_path()).registered(name, added.cluster, added.error, added.kind != "shared")
+        return result
 
     async def unload_lora_adapter(self, request):
         result = await original_unload(self, request)
         if isinstance(result, str):
             try:
                 await asyncio.to_thread(unregister, store_path(), request.lora_name)
+                metrics(store_path()).unregistered(request.lora_name)
             except ValueError:
                 pass  # not a store adapter (or already gone): vLLM's unload is all there is
         return result
 
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
     OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+
+
+def _count_requests() -> None:
+    """Per-cluster request and token counters (``metrics``) around ``AsyncLLM.generate``, which
+    every request of the API server goes through."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm_jd.serving.metrics import metrics
+
+    original = AsyncLLM.generate
+
+    async def generate(self, *args, lora_request=None, **kwargs):
+        m = metrics(store_path())
+        cluster = m.started(lora_request.lora_name if lora_request is not None else None)
+        async for out in original(self, *args, lora_request=lora_request, **kwargs):
+            if out.finished:
+                m.finished(cluster, len(out.prompt_token_ids or ()), sum(len(o.token_ids) for o in out.outputs))
+            yield out
+
+    AsyncLLM.generate = generate
 
 
 def _keep_cpu_compilation() -> None:

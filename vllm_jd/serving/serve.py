@@ -29,6 +29,7 @@ from pathlib import Path
 
 from vllm_jd.compress.store import read_manifest
 from vllm_jd.envs import VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_ERROR, VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE
+from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ def split_jd_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     ours, rest, i = {}, [], 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
-        if name in JD_OPTIONS:
+        if argv[i] == "--jd-adapter-metrics":  # a flag, no value
+            ours[argv[i]] = "1"
+        elif name in JD_OPTIONS:
             if not eq:
                 if i + 1 >= len(argv):
                     raise ValueError(f"{name} needs a value")
@@ -86,6 +89,8 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
         if not ok:
             raise ValueError(f"--jd-max-error {e!r}: expected a number > 0")
         env[VLLM_JD_MAX_ERROR] = e
+    if "--jd-adapter-metrics" in ours:
+        env[VLLM_JD_ADAPTER_METRICS] = "1"
     if (n := ours.get("--jd-spare-adapters")) is not None:
         if not n.isdigit():
             raise ValueError(f"--jd-spare-adapters {n!r}: expected an integer ≥ 0")
