@@ -108,3 +108,43 @@ def run_python(code: str, env: dict, timeout: int = 300) -> subprocess.Completed
         if v is None:
             full_env.pop(k)
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_vllm_jd(model: Path, store: Path, log: Path, *extra: str, max_num_seqs: int = 32, timeout: float = 300):
+    """Start ``vllm-jd serve`` (vLLM's default multi-process mode) and wait for /health.
+
+    Returns (process, base url); fails the test with the log's tail if it exits or times out.
+    """
+    import time
+
+    import requests
+
+    port = free_port()
+    exe = Path(sys.executable).parent / "vllm-jd"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_JD_STORE", None)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(exe), "serve", str(model), "--jd-store", str(store), *extra, "--host", "127.0.0.1",
+                                 "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+                                 "--max-num-seqs", str(max_num_seqs)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"server did not start in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -4,16 +4,13 @@ the adapter root, the store on disk updated so a restart keeps them, unload drop
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import MAX_TOKENS, PROMPTS, free_port, merged_reference
+from conftest import MAX_TOKENS, PROMPTS, merged_reference, start_vllm_jd, stop_server
 from helpers import TINY_MODULES
 
 from vllm_jd.cli import main as cli
@@ -23,36 +20,10 @@ from vllm_jd.tiny_model import llama_lora_modules
 
 
 def start_server(model: Path, store: Path, root: Path, log: Path):
-    port = free_port()
-    exe = Path(sys.executable).parent / "vllm-jd"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_JD_STORE", None)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(exe), "serve", str(model), "--jd-store", str(store), "--jd-adapter-root", str(root),
-                                 "--jd-max-error", "0.3", "--host", "127.0.0.1", "--port", str(port), "--dtype",
-                                 "float32", "--max-model-len", "256", "--max-num-seqs", "16"],
-                                stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"server did not start in 300 s:\n{log.read_text()[-4000:]}")
+    return start_vllm_jd(model, store, log, "--jd-adapter-root", str(root), "--jd-max-error", "0.3", max_num_seqs=16)
 
 
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+stop = stop_server
 
 
 @pytest.fixture(scope="module")

@@ -3,48 +3,16 @@ plugin must register in the engine and worker processes too."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import requests
-from conftest import MAX_TOKENS, PROMPTS, free_port
+from conftest import MAX_TOKENS, PROMPTS, start_vllm_jd, stop_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, serving_store, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    exe = Path(sys.executable).parent / "vllm-jd"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_JD_STORE", None)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(exe), "serve", str(tiny_model), "--jd-store", str(serving_store), "--host",
-                                 "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-                                 "--max-num-seqs", "32"], stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start in 240 s:\n{log.read_text()[-4000:]}")
+    proc, url = start_vllm_jd(tiny_model, serving_store, tmp_path_factory.mktemp("server") / "server.log")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def complete(url, model, prompt):

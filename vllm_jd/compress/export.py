@@ -7,15 +7,12 @@ stock vLLM load the result; ``B A = U_c Σ_i V_cᵀ`` is exactly the store's rec
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from vllm_jd.compress.errors import StoreError
-from vllm_jd.compress.peft_io import write_adapter
+from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
 from vllm_jd.compress.store import TensorReader, read_manifest, u_key, v_key
 
 
@@ -44,18 +41,7 @@ def export(store: str | Path, name: str, out: str | Path) -> Path:
     if name not in manifest.adapters:
         known = ", ".join(sorted(manifest.adapters)[:5])
         raise StoreError(f"no adapter named {name!r} in {store} (it has {len(manifest.adapters)}: {known}, …)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"refusing to write into {out}: it exists and is not an empty folder")
+    refuse_non_empty(out)
     factors = reconstruct(TensorReader(store, manifest), name)
     rank = manifest.clusters[manifest.adapters[name].cluster].rank
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write_adapter(tmp, factors, rank, manifest.base_model)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_adapter_atomic(out, factors, rank, manifest.base_model)

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from vllm_jd.compress.factors import ModuleFactors
 from vllm_jd.compress.ctm import (DEFAULT_BETA, DEFAULT_DROP, DEFAULT_ITERS, DEFAULT_TOL, DEFAULT_TOPK, ModuleMerge,
                                   Space, merge_module)
 from vllm_jd.compress.merge_rules import canonical_rule
-from vllm_jd.compress.peft_io import write_adapter
+from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
 from vllm_jd.compress.store import Manifest, TensorReader, read_manifest, u_key, v_key
 
 logger = logging.getLogger(__name__)
@@ -201,20 +198,10 @@ def merge_to_peft(store: str | Path, out: str | Path, **kwargs) -> MergeResult:
     user's is overwritten; on failure nothing is left behind.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"refusing to write into {out}: it exists and is not an empty folder")
+    refuse_non_empty(out)  # before any work
     result = merge(store, **kwargs)
     factors = {name: mm.lora() for name, mm in result.modules.items()}
     rank = max(a.shape[0] for a, _ in factors.values())
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write_adapter(tmp, factors, rank, result.base_model)
-        (tmp / MERGE_INFO).write_text(json.dumps(result.summary(), indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_adapter_atomic(out, factors, rank, result.base_model,
+                         {MERGE_INFO: json.dumps(result.summary(), indent=1) + "\n"})
     return result

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_jd.compress.errors import AdapterError
+from vllm_jd.compress.errors import AdapterError, StoreError
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -266,3 +266,33 @@ def write_adapter(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     }
     save_file(tensors, str(out / SAFETENSORS_NAME))
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def refuse_non_empty(out: Path) -> None:
+    """StoreError unless ``out`` is absent or an empty folder (nothing of the user's is overwritten)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StoreError(f"refusing to write into {out}: it exists and is not an empty folder")
+
+
+def write_adapter_atomic(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+                         base_model: str | None, extra_files: dict[str, str] | None = None) -> Path:
+    """``write_adapter`` into a sibling temporary folder renamed to ``out`` only when complete
+    (plus ``extra_files``: name → text); on failure nothing is left behind."""
+    import os
+    import shutil
+    import uuid
+
+    refuse_non_empty(out)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_adapter(tmp, factors, rank, base_model)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
