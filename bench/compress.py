@@ -53,6 +53,20 @@ class SyntheticAdapter:
         return f"synthetic:{self.index}"
 
 
+def mistral_adapters(layers: int, n: int, noise: float = 0.5 / 64, rank: int = 16
+                     ) -> tuple[dict[str, tuple[int, int]], list[SyntheticAdapter]]:
+    """q/k/v modules of ``layers`` Mistral-7B layers and ``n`` synthetic adapters on them that share
+    a rank-32 component per module (the workload of this file, reused by other benchmarks)."""
+    modules = {}
+    for layer in range(layers):
+        for proj, d_out in (("q_proj", HIDDEN), ("k_proj", KV), ("v_proj", KV)):
+            modules[f"model.layers.{layer}.self_attn.{proj}"] = (HIDDEN, d_out)
+    g = torch.Generator().manual_seed(0)
+    common = {m: (torch.linalg.qr(torch.randn(d_out, 32, generator=g)).Q, torch.linalg.qr(torch.randn(d_in, 32, generator=g)).Q)
+              for m, (d_in, d_out) in modules.items()}
+    return modules, [SyntheticAdapter(i, modules, common, rank, noise) for i in range(n)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=1000)
@@ -64,14 +78,7 @@ def main() -> None:
     ap.add_argument("--total-modules", type=int, default=96, help="modules of the full model, for extrapolation")
     args = ap.parse_args()
 
-    modules = {}
-    for layer in range(args.layers):
-        for proj, d_out in (("q_proj", HIDDEN), ("k_proj", KV), ("v_proj", KV)):
-            modules[f"model.layers.{layer}.self_attn.{proj}"] = (HIDDEN, d_out)
-    g = torch.Generator().manual_seed(0)
-    common = {m: (torch.linalg.qr(torch.randn(d_out, 32, generator=g)).Q, torch.linalg.qr(torch.randn(d_in, 32, generator=g)).Q)
-              for m, (d_in, d_out) in modules.items()}
-    adapters = [SyntheticAdapter(i, modules, common, 16, args.noise / 64) for i in range(args.adapters)]
+    modules, adapters = mistral_adapters(args.layers, args.adapters, args.noise / 64)
     config = CompressConfig(method="jd-full", rank=args.rank, clusters=args.clusters, iters=args.iters)
     with tempfile.TemporaryDirectory() as tmp:
         s = compress_adapters(adapters, Path(tmp) / "store", config, progress=False)

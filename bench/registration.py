@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from vllm_jd.compress.pipeline import compress_adapters
 from vllm_jd.compress.store import TensorReader, read_manifest, write_manifest
@@ -40,13 +39,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    H, KV = bench_compress.HIDDEN, bench_compress.KV
-    modules = {f"model.layers.{i}.self_attn.{p}": (H, d) for i in range(args.layers)
-               for p, d in (("q_proj", H), ("k_proj", KV), ("v_proj", KV))}
-    g = torch.Generator().manual_seed(0)
-    common = {m: (torch.linalg.qr(torch.randn(d_out, 32, generator=g)).Q, torch.linalg.qr(torch.randn(d_in, 32, generator=g)).Q)
-              for m, (d_in, d_out) in modules.items()}
-    pool = [bench_compress.SyntheticAdapter(i, modules, common, 16, 0.5 / 64) for i in range(args.adapters + args.repeats)]
+    modules, pool = bench_compress.mistral_adapters(args.layers, args.adapters + args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()

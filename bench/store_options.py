@@ -54,14 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     scale_up = args.total_layers / args.layers
 
-    modules = {}
-    for layer in range(args.layers):
-        for proj, d_out in (("q_proj", bench_compress.HIDDEN), ("k_proj", bench_compress.KV), ("v_proj", bench_compress.KV)):
-            modules[f"model.layers.{layer}.self_attn.{proj}"] = (bench_compress.HIDDEN, d_out)
-    g = torch.Generator().manual_seed(0)
-    common = {m: (torch.linalg.qr(torch.randn(d_out, 32, generator=g)).Q, torch.linalg.qr(torch.randn(d_in, 32, generator=g)).Q)
-              for m, (d_in, d_out) in modules.items()}
-    adapters = [bench_compress.SyntheticAdapter(i, modules, common, 16, 0.5 / 64) for i in range(args.adapters)]
+    modules, adapters = bench_compress.mistral_adapters(args.layers, args.adapters)
     lora_bytes_fp16 = sum(a.lora_params for a in adapters) * 2 * scale_up
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
