@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
+    except BrokenPipeError:  # the reader stopped early (`vllm-jd inspect S | head`): not our error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (ValueError, OSError) as e:  # AdapterError and StoreError are ValueErrors
         print(f"vllm-jd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -152,3 +152,22 @@ def test_recompress_replaces_store_atomically(planted_adapters, tmp_path):
     assert run("compress", planted_adapters, "--out", out, "--rank", 2, "--clusters", 1) == 0
     assert read_manifest(out).rank == 2
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary or old copies left behind
+
+
+def test_inspect_piped_into_head_is_not_an_error(tmp_path):
+    """`vllm-jd inspect STORE | head` (under `set -o pipefail`, as scripts/demo.sh runs it) exits 0 when the
+    reader stops early (`| true` stops at once, so the write always meets a closed pipe)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vllm_jd.cli import main as cli
+    from vllm_jd.compress.synthetic import make_adapters
+
+    make_adapters(tmp_path / "a", 3, TINY_MODULES, rank=4)
+    assert cli(["-q", "compress", str(tmp_path / "a"), "--out", str(tmp_path / "s"), "--rank", "4", "--clusters", "1"]) == 0
+    exe = Path(sys.executable).parent / "vllm-jd"
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{exe}' inspect '{tmp_path / 's'}' | true"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "error" not in p.stderr
