@@ -81,16 +81,18 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
     for i, n in enumerate(names):
         a = manifest.adapters[n]
         by_block.setdefault((a.cluster, a.block), []).append((a.row, i))
-    for m in manifest.modules:
-        if wanted is not None and m.name not in wanted:
-            continue
-        U = torch.zeros(C, m.d_out, R, dtype=dtype)
-        V = torch.zeros(C, m.d_in, R, dtype=dtype)
-        for c in manifest.clusters:
+    mods = [m for m in manifest.modules if wanted is None or m.name in wanted]
+    U = {m.name: torch.zeros(C, m.d_out, R, dtype=dtype) for m in mods}
+    V = {m.name: torch.zeros(C, m.d_in, R, dtype=dtype) for m in mods}
+    # clusters outer, modules inner: a ComPEFT-coded cluster is one payload for all its modules,
+    # which the reader then decodes once instead of once per module
+    for c in manifest.clusters:
+        for m in mods:
             if reader.has(u_key(c.id, m.name)):
                 u, v = reader.get(u_key(c.id, m.name)), reader.get(v_key(c.id, m.name))
-                U[c.id, :, : u.shape[1]] = u
-                V[c.id, :, : v.shape[1]] = v
+                U[m.name][c.id, :, : u.shape[1]] = u
+                V[m.name][c.id, :, : v.shape[1]] = v
+    for m in mods:
         sig = torch.zeros((N + 1, R) if bank.diag else (N + 1, R, R), dtype=dtype)
         for (c, block), members in by_block.items():
             key = sigma_key(c, block, m.name)
@@ -103,7 +105,8 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
                 sig[dst, : s.shape[1]] = s[src].to(dtype)
             else:
                 sig[dst, : s.shape[1], : s.shape[2]] = s[src].to(dtype)
-        bank.U[m.name], bank.V[m.name], bank.sigma[m.name] = U.to(device), V.to(device), sig.to(device)
+        bank.U[m.name], bank.V[m.name] = U.pop(m.name).to(device), V.pop(m.name).to(device)
+        bank.sigma[m.name] = sig.to(device)
     if wanted is not None and (missing := wanted - set(bank.U)):
         raise StoreError(f"{store}: no module {sorted(missing)[0]} in the store")
     logger.info("loaded store %s: %d adapters, %d clusters, rank %d, %d modules", store, N, C, R, len(bank.U))
