@@ -25,7 +25,8 @@ import torch
 
 from vllm_jd.compress.compeft import compeft_adapter, decode_adapter
 from vllm_jd.compress.store import CompeftInfo
-from vllm_jd.compress.ternary_codec import decode_golomb, decode_masks, encode_golomb, encode_masks, golomb_bits, mask_bits
+from vllm_jd.compress.ternary_codec import (decode_golomb, decode_masks, encode_golomb, encode_masks, golomb_bits,
+                                            mask_bits)
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,8 @@ class Singleton:
     """module → (U = B′ [d_out, r_m], V = A′ᵀ [d_in, r_m], LoRA scale s_m), float32."""
 
 
-def encode_singleton(adapter, density: float, alpha: float, encoding: str = "golomb") -> Singleton:
-    """ComPEFT-code every module of ``adapter`` (a PeftAdapter) as one singleton cluster."""
-    if encoding not in ("golomb", "masks"):
-        raise ValueError(f"ComPEFT encoding {encoding!r} is not golomb or masks")
+def raw_factors_of(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module → (lora_A [r, d_in], lora_B [d_out, r]) as stored, LoRA scale not applied."""
     raw = {}
     for m, spec in adapter.modules.items():
         if hasattr(adapter, "raw_factors"):
@@ -50,6 +49,18 @@ def encode_singleton(adapter, density: float, alpha: float, encoding: str = "gol
         else:  # adapters generated in memory (benchmarks) expose only the scaled factors
             a, bt = adapter.factors(m)
             raw[m] = a, bt.T / spec.scale
+    return raw
+
+
+def encode_singleton(adapter, density: float, alpha: float, encoding: str = "golomb",
+                     raw: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Singleton:
+    """ComPEFT-code every module of ``adapter`` (a PeftAdapter) as one singleton cluster.
+
+    raw: the adapter's ``raw_factors_of`` when the caller has already read them.
+    """
+    if encoding not in ("golomb", "masks"):
+        raise ValueError(f"ComPEFT encoding {encoding!r} is not golomb or masks")
+    raw = raw_factors_of(adapter) if raw is None else raw
     t, layout = compeft_adapter(raw, density, alpha)
     data = encode_golomb(t) if encoding == "golomb" else encode_masks(t)
     bits = golomb_bits(t) if encoding == "golomb" else mask_bits(t.d)
@@ -121,7 +132,8 @@ def compress_compeft(adapters, out, config, progress: bool = True):
     with staged_directory(Path(out)) as tmp:
         (tmp / "tensors").mkdir()
         for i, a in enumerate(tqdm(adapters, desc="compeft", unit="adapter", disable=not progress)):
-            one = encode_singleton(a, config.density, config.alpha, config.compeft_encoding)
+            raw = raw_factors_of(a)  # read once: coded here and the reference of the error below
+            one = encode_singleton(a, config.density, config.alpha, config.compeft_encoding, raw)
             rank = max(one.info.ranks.values())
             tensors = {compeft_key(i): one.payload}
             sq, weight, errs = 0.0, 0.0, []
@@ -133,10 +145,10 @@ def compress_compeft(adapters, out, config, progress: bool = True):
                 r = U.shape[1]
                 sig = sigma_of(s, r, rank, full=False)[None]
                 tensors.update(encode(sigma_key(i, 0, m.name), sig, config.sigma_dtype, "sigma"))
-                A, Bt = a.factors(m.name)
-                loss = float(reconstruction_losses(ModuleFactors(A[None], Bt[None]), U, V,
-                                                   roundtrip(sig, config.sigma_dtype, "sigma")[:, :r])[0])
-                nrm2 = float(ModuleFactors(A[None], Bt[None]).norms()[0]) ** 2
+                A, B = raw[m.name]
+                one_f = ModuleFactors(A[None], (B.T * s)[None])  # P = s·B A
+                loss = float(reconstruction_losses(one_f, U, V, roundtrip(sig, config.sigma_dtype, "sigma")[:, :r])[0])
+                nrm2 = float(one_f.norms()[0]) ** 2
                 errs.append(round((loss / nrm2) ** 0.5, 6) if nrm2 > 0 else 0.0)
                 sq, weight = sq + loss, weight + nrm2
             shard = f"tensors/c{i:06d}.safetensors"

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from vllm_jd.compress import solvers
 from vllm_jd.compress.clustering import Reference
 from vllm_jd.compress.errors import AdapterError
-from vllm_jd.compress.factors import load_module, normalize
+from vllm_jd.compress.factors import ModuleFactors, load_module, normalize
 from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
 from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
 from vllm_jd.compress.selection import Choice, choose
@@ -152,9 +152,10 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
         for mi, module in enumerate(modules):
             t_module = time.perf_counter()
             bar.set_postfix_str(module.name, refresh=False)
-            tensors = _compress_module(adapters, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
+            f, present = load_module(adapters, module.name, config.device)  # read once, used by both
+            tensors = _compress_module(f, present, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
             sq_err_fp32[:, mi] = sq_err[:, mi]
-            tensors = _store_dtypes(tensors, adapters, module, labels, rows, config, mi, sq_err)
+            tensors = _store_dtypes(tensors, f, present, module, labels, rows, config, mi, sq_err)
             shard = f"tensors/m{mi:05d}.safetensors"
             save_file(tensors, str(tmp / shard))
             weight_map.update({key: shard for key in tensors})
@@ -183,9 +184,10 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
     return Summary(manifest, time.perf_counter() - t0, choice.tried, t_select, module_seconds)
 
 
-def _compress_module(adapters, module: ModuleInfo, labels, rows, k, rank, config, mi, sq_err, weight, bar) -> dict:
-    """Fit every cluster's basis for one module; fill errors; return the shard's tensors."""
-    f, present = load_module(adapters, module.name, config.device)
+def _compress_module(f: ModuleFactors, present: torch.Tensor, module: ModuleInfo, labels, rows, k, rank, config, mi,
+                     sq_err, weight, bar) -> dict:
+    """Fit every cluster's basis for one module (factors ``f`` of the adapters ``present``);
+    fill errors; return the shard's tensors."""
     fn, norms = normalize(f)
     norms = norms.cpu()
     weight[present, mi] = norms**2
@@ -223,7 +225,8 @@ def _compress_module(adapters, module: ModuleInfo, labels, rows, k, rank, config
     return tensors
 
 
-def _store_dtypes(tensors: dict, adapters, module: ModuleInfo, labels, rows, config, mi, sq_err) -> dict:
+def _store_dtypes(tensors: dict, f: ModuleFactors, present: torch.Tensor, module: ModuleInfo, labels, rows, config,
+                  mi, sq_err) -> dict:
     """Encode one module's tensors in the configured store dtypes; re-measure the errors.
 
     The errors recorded are those of what a reader gets back, so ``inspect`` and ``export``
@@ -235,7 +238,7 @@ def _store_dtypes(tensors: dict, adapters, module: ModuleInfo, labels, rows, con
     for key, x in tensors.items():
         kind = "sigma" if key.startswith("sigma.") else "basis"
         out.update(encode(key, x, config.basis_dtype if kind == "basis" else config.sigma_dtype, kind))
-    f, present = load_module(adapters, module.name)
+    f = ModuleFactors(f.A.cpu(), f.Bt.cpu())  # the stored tensors are on the CPU
     norms = f.norms()
     cluster_of = labels[present]
     for c in cluster_of.unique().tolist():
