@@ -23,9 +23,6 @@ def start_server(model: Path, store: Path, root: Path, log: Path):
     return start_vllm_jd(model, store, log, "--jd-adapter-root", str(root), "--jd-max-error", "0.3", max_num_seqs=16)
 
 
-stop = stop_server
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model, serving_store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("registration")
@@ -40,7 +37,7 @@ def setup(tiny_model, serving_store, tmp_path_factory):
     (root / "escape").symlink_to(outside)  # a folder under the root that resolves outside it
     proc, url = start_server(tiny_model, store, root, tmp / "server.log")
     yield {"url": url, "store": store, "root": root, "tmp": tmp, "model": tiny_model, "proc": proc}
-    stop(proc)
+    stop_server(proc)
 
 
 def load(url, name, path):
@@ -139,7 +136,7 @@ def test_unload_then_restart_keeps_only_registered(setup):
     assert "near" not in read_manifest(store).adapters
     r = requests.post(f"{url}/v1/completions", json={"model": "near", "prompt": "x", "max_tokens": 2}, timeout=30)
     assert r.status_code == 404
-    stop(setup["proc"])
+    stop_server(setup["proc"])
     proc, url2 = start_server(setup["model"], store, setup["root"], setup["tmp"] / "server2.log")
     setup["proc"] = proc
     ids = [d["id"] for d in requests.get(f"{url2}/v1/models", timeout=10).json()["data"]]

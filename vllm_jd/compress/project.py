@@ -176,16 +176,14 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
                 if i in singletons:  # bases are in the cluster's ComPEFT payload; Σ = s·I
                     U, V, scale = singletons[i].bases[m.name]
                     s = sigma_of(scale, U.shape[1], r, full)
-                    losses[i] = float(reconstruction_losses(one, U, V, s[None, : U.shape[1], : U.shape[1]]
-                                                            if full else s[None, : U.shape[1]])[0])
-                    basis = torch.nn.functional.pad(U, (0, r - U.shape[1])), torch.nn.functional.pad(V, (0, r - V.shape[1]))
-                    U = None
+                    basis = _pad(U, r), _pad(V, r)
+                    losses[i] = float(reconstruction_losses(one, *basis, s[None])[0])
                 else:
                     U, V, s, losses[i] = _fit_one(manifest, one, r, placed[i].kind, basis)
-                if U is not None:
-                    basis = U, V
-                    tensors.update(encode(u_key(c, m.name), U, manifest.basis_dtype, "basis"))
-                    tensors.update(encode(v_key(c, m.name), V, manifest.basis_dtype, "basis"))
+                    if U is not None:
+                        basis = U, V
+                        tensors.update(encode(u_key(c, m.name), U, manifest.basis_dtype, "basis"))
+                        tensors.update(encode(v_key(c, m.name), V, manifest.basis_dtype, "basis"))
                 if full:
                     sig[row, : s.shape[0], : s.shape[1]] = s
                 else:
