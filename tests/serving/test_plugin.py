@@ -104,3 +104,30 @@ def test_ten_thousand_model_names(tmp_path, monkeypatch):
     assert register_store_adapters(models) == 10_000
     ids = {r.lora_int_id for r in models.lora_requests.values()}
     assert len(ids) == 10_000 and min(ids) == 4 and models.lora_id_counter.inc(0) == 10_003
+
+
+def test_jd_options_become_environment(serving_store, tmp_path):
+    from vllm_jd.serving.serve import jd_environment, split_jd_options
+
+    ours, rest = split_jd_options(["/m", "--jd-store", str(serving_store), f"--jd-adapter-root={tmp_path}",
+                                   "--jd-max-error", "0.3", "--jd-adapter-metrics", "--port", "9000"])
+    assert rest == ["/m", "--port", "9000"]
+    env = jd_environment(ours)
+    assert env == {"VLLM_JD_ADAPTER_ROOT": str(tmp_path.resolve()), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+                   "VLLM_JD_MAX_ERROR": "0.3", "VLLM_JD_ADAPTER_METRICS": "1"}
+    # our options never reach vLLM's parser
+    argv, _ = build_vllm_args(["/m", "--jd-store", str(serving_store), "--jd-adapter-root", str(tmp_path)])
+    assert not any(a.startswith("--jd-") for a in argv)
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"--jd-adapter-root": "/no/such/dir"}, "not a folder"),
+    ({"--jd-max-error": "-1"}, "expected a number > 0"),
+    ({"--jd-max-error": "x"}, "expected a number > 0"),
+    ({"--jd-spare-adapters": "-3"}, "expected an integer ≥ 0"),
+])
+def test_jd_option_errors(opts, message):
+    from vllm_jd.serving.serve import jd_environment
+
+    with pytest.raises(ValueError, match=message):
+        jd_environment(opts)
