@@ -32,6 +32,7 @@ def setup(tiny_model, serving_store, tmp_path_factory):
     mods = llama_lora_modules()
     make_adapters(root, 1, mods, rank=8, structure="shared", seed=0, alpha=16, prefix="near")  # projects well
     make_adapters(root, 1, mods, rank=8, structure="random", seed=7, alpha=16, prefix="far")  # exact singleton
+    make_adapters(root, 1, mods, rank=8, structure="random", seed=11, alpha=16, prefix="other")
     make_adapters(root, 1, TINY_MODULES, rank=4, prefix="wrong")  # another model's shapes
     outside = make_adapters(tmp / "outside", 1, mods, rank=8, structure="random", seed=8, prefix="evil")[0]
     (root / "escape").symlink_to(outside)  # a folder under the root that resolves outside it
@@ -136,6 +137,12 @@ def test_unload_then_restart_keeps_only_registered(setup):
     assert "near" not in read_manifest(store).adapters
     r = requests.post(f"{url}/v1/completions", json={"model": "near", "prompt": "x", "max_tokens": 2}, timeout=30)
     assert r.status_code == 404
+    # the name again, another adapter: the workers must serve the new one, not their old Σ row
+    r = load(url, "near", "other-0000")
+    assert r.status_code == 200, r.text
+    ref = reference_of(setup, ["near"])
+    assert complete(url, "near", "def hello(") == ref("def hello(", "near")
+    assert requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "near"}, timeout=30).status_code == 200
     stop_server(setup["proc"])
     proc, url2 = start_server(setup["model"], store, setup["root"], setup["tmp"] / "server2.log")
     setup["proc"] = proc

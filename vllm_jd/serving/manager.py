@@ -30,6 +30,11 @@ from vllm_jd.serving.state import JDState
 logger = logging.getLogger(__name__)
 
 
+def _location(a) -> tuple[int, int, int]:
+    """Where an adapter's Σ lives in the store: (cluster, block, row)."""
+    return a.cluster, a.block, a.row
+
+
 class JDLoRAModel(LoRAModel):
     """An adapter of the store: no weights, just its Σ row."""
 
@@ -73,6 +78,9 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else torch.float32
         self.jd_bank: Bank = load_bank(store_path(), device="cpu", dtype=dtype)
         self.jd_rows = dict(self.jd_bank.rows)
+        # where each served name's Σ came from: a name unloaded and registered again points elsewhere
+        self._jd_loc = {n: _location(a) for n, a in self.jd_bank.manifest.adapters.items()}
+        self._jd_name_id: dict[str, int] = {}
         self.jd_rank = self.jd_bank.rank
         self.jd_none_row = self.jd_bank.none_row
         self.jd_cluster_of_row = self.jd_bank.cluster.numpy().copy()
@@ -147,16 +155,17 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
 
     # ---- adapters registered while serving --------------------------------------------------
     def jd_refresh(self) -> list[str]:
-        """Serve the adapters added to the store since start (``add``, ``/v1/load_lora_adapter``).
+        """Serve the adapters added to the store since start (``add``, ``/v1/load_lora_adapter``),
+        and names registered again for another adapter after an unload.
 
         Their Σ rows go into the spare rows reserved at start (in place: CUDA graphs keep their
-        pointers); a new singleton cluster appends its bases to every layer. Returns the new names.
+        pointers); a new singleton cluster appends its bases to every layer. Returns the names.
         """
         from vllm_jd.compress.store import TensorReader, read_manifest
 
         store = store_path()
         manifest = read_manifest(store)
-        new = [n for n in manifest.adapters if n not in self.jd_rows]
+        new = [n for n, a in manifest.adapters.items() if self._jd_loc.get(n) != _location(a)]
         if not new:
             return []
         if self._jd_rows_used + len(new) > self._jd_row_capacity:
@@ -188,6 +197,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
                             w.sigma[row, s, :r] = sig
         for name, row in zip(new, rows):
             self.jd_rows[name] = row
+            self._jd_loc[name] = _location(manifest.adapters[name])
             self.jd_cluster_of_row[row] = manifest.adapters[name].cluster
         self.jd_state.set_clusters(self.jd_cluster_of_row)
         self._jd_rows_used += len(new)
@@ -244,10 +254,14 @@ class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def _load_adapter(self, lora_request) -> LoRAModel:
         manager = self._adapter_manager
-        row = manager.jd_rows.get(lora_request.lora_name)
-        if row is None:  # added to the store while serving?
+        name = lora_request.lora_name
+        # a name vLLM has not shown us is new in the store; a known name under a new id was
+        # unloaded and registered again (vLLM gives it a new id), maybe for another adapter
+        seen_id = manager._jd_name_id.get(name, lora_request.lora_int_id)
+        if name not in manager.jd_rows or seen_id != lora_request.lora_int_id:
             manager.jd_refresh()
-            row = manager.jd_rows.get(lora_request.lora_name)
+        manager._jd_name_id[name] = lora_request.lora_int_id
+        row = manager.jd_rows.get(name)
         if row is None:
             raise StoreError(f"adapter {lora_request.lora_name!r} is not in the vllm-jd store {store_path()}")
         return JDLoRAModel(lora_request.lora_int_id, manager.jd_rank, row)
