@@ -44,8 +44,8 @@ def summarize(store: str | Path) -> dict:
     for c in manifest.clusters:
         kinds[c.kind] = kinds.get(c.kind, 0) + 1
     b = STORE_BYTES_PER_PARAM
-    before = [a.error_fp32 for a in manifest.adapters.values() if a.error_fp32 is not None]
-    after = [a.error for a in manifest.adapters.values() if a.error_fp32 is not None]
+    quantised = [a for a in manifest.adapters.values() if a.error_fp32 is not None]
+    added = [a.error - a.error_fp32 for a in quantised]
     return {
         "store": str(store),
         "format_version": manifest.format_version,
@@ -61,9 +61,8 @@ def summarize(store: str | Path) -> dict:
         "error": {"min": min(errors), "median": statistics.median(errors), "max": max(errors),
                   "mean": statistics.fmean(errors)} if errors else None,
         "dtypes": {"basis": manifest.basis_dtype, "sigma": manifest.sigma_dtype},
-        "error_added_by_dtypes": {"mean": statistics.fmean(x - y for x, y in zip(after, before)),
-                                  "max": max(x - y for x, y in zip(after, before)),
-                                  "mean_before": statistics.fmean(before)} if before else None,
+        "error_added_by_dtypes": {"mean": statistics.fmean(added), "max": max(added),
+                                  "mean_before": statistics.fmean(a.error_fp32 for a in quantised)} if added else None,
         "bytes_stored": stored_bytes(Path(store), manifest),
         "compeft": _compeft(manifest),
         "bytes_per_adapter": {"sigma": (statistics.fmean(acc.sigma_params) if errors else 0) * b,
