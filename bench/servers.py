@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ WORDS = "the of and to in is for on with as by at from that this it be are was n
 def start(cmd: list[str], port: int, log: Path, timeout: float = 600) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
     env.pop("VLLM_JD_STORE", None)
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # its own process group, so stop() ends its workers too
     import urllib.request
 
     deadline = time.time() + timeout
@@ -29,16 +31,18 @@ def start(cmd: list[str], port: int, log: Path, timeout: float = 600) -> subproc
                 return proc
         except OSError:
             time.sleep(0.5)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"server not up after {timeout} s; see {log}")
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server; after 60 s SIGKILL its whole process group (engine core, workers)."""
     proc.terminate()
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
 
 
 async def drive(port: int, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:

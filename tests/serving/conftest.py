@@ -127,7 +127,8 @@ def start_vllm_jd(model: Path, store: Path, log: Path, *extra: str, max_num_seqs
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(exe), "serve", str(model), "--jd-store", str(store), *extra, "--host", "127.0.0.1",
                                  "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-                                 "--max-num-seqs", str(max_num_seqs)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                                 "--max-num-seqs", str(max_num_seqs)], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own process group: stop_server can end all of it
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -143,8 +144,13 @@ def start_vllm_jd(model: Path, store: Path, log: Path, *extra: str, max_num_seqs
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server; after 30 s SIGKILL its whole process group (engine core and workers
+    too: killing only the API process would leave them holding ~1.5 GB each)."""
+    import signal
+
     proc.terminate()
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)

@@ -37,8 +37,9 @@ def setup(tiny_model, serving_store, tmp_path_factory):
     outside = make_adapters(tmp / "outside", 1, mods, rank=8, structure="random", seed=8, prefix="evil")[0]
     (root / "escape").symlink_to(outside)  # a folder under the root that resolves outside it
     proc, url = start_server(tiny_model, store, root, tmp / "server.log")
-    yield {"url": url, "store": store, "root": root, "tmp": tmp, "model": tiny_model, "proc": proc}
-    stop_server(proc)
+    state = {"url": url, "store": store, "root": root, "tmp": tmp, "model": tiny_model, "proc": proc}
+    yield state
+    stop_server(state["proc"])  # the restart test replaces the server: stop the one running now
 
 
 def load(url, name, path):
