@@ -25,3 +25,45 @@ def adapter_root() -> str | None:
 
 def max_error() -> float:
     return float(os.environ.get(VLLM_JD_MAX_ERROR) or 0.5)
+
+
+VLLM_JD_MAX_RESIDENT_CLUSTERS = "VLLM_JD_MAX_RESIDENT_CLUSTERS"
+"""Most clusters whose bases are on the device at once (unset: all of them, no budget)."""
+VLLM_JD_MAX_WAIT = "VLLM_JD_MAX_WAIT"
+"""Seconds after which a waiting request goes before every later arrival (aging; default 5)."""
+VLLM_JD_SCHEDULER_POLICY = "VLLM_JD_SCHEDULER_POLICY"
+"""``cluster`` (default: cluster-aware) or ``fcfs`` (vLLM's own rule with the same budget)."""
+VLLM_JD_RUNTIME_DIR = "VLLM_JD_RUNTIME_DIR"
+"""Folder where the engine and worker processes leave residency figures for ``/metrics``."""
+SCHEDULER_POLICIES = ("cluster", "fcfs")
+
+
+def max_resident_clusters() -> int | None:
+    value = os.environ.get(VLLM_JD_MAX_RESIDENT_CLUSTERS)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{VLLM_JD_MAX_RESIDENT_CLUSTERS}={value!r}: expected an integer ≥ 1")
+    return int(value)
+
+
+def max_wait() -> float:
+    value = os.environ.get(VLLM_JD_MAX_WAIT) or "5"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{VLLM_JD_MAX_WAIT}={value!r}: expected seconds > 0")
+    return seconds
+
+
+def scheduler_policy() -> str:
+    value = os.environ.get(VLLM_JD_SCHEDULER_POLICY) or "cluster"
+    if value not in SCHEDULER_POLICIES:
+        raise ValueError(f"{VLLM_JD_SCHEDULER_POLICY}={value!r}: expected one of {', '.join(SCHEDULER_POLICIES)}")
+    return value
+
+
+def runtime_dir() -> str | None:
+    return os.environ.get(VLLM_JD_RUNTIME_DIR) or None

@@ -134,3 +134,47 @@ def test_aging_is_what_bounds_the_tail():
     unfair = simulate("zipf:1.0", max_wait=10**9, **heavy)
     assert unfair["max_wait"] > 2 * fair["max_wait"], (fair, unfair)
     assert fair["served"] >= unfair["served"]  # and it costs no throughput
+
+
+# ---- the FCFS baseline (vLLM's max_loras rule applied to clusters) ---------------------------
+
+def test_fcfs_skips_only_what_exceeds_k_and_keeps_arrival_order():
+    from vllm_jd.scheduler.policy import plan_fcfs
+
+    waiting = [R(0, 1, 0.0), R(1, 2, 1.0), R(2, 3, 2.0), R(3, 1, 3.0), R(4, BASE, 4.0), R(5, 2, 5.0)]
+    p = plan_fcfs(waiting, running={}, resident=set(), max_resident=2, last_used={}, budget=8)
+    assert p.admit == ("r0", "r1", "r3", "r4", "r5")  # cluster 3 would be a third: skipped, the rest go on
+    assert p.load == (1, 2) and p.evict == ()
+
+
+def test_fcfs_counts_running_clusters_and_evicts_least_recently_used_idle():
+    from vllm_jd.scheduler.policy import plan_fcfs
+
+    waiting = [R(0, 7, 0.0), R(1, 8, 1.0)]
+    p = plan_fcfs(waiting, running={3: 2}, resident={3, 4, 5}, max_resident=3, last_used={4: 10.0, 5: 5.0}, budget=8)
+    assert p.admit == ("r0", "r1")  # 3 running + 7 + 8 = K
+    assert p.load == (7, 8) and p.evict == (5, 4)  # 5 was used longest ago; busy 3 stays
+    p = plan_fcfs(waiting, running={3: 1, 4: 1, 5: 1}, resident={3, 4, 5}, max_resident=3, last_used={}, budget=8)
+    assert p.admit == () and p.load == () and p.evict == ()
+    assert plan_fcfs(waiting, {}, set(), 2, {}, budget=1).admit == ("r0",)
+
+
+def test_fcfs_step_never_exceeds_k_clusters():
+    from vllm_jd.scheduler.policy import plan_fcfs
+
+    rng = random.Random(0)
+    waiting = [R(i, rng.randrange(10), float(i)) for i in range(200)]
+    running: dict[int, int] = {}
+    resident: set[int] = set()
+    for _ in range(40):
+        p = plan_fcfs(waiting, running, resident, 4, {}, budget=6)
+        resident = (resident - set(p.evict)) | set(p.load)
+        assert len(resident) <= 4
+        admitted = {r.id for r in waiting if r.id in p.admit}
+        for r in waiting:
+            if r.id in admitted:
+                running[r.cluster] = running.get(r.cluster, 0) + 1
+        waiting = [r for r in waiting if r.id not in admitted]
+        assert {c for c, n in running.items() if n} <= resident
+        for c in list(running):  # every running request finishes after one step
+            running[c] = 0

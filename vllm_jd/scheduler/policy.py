@@ -138,3 +138,33 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
 def _more_urgent(c: int, other: int, first_wait: dict[int, float]) -> bool:
     """Replace an idle cluster that still has waiting requests only for an older need."""
     return first_wait.get(c, float("inf")) < first_wait.get(other, float("inf"))
+
+
+def plan_fcfs(waiting: Iterable[Request], running: dict[int, int], resident: set[int], max_resident: int,
+              last_used: dict[int, float], budget: int) -> Plan:
+    """The baseline: vLLM's own rule for LoRA slots (``max_loras``), applied to clusters.
+
+    Requests are admitted in arrival order; one is skipped only when its cluster is not among
+    the clusters of the running and already admitted requests and those number K already
+    (vLLM 0.32 ``Scheduler.schedule``: "Scheduling would exceed max_loras, skip"). The clusters
+    it admits are loaded at once (the step waits for them, as vLLM loads an adapter into a
+    slot), replacing the least recently used idle clusters (``last_used``: cluster → time).
+    No aging, no prefetch, no preference for resident clusters.
+    """
+    if max_resident < 1:
+        raise ValueError(f"max_resident must be ≥ 1, got {max_resident}")
+    in_batch = {c for c, n in running.items() if n > 0 and c != BASE}
+    admit: list[str] = []
+    for r in sorted(waiting, key=lambda r: (r.arrival, r.id)):
+        if len(admit) >= budget:
+            break
+        if r.cluster != BASE and r.cluster not in in_batch:
+            if len(in_batch) >= max_resident:
+                continue
+            in_batch.add(r.cluster)
+        admit.append(r.id)
+    load = sorted(in_batch - resident)
+    free = max_resident - len(resident)
+    idle = sorted(resident - in_batch, key=lambda c: (last_used.get(c, float("-inf")), c))
+    evict = idle[: max(0, len(load) - free)]
+    return Plan(tuple(admit), tuple(load), tuple(evict))

@@ -32,6 +32,36 @@ def _pad(x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, rank - x.shape[-1])) if x.shape[-1] < rank else x
 
 
+def _shard_clusters(module, names: list[str], w: JDLayerWeights, reader, fresh
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The clusters ``fresh``'s bases for one layer, cut for this TP rank and padded to the served
+    rank: V [S, n, d_in, R] and S tensors U [n, d_s, R], in ``w``'s dtype on ``w``'s device."""
+    S, R = len(w.UT), w.rank
+    d_in = w.V_all.shape[0]
+    V_new, U_new = [[] for _ in range(S)], [[] for _ in range(S)]
+    for c in fresh:
+        full_U = [reader.get(u_key(c.id, n)) if reader.has(u_key(c.id, n)) else None for n in names]
+        full_V = [reader.get(v_key(c.id, n)) if reader.has(v_key(c.id, n)) else None for n in names]
+        us, vs = module.jd_shard([None if u is None else _pad(u, R)[None] for u in full_U],
+                                 [None if v is None else _pad(v, R)[None] for v in full_V])
+        for s in range(S):
+            d_s = w.UT[s].shape[1]
+            U_new[s].append(us[s][0] if us[s] is not None else torch.zeros(d_s, R))
+            V_new[s].append(vs[s][0] if vs[s] is not None else torch.zeros(d_in, R))
+    dt, dev = w.V_all.dtype, w.V_all.device
+    return (torch.stack([torch.stack(v) for v in V_new]).to(dev, dt),
+            [torch.stack(u).to(dev, dt) for u in U_new])
+
+
+def new_cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The clusters ``fresh``'s bases laid out like ``residency.HostBases``: V [n, d_in, S·R] and
+    S tensors UT [n, R, d_s] (on the host)."""
+    V, U = _shard_clusters(module, names, w, reader, fresh)
+    S, n, d_in, R = V.shape
+    return V.permute(1, 2, 0, 3).reshape(n, d_in, S * R).cpu(), [u.transpose(1, 2).cpu() for u in U]
+
+
 def append_clusters(module, names: list[str], w: JDLayerWeights, reader, fresh) -> None:
     """Append the bases of the clusters ``fresh`` (store ``reader``) to one layer's weights ``w``.
 
@@ -43,18 +73,8 @@ def append_clusters(module, names: list[str], w: JDLayerWeights, reader, fresh) 
     d_in = w.V_all.shape[0]
     V_old = w.V_all.view(d_in, C, S, R).permute(2, 1, 0, 3)  # [S, C, d_in, R]
     U_old = [ut.view(C, R, -1).transpose(1, 2) for ut in w.UT]  # [C, d_s, R]
-    V_new, U_new = [[] for _ in range(S)], [[] for _ in range(S)]
-    for c in fresh:
-        full_U = [reader.get(u_key(c.id, n)) if reader.has(u_key(c.id, n)) else None for n in names]
-        full_V = [reader.get(v_key(c.id, n)) if reader.has(v_key(c.id, n)) else None for n in names]
-        us, vs = module.jd_shard([None if u is None else _pad(u, R)[None] for u in full_U],
-                                 [None if v is None else _pad(v, R)[None] for v in full_V])
-        for s in range(S):
-            d_s = U_old[s].shape[1]
-            U_new[s].append(us[s][0] if us[s] is not None else torch.zeros(d_s, R))
-            V_new[s].append(vs[s][0] if vs[s] is not None else torch.zeros(d_in, R))
-    dt, dev = w.V_all.dtype, w.V_all.device
-    V = torch.cat([V_old, torch.stack([torch.stack(v) for v in V_new]).to(dev, dt)], 1)
-    U = [torch.cat([U_old[s], torch.stack(U_new[s]).to(dev, dt)], 0) for s in range(S)]
+    V_new, U_new = _shard_clusters(module, names, w, reader, fresh)
+    V = torch.cat([V_old, V_new], 1)
+    U = [torch.cat([U_old[s], U_new[s]], 0) for s in range(S)]
     grown = JDLayerWeights.from_bases(V, U, w.sigma.transpose(0, 1))
     w.V_all, w.UT, w.sigma, w.num_clusters, w._v_grid = grown.V_all, grown.UT, grown.sigma, grown.num_clusters, None

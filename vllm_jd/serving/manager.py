@@ -9,6 +9,7 @@ adapter mapping becomes token → (Σ row, cluster) metadata shared by every lay
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,11 +21,13 @@ from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from vllm_jd.compress.errors import StoreError
-from vllm_jd.envs import store_path
+from vllm_jd.envs import VLLM_JD_STORE, max_resident_clusters, store_path
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 from vllm_jd.serving.bank import Bank, load_bank
-from vllm_jd.serving.growth import append_clusters, spare_adapters
+from vllm_jd.serving.growth import append_clusters, new_cluster_bases, spare_adapters
 from vllm_jd.serving.layers import JD_CLASS_FOR, JDLayerMixin
+from vllm_jd.serving.residency import ResidentBases
+from vllm_jd.serving.snapshot import Snapshot
 from vllm_jd.serving.state import JDState
 
 logger = logging.getLogger(__name__)
@@ -75,31 +78,37 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
     """LRUCacheLoRAModelManager whose layers read shared bases and a resident Σ table."""
 
     def __init__(self, model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config):
-        dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else torch.float32
-        self.jd_bank: Bank = load_bank(store_path(), device="cpu", dtype=dtype)
-        self.jd_rows = dict(self.jd_bank.rows)
-        # where each served name's Σ came from: a name unloaded and registered again points elsewhere
-        self._jd_loc = {n: _location(a) for n, a in self.jd_bank.manifest.adapters.items()}
-        self._jd_name_id: dict[str, int] = {}
-        self.jd_rank = self.jd_bank.rank
-        self.jd_none_row = self.jd_bank.none_row
-        self.jd_cluster_of_row = self.jd_bank.cluster.numpy().copy()
-        self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
-        self._jd_last_index_mapping: tuple | None = None
-        self._jd_rows_used = self.jd_none_row + 1
-        self._jd_row_capacity = self._jd_rows_used + spare_adapters()
-        self.jd_cluster_of_row = np.concatenate(
-            [self.jd_cluster_of_row, np.zeros(self._jd_row_capacity - self._jd_rows_used, dtype=np.int64)])
+        self.jd_dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else torch.float32
+        self._jd_use_bank(load_bank(store_path(), device="cpu", dtype=self.jd_dtype))
         self._jd_layers: list[tuple[JDLayerMixin, list[str], JDLayerWeights]] = []
         self.jd_state = JDState(self.jd_cluster_of_row, self.jd_none_row, device, max_tokens=max_num_batched_tokens,
                                 max_segs=max_num_seqs + 1)
         if lora_config.target_modules is None:
             lora_config.target_modules = sorted({m.rsplit(".", 1)[-1] for m in self.jd_bank.U})
+        budget = max_resident_clusters()
+        self.jd_residency = ResidentBases(budget, device) if budget is not None else None
+        self._jd_snapshot = Snapshot("worker")
         self.jd_eager = bool(vllm_config is not None and vllm_config.model_config is not None
                              and vllm_config.model_config.enforce_eager)
         super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config)
         self._jd_bind_layers()
         self.jd_bank.U.clear(), self.jd_bank.V.clear(), self.jd_bank.sigma.clear()  # the layers own them now
+
+    def _jd_use_bank(self, bank: Bank, min_capacity: int = 0) -> None:
+        """Row bookkeeping for ``bank`` (its Σ rows, then spare rows for adapters registered later)."""
+        self.jd_bank = bank
+        self.jd_rows = dict(bank.rows)
+        # where each served name's Σ came from: a name unloaded and registered again points elsewhere
+        self._jd_loc = {n: _location(a) for n, a in bank.manifest.adapters.items()}
+        self._jd_name_id: dict[str, int] = {}
+        self.jd_rank = bank.rank
+        self.jd_none_row = bank.none_row
+        self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
+        self._jd_last_index_mapping: tuple | None = None
+        self._jd_rows_used = self.jd_none_row + 1
+        self._jd_row_capacity = max(self._jd_rows_used + spare_adapters(), min_capacity)
+        self.jd_cluster_of_row = np.concatenate(
+            [bank.cluster.numpy(), np.zeros(self._jd_row_capacity - self._jd_rows_used, dtype=np.int64)])
 
     # ---- which modules, and their weights -------------------------------------------------
     def _jd_store_names(self, module_name: str, n_slices: int | None = None) -> list[str]:
@@ -118,40 +127,133 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
 
     def _jd_bind_layers(self) -> None:
         bank, used = self.jd_bank, set()
-        C, R = bank.num_clusters, bank.rank
         for module_name, module in self.modules.items():
             if not isinstance(module, JDLayerMixin):
                 continue
             names = self._jd_store_names(module_name, module.n_slices)
-            present = [n in bank.U for n in names]
-            used.update(n for n, p in zip(names, present) if p)
-            if module.tp_size == 1:
-                for s, name in enumerate(names):
-                    exp = (module.input_size, module.output_slices[s])
-                    got = (bank.V[name].shape[1], bank.U[name].shape[1]) if present[s] else exp
-                    if got != exp:
-                        raise StoreError(f"store module {name} maps {got[0]}→{got[1]} but the model's {module_name} "
-                                         f"(slice {s}) maps {exp[0]}→{exp[1]}: the store was built for another model")
-            U, V = module.jd_shard([bank.U[n] if p else None for n, p in zip(names, present)],
-                                   [bank.V[n] if p else None for n, p in zip(names, present)])
-            dtype = next(u.dtype for u in U if u is not None)
-            U = [u if u is not None else torch.zeros(C, module.output_slices[s], R, dtype=dtype) for s, u in enumerate(U)]
-            V = [v if v is not None else torch.zeros(C, module.input_size, R, dtype=dtype) for v in V]
-            zero_sigma = torch.zeros_like(next(iter(bank.sigma.values())))
-            sigma = torch.stack([bank.sigma[n] if p else zero_sigma for n, p in zip(names, present)])
-            spare = self._jd_row_capacity - sigma.shape[1]  # rows for adapters registered while serving
-            sigma = torch.cat([sigma, sigma.new_zeros((sigma.shape[0], spare) + tuple(sigma.shape[2:]))], 1)
-            dev = self.device
-            w = JDLayerWeights.from_bases(torch.stack(V).to(dev), [u.to(dev) for u in U], sigma.to(dev))
+            used.update(n for n in names if n in bank.U)
+            w = self._jd_layer_weights(module_name, module, names)
+            if self.jd_residency is not None:  # all clusters to host memory, K slots on the device
+                w = self.jd_residency.add_layer(w)
             module.jd_bind(w, self.jd_state)
             self._jd_layers.append((module, names, w))
+        self._jd_check_unused(used)
+        self._jd_publish_clusters()
+        logger.info("vllm-jd: %d layers bound to store %s (%d adapters, %d clusters, rank %d%s)",
+                    sum(isinstance(m, JDLayerMixin) for m in self.modules.values()), bank.store,
+                    len(bank.names), bank.num_clusters, bank.rank,
+                    f", {self.jd_residency.slots} resident" if self.jd_residency is not None else "")
+
+    def _jd_check_unused(self, used: set[str]) -> None:
+        bank = self.jd_bank
         if unused := sorted(set(bank.U) - used):
             dims = bank.module_dims()[unused[0]]
             raise StoreError(f"store module {unused[0]} ({dims[0]}→{dims[1]}) matches no LoRA-capable layer of "
-                             f"{type(self.model).__name__} ({len(unused)} such modules): the store was built for another model")
-        logger.info("vllm-jd: %d layers bound to store %s (%d adapters, %d clusters, rank %d)",
-                    sum(isinstance(m, JDLayerMixin) for m in self.modules.values()), bank.store,
+                             f"{type(self.model).__name__} ({len(unused)} such modules): the store was built for "
+                             "another model")
+
+    def _jd_layer_weights(self, module_name: str, module: JDLayerMixin, names: list[str]) -> JDLayerWeights:
+        """One layer's weights from the bank: every cluster's bases (cut for this TP rank) and Σ rows
+        with the spare rows appended; on the layer's device."""
+        bank = self.jd_bank
+        C, R = bank.num_clusters, bank.rank
+        present = [n in bank.U for n in names]
+        if module.tp_size == 1:
+            for s, name in enumerate(names):
+                exp = (module.input_size, module.output_slices[s])
+                got = (bank.V[name].shape[1], bank.U[name].shape[1]) if present[s] else exp
+                if got != exp:
+                    raise StoreError(f"store module {name} maps {got[0]}→{got[1]} but the model's {module_name} "
+                                     f"(slice {s}) maps {exp[0]}→{exp[1]}: the store was built for another model")
+        U, V = module.jd_shard([bank.U[n] if p else None for n, p in zip(names, present)],
+                               [bank.V[n] if p else None for n, p in zip(names, present)])
+        dtype = next(u.dtype for u in U if u is not None)
+        U = [u if u is not None else torch.zeros(C, module.output_slices[s], R, dtype=dtype) for s, u in enumerate(U)]
+        V = [v if v is not None else torch.zeros(C, module.input_size, R, dtype=dtype) for v in V]
+        zero_sigma = torch.zeros_like(next(iter(bank.sigma.values())))
+        sigma = torch.stack([bank.sigma[n] if p else zero_sigma for n, p in zip(names, present)])
+        spare = self._jd_row_capacity - sigma.shape[1]  # rows for adapters registered while serving
+        sigma = torch.cat([sigma, sigma.new_zeros((sigma.shape[0], spare) + tuple(sigma.shape[2:]))], 1)
+        dev = self.device
+        return JDLayerWeights.from_bases(torch.stack(V).to(dev), [u.to(dev) for u in U], sigma.to(dev))
+
+    # ---- resident cluster budget --------------------------------------------------------------
+    def _jd_publish_clusters(self) -> None:
+        """Tell the layers' metadata which basis block each Σ row reads: its cluster, or with a
+        budget the slot its cluster is in."""
+        if self.jd_residency is None:
+            self.jd_state.set_clusters(self.jd_cluster_of_row)
+        else:
+            self.jd_state.set_clusters(self.jd_residency.slot_of_cluster()[self.jd_cluster_of_row])
+
+    def jd_set_table(self, slots) -> None:
+        """The scheduler's slot table for the coming step (``SchedulerOutput.jd_slots`` = (store,
+        table)); a table for another store version (the scheduler has not seen the switch yet) is
+        ignored: the step's clusters are then loaded on demand."""
+        store, table = slots
+        if store != store_path():
+            return
+        if self.jd_residency is None:
+            raise StoreError("the scheduler sends a cluster slot table but this worker has no budget "
+                             "(VLLM_JD_MAX_RESIDENT_CLUSTERS is not set in the worker)")
+        if self.jd_residency.set_table(table):
+            self._jd_publish_clusters()
+            self._jd_last_index_mapping = None
+            self._jd_snapshot.write(self.jd_load_stats(), force=True)
+
+    def jd_load_stats(self) -> dict:
+        r = self.jd_residency
+        if r is None:
+            return {}
+        return {"loads": {str(c): n for c, n in r.stats.loads.items()}, "copy_seconds": r.stats.copy_seconds,
+                "stall_seconds": r.stats.stall_seconds, "table": r.table.tolist()}
+
+    # ---- switching to another store version ---------------------------------------------------
+    def jd_switch_store(self, store: str) -> dict:
+        """Serve ``store`` from now on (the admin route ``POST /v1/jd/store``; the API server has
+        drained every request first). Bases and Σ are replaced in the layers' weight objects (the
+        op looks them up by layer id); tensors of unchanged shape are overwritten in place, so
+        CUDA graphs stay valid, and any other shape is refused under CUDA graphs. vLLM's adapter
+        ids are forgotten: the API server registers the new store's names under new ids."""
+        bank = load_bank(store, device="cpu", dtype=self.jd_dtype)
+        cuda_graphs = torch.device(self.device).type == "cuda" and not self.jd_eager
+        old_bank, old_capacity = self.jd_bank, self._jd_row_capacity
+        self._jd_use_bank(bank, min_capacity=old_capacity if cuda_graphs else 0)
+        try:
+            used: set[str] = set()
+            fresh = []
+            for module_name, module in self.modules.items():
+                if isinstance(module, JDLayerMixin):
+                    names = self._jd_store_names(module_name, module.n_slices)
+                    used.update(n for n in names if n in bank.U)
+                    fresh.append(self._jd_layer_weights(module_name, module, names))
+            self._jd_check_unused(used)
+            residency = ResidentBases(self.jd_residency.slots, self.device) if self.jd_residency is not None else None
+            if residency is not None:
+                fresh = [residency.add_layer(w) for w in fresh]
+            for (_, _, old), new in zip(self._jd_layers, fresh):
+                if cuda_graphs and _shapes(old) != _shapes(new):
+                    raise StoreError(f"store {store} needs other tensor shapes than {old_bank.store} "
+                                     f"({_shapes(new)} vs {_shapes(old)}); with CUDA graphs switch by restarting "
+                                     "(or serve with --enforce-eager)")
+        except Exception:
+            self._jd_use_bank(old_bank, min_capacity=old_capacity)
+            raise
+        if self.jd_residency is not None:
+            self.jd_residency.close()  # no copy of the old store may land after this point
+        for i, ((_, _, old), new) in enumerate(zip(self._jd_layers, fresh)):
+            _assign(old, new)
+            if residency is not None:
+                residency.layers[i] = (old, residency.layers[i][1])
+        self.jd_residency = residency
+        os.environ[VLLM_JD_STORE] = str(store)
+        self.jd_state.none_row = self.jd_none_row
+        self.remove_all_adapters()
+        self._jd_publish_clusters()
+        self.jd_bank.U.clear(), self.jd_bank.V.clear(), self.jd_bank.sigma.clear()
+        logger.info("vllm-jd: switched from %s to %s (%d adapters, %d clusters, rank %d)", old_bank.store, store,
                     len(bank.names), bank.num_clusters, bank.rank)
+        return {"store": str(store), "adapters": len(bank.names), "clusters": bank.num_clusters}
 
     # ---- adapters registered while serving --------------------------------------------------
     def jd_refresh(self) -> list[str]:
@@ -172,18 +274,24 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             raise StoreError(f"no spare Σ rows left for {len(new)} new adapters (VLLM_JD_SPARE_ADAPTERS="
                              f"{spare_adapters()} reserved at start); restart the server to serve them")
         reader = TensorReader(store, manifest)
-        C_old = int(self._jd_layers[0][2].num_clusters) if self._jd_layers else 0
+        if self.jd_residency is not None:
+            C_old = self.jd_residency.num_clusters
+        else:
+            C_old = int(self._jd_layers[0][2].num_clusters) if self._jd_layers else 0
         fresh = [c for c in manifest.clusters if c.id >= C_old]
         if any(c.rank > self.jd_rank for c in fresh):
             raise StoreError(f"a new cluster has rank {max(c.rank for c in fresh)} > the served rank {self.jd_rank}; "
                              "restart the server to serve it")
-        if fresh and torch.device(self.device).type == "cuda" and not self.jd_eager:
+        if (fresh and self.jd_residency is None and torch.device(self.device).type == "cuda"
+                and not self.jd_eager):
             raise StoreError("a new adapter needs its own cluster; with CUDA graphs that needs a restart "
                              "(or serve with --enforce-eager)")
         index = {m.name: i for i, m in enumerate(manifest.modules)}
         rows = list(range(self._jd_rows_used, self._jd_rows_used + len(new)))
-        for module, names, w in self._jd_layers:
-            if fresh:
+        for i, (module, names, w) in enumerate(self._jd_layers):
+            if fresh and self.jd_residency is not None:  # host memory grows, the device slots do not
+                self.jd_residency.append_clusters(i, *new_cluster_bases(module, names, w, reader, fresh))
+            elif fresh:
                 append_clusters(module, names, w, reader, fresh)
             for name, row in zip(new, rows):
                 a = manifest.adapters[name]
@@ -199,7 +307,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             self.jd_rows[name] = row
             self._jd_loc[name] = _location(manifest.adapters[name])
             self.jd_cluster_of_row[row] = manifest.adapters[name].cluster
-        self.jd_state.set_clusters(self.jd_cluster_of_row)
+        self._jd_publish_clusters()
         self._jd_rows_used += len(new)
         logger.info("vllm-jd: serving %d new adapters of %s (%d new clusters)", len(new), store, len(fresh))
         return new
@@ -239,12 +347,38 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         ids = np.fromiter(mapping.index_mapping, dtype=np.int64, count=len(mapping.index_mapping))
         rows = self._jd_id_to_row[np.clip(ids, 0, self._jd_id_to_row.shape[0] - 1)]
         rows = np.where(ids > 0, rows, self.jd_none_row)
+        if self.jd_residency is not None:
+            loaded = self.jd_residency.ensure(self.jd_cluster_of_row[rows[rows != self.jd_none_row]])
+            if loaded:
+                self._jd_publish_clusters()  # loaded on demand: no table from the scheduler
+            self._jd_snapshot.write(self.jd_load_stats(), force=loaded)
         self.jd_state.update(rows)
         self._jd_last_index_mapping = mapping.index_mapping
 
     def remove_all_adapters(self):
         super().remove_all_adapters()
         self._jd_last_index_mapping = None
+
+
+def _shapes(w: JDLayerWeights) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in (w.V_all, *w.UT, w.sigma)]
+
+
+def _assign(old: JDLayerWeights, new: JDLayerWeights) -> None:
+    """Make ``old`` (the object the op holds) serve ``new``'s tensors: in place where shapes agree."""
+    for name in ("V_all", "sigma"):
+        a, b = getattr(old, name), getattr(new, name)
+        if a.shape == b.shape and a.dtype == b.dtype:
+            a.copy_(b)
+        else:
+            setattr(old, name, b)
+    if [u.shape for u in old.UT] == [u.shape for u in new.UT]:
+        for a, b in zip(old.UT, new.UT):
+            a.copy_(b)
+    else:
+        old.UT = new.UT
+    old.num_clusters, old.rank = new.num_clusters, new.rank
+    old._v_grid = getattr(new, "_v_grid", None)
 
 
 class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):

@@ -1,6 +1,6 @@
 """The one module that changes vLLM's objects. It refuses any vLLM but the pinned version.
 
-Five patches, none undone (a process serves one store):
+Seven patches, none undone (a process serves one store):
 1. the worker's LoRA manager class (the model runner mixin hard-codes
    ``LRUCacheWorkerLoRAManager``; vLLM has no hook for it) → ``JDWorkerLoRAManager``;
 2. ``OpenAIServingModels.init_static_loras`` also registers every adapter of the store as a
@@ -11,7 +11,12 @@ Five patches, none undone (a process serves one store):
    op, and compiling the base model is worth ~1.4× throughput on the tiny bench model;
 4. ``OpenAIServingModels.load_lora_adapter`` / ``unload_lora_adapter`` register adapters in the
    store while serving (``registration``);
-5. ``AsyncLLM.generate`` counts requests and tokens per cluster for ``/metrics`` (``metrics``).
+5. ``AsyncLLM.generate`` counts requests and tokens per cluster for ``/metrics`` (``metrics``);
+6. ``GPUModelRunner.execute_model`` (the CPU runner inherits it) hands the scheduler's cluster
+   slot table (``SchedulerOutput.jd_slots``, set by ``vllm_jd.scheduler``) to the worker's LoRA
+   manager before the step's inputs are prepared (``residency``);
+7. ``WorkerBase.jd_switch_store``, the worker method behind ``POST /v1/jd/store`` (``admin``),
+   reached through vLLM's ``collective_rpc``. It also gates requests in ``AsyncLLM.generate``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def check_vllm_version(version: str | None = None) -> None:
 
 
 def install() -> None:
-    """Apply both patches (idempotent)."""
+    """Apply the patches (idempotent)."""
     global _installed
     if _installed:
         return
@@ -59,6 +64,8 @@ def install() -> None:
     OpenAIServingModels.init_static_loras = init_static_loras
     _runtime_registration(OpenAIServingModels)
     _count_requests()
+    _pass_slot_table()
+    _worker_switch_method()
     _keep_cpu_compilation()
     _installed = True
     logger.info("vllm-jd installed for store %s", store_path())
@@ -135,19 +142,50 @@ def _count_requests() -> None:
     every request of the API server goes through."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from vllm_jd.serving import admin
     from vllm_jd.serving.metrics import metrics
 
     original = AsyncLLM.generate
 
     async def generate(self, *args, lora_request=None, **kwargs):
-        m = metrics(store_path())
-        cluster = m.started(lora_request.lora_name if lora_request is not None else None)
-        async for out in original(self, *args, lora_request=lora_request, **kwargs):
-            if out.finished:
-                m.finished(cluster, len(out.prompt_token_ids or ()), sum(len(o.token_ids) for o in out.outputs))
-            yield out
+        switch = admin.current()
+        if switch is not None:  # waits while the store is being switched (admin route)
+            lora_request = await switch.enter(lora_request)
+        try:
+            m = metrics(store_path())
+            cluster = m.started(lora_request.lora_name if lora_request is not None else None)
+            async for out in original(self, *args, lora_request=lora_request, **kwargs):
+                if out.finished:
+                    m.finished(cluster, len(out.prompt_token_ids or ()), sum(len(o.token_ids) for o in out.outputs))
+                yield out
+        finally:
+            if switch is not None:
+                switch.exit()
 
     AsyncLLM.generate = generate
+
+
+def _worker_switch_method() -> None:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    def jd_switch_store(self, store: str) -> dict:
+        return self.model_runner.lora_manager._adapter_manager.jd_switch_store(store)
+
+    WorkerBase.jd_switch_store = jd_switch_store
+
+
+def _pass_slot_table() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.execute_model
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        table = getattr(scheduler_output, "jd_slots", None)
+        if table is not None and getattr(self, "lora_manager", None) is not None:
+            self.lora_manager._adapter_manager.jd_set_table(table)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    GPUModelRunner.execute_model = execute_model
 
 
 def _keep_cpu_compilation() -> None:

