@@ -125,9 +125,37 @@ def test_jd_options_become_environment(serving_store, tmp_path):
     ({"--jd-max-error": "-1"}, "expected a number > 0"),
     ({"--jd-max-error": "x"}, "expected a number > 0"),
     ({"--jd-spare-adapters": "-3"}, "expected an integer ≥ 0"),
+    ({"--jd-max-resident-clusters": "0"}, "expected an integer ≥ 1"),
+    ({"--jd-max-wait": "2"}, "add --jd-max-resident-clusters"),
+    ({"--jd-max-resident-clusters": "2", "--jd-max-wait": "0"}, "expected seconds > 0"),
+    ({"--jd-max-resident-clusters": "2", "--jd-scheduler-policy": "lifo"}, "expected one of cluster, fcfs"),
 ])
 def test_jd_option_errors(opts, message):
     from vllm_jd.serving.serve import jd_environment
 
     with pytest.raises(ValueError, match=message):
         jd_environment(opts)
+
+
+def test_resident_budget_sets_the_scheduler(serving_store):
+    from vllm_jd.serving.serve import JD_SCHEDULER_CLS, jd_environment, split_jd_options
+
+    argv = ["/m", "--jd-store", str(serving_store), "--jd-max-resident-clusters", "2", "--jd-max-wait=1.5",
+            "--jd-scheduler-policy", "fcfs"]
+    assert jd_environment(split_jd_options(argv)[0]) == {
+        "VLLM_JD_MAX_RESIDENT_CLUSTERS": "2", "VLLM_JD_MAX_WAIT": "1.5", "VLLM_JD_SCHEDULER_POLICY": "fcfs"}
+    vllm_argv, _ = build_vllm_args(argv)
+    assert vllm_argv[vllm_argv.index("--scheduler-cls") + 1] == JD_SCHEDULER_CLS
+    assert "--scheduler-cls" not in build_vllm_args(["/m", "--jd-store", str(serving_store)])[0]
+    with pytest.raises(ValueError, match="needs vllm-jd's scheduler"):
+        build_vllm_args([*argv, "--scheduler-cls", "my.Scheduler"])
+
+
+def test_admin_flag_names_our_endpoint_plugin_without_turning_others_off():
+    from vllm_jd.serving.serve import admin_plugins, jd_environment
+
+    assert admin_plugins("other") == "other,vllm_jd,vllm_jd_admin"
+    assert admin_plugins("vllm_jd_admin,vllm_jd") == "vllm_jd_admin,vllm_jd"
+    unset = admin_plugins(None).split(",")
+    assert "vllm_jd" in unset and "vllm_jd_admin" in unset  # plus every installed general plugin
+    assert "vllm_jd_admin" in jd_environment({"--jd-admin": "1"})["VLLM_PLUGINS"]
