@@ -55,3 +55,23 @@ def test_bad_workload_options(tmp_path):
         p = paper(tmp_path, "--model", m, "--ns", "4", opt, val) if opt != "--ns" else paper(tmp_path, "--model", m, opt, val)
         assert p.returncode != 0 and msg in p.stderr, (opt, p.stderr)
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_scheduling_bench_refuses_bad_settings_and_replays_the_same_jobs(monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import scheduling
+    finally:
+        sys.path.remove(str(BENCH))
+    for bad, message in ((["--k", "0"], "--k"), (["--rate", "0"], "--rate"), (["--policies", "lifo"], "lifo"),
+                         (["--adapters", "8", "--clusters", "16"], "--adapters")):
+        p = subprocess.run([sys.executable, str(BENCH / "scheduling.py"), *bad], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode != 0 and message in p.stderr, (bad, p.stderr)
+    args = scheduling.parse_args(["--requests", "50", "--rate", "10"])
+    names = [f"a{i}" for i in range(32)]
+    jobs, arrivals = scheduling.jobs_for(names, "zipf:1.0", args)
+    again, arrivals2 = scheduling.jobs_for(names, "zipf:1.0", args)
+    assert jobs == again and arrivals == arrivals2  # both policies get the same requests
+    assert len(jobs) == 50 and arrivals == sorted(arrivals) and arrivals[-1] > 1.0  # Poisson at 10/s
+    assert sum(j["model"] == "a0" for j in jobs) > sum(j["model"] == "a31" for j in jobs)  # Zipf head

@@ -39,6 +39,20 @@ def test_never_more_than_k_clusters_and_evicts_idle_ones_first():
     assert "r3" in p.admit and "r0" not in p.admit
 
 
+def test_admit_on_load_serves_a_loaded_cluster_in_the_same_step():
+    waiting = [R(0, 2, 0.0), R(1, 1, 1.0), R(2, 3, 2.0), R(3, 4, 3.0)]
+    # K = 3: 1 is resident and busy, 5 is idle with nobody waiting, 6 idle with a request waiting
+    waiting.append(R(4, 6, 4.0))
+    p = plan_step(waiting, running={1: 1}, resident={1, 5, 6}, loading=set(), max_resident=3, now=5, max_wait=100,
+                  budget=8, admit_on_load=True)
+    assert p.load == (2,) and p.evict == (5,)  # only the idle cluster nobody waits for makes room
+    assert p.admit == ("r0", "r1", "r4")  # the loaded cluster admits at once; 3 and 4 do not fit
+    # without admit_on_load the loaded cluster waits a step
+    q = plan_step(waiting, running={1: 1}, resident={1, 5, 6}, loading=set(), max_resident=3, now=5, max_wait=100,
+                  budget=8)
+    assert "r0" not in q.admit
+
+
 def test_loading_clusters_count_against_k():
     p = plan_step([R(0, 9, 0.0)], running={1: 1}, resident={1}, loading={2}, max_resident=2, now=1, max_wait=100,
                   budget=4)
@@ -65,8 +79,9 @@ def test_bad_settings(bad):
 
 
 def simulate(popularity: str, max_wait: float, clusters=16, k=4, steps=3000, rate=1.6, service=4, load_time=3,
-             max_running=8, seed=0) -> dict:
-    """Discrete-time replay: Poisson-ish arrivals, `service` steps per request, `load_time` per load."""
+             max_running=8, seed=0, admit_on_load=False) -> dict:
+    """Discrete-time replay: Poisson-ish arrivals, `service` steps per request, `load_time` per load
+    (with ``admit_on_load`` a load completes within the step that admits its requests)."""
     rng = random.Random(seed)
     if popularity == "uniform":
         weights = [1.0] * clusters
@@ -89,12 +104,16 @@ def simulate(popularity: str, max_wait: float, clusters=16, k=4, steps=3000, rat
         counts: dict[int, int] = {}
         for c, _ in running:
             counts[c] = counts.get(c, 0) + 1
-        plan = plan_step(waiting, counts, resident, set(loading), k, float(t), max_wait, max_running - len(running))
+        plan = plan_step(waiting, counts, resident, set(loading), k, float(t), max_wait, max_running - len(running),
+                         admit_on_load=admit_on_load)
         for c in plan.evict:
             assert counts.get(c, 0) == 0, "evicted a busy cluster"
             resident.discard(c)
         for c in plan.load:
-            loading[c] = t + load_time
+            if admit_on_load:
+                resident.add(c)
+            else:
+                loading[c] = t + load_time
         assert len(resident | set(loading)) <= k
         by_id = {r.id: r for r in waiting}
         for rid in plan.admit:
@@ -116,10 +135,11 @@ def simulate(popularity: str, max_wait: float, clusters=16, k=4, steps=3000, rat
             "left": len(waiting)}
 
 
+@pytest.mark.parametrize("admit_on_load", [False, True])
 @pytest.mark.parametrize("popularity", ["uniform", "zipf:1.0", "zipf:0.3"])
-def test_waits_are_bounded_by_aging(popularity):
+def test_waits_are_bounded_by_aging(popularity, admit_on_load):
     max_wait, service, load_time = 60, 4, 3
-    r = simulate(popularity, max_wait, service=service, load_time=load_time)
+    r = simulate(popularity, max_wait, service=service, load_time=load_time, admit_on_load=admit_on_load)
     assert r["served"] > 4000 and r["left"] < 100  # keeps up with the load
     # an overdue request waits at most: max_wait, one drain (running requests finish), one load
     assert r["max_wait"] <= max_wait + service + load_time + 2, r

@@ -58,13 +58,19 @@ class Plan:
 
 
 def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set[int], loading: set[int],
-              max_resident: int, now: float, max_wait: float, budget: int) -> Plan:
+              max_resident: int, now: float, max_wait: float, budget: int, admit_on_load: bool = False) -> Plan:
     """Decide one scheduling step.
 
     waiting: requests not yet running (any order; sorted by arrival here). running: cluster →
     number of running requests. resident: clusters on the device; loading: clusters being moved
     there (they count against ``max_resident`` but cannot serve yet). budget: most requests to
-    admit now.
+    admit now. admit_on_load: a cluster loaded by this plan admits requests in this same step
+    (the step waits for its copy: right when a copy is short next to a step, as for a cluster's
+    bases on CPU, ~1 ms of PCIe on a GPU against a ~25 ms decode step); otherwise it admits from
+    the next step on, and its copy overlaps this step. Either way loads are decided first for
+    overdue requests; with ``admit_on_load`` the other loads come before admission too, taking
+    only free slots and idle clusters that nobody waits for (an idle cluster with waiting
+    requests admits them now instead).
     """
     if max_resident < 1:
         raise ValueError(f"max_resident must be ≥ 1, got {max_resident}")
@@ -106,17 +112,35 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
             break
         load.append(c)
     closed = drain | set(evict)
+    serving = set(resident)
+    if admit_on_load:
+        serving |= set(load)
+        unwanted = sorted(c for c in idle - closed if c not in first_wait)
+        for r in queue:
+            c = r.cluster
+            if c == BASE or c in resident | loading or c in load:
+                continue
+            if free > 0:
+                free -= 1
+            elif unwanted:
+                evict.append(unwanted.pop(0))
+            else:
+                break
+            load.append(c)
+            serving.add(c)
 
-    # 2. admission: overdue first, then FCFS over the requests whose cluster is resident
+    # 2. admission: overdue first, then FCFS over the requests whose cluster serves now
     admit: list[str] = []
     seen: set[str] = set()
     for r in overdue + queue:
         if len(admit) >= budget:
             break
-        if r.id not in seen and (r.cluster == BASE or (r.cluster in resident and r.cluster not in closed)):
+        if r.id not in seen and (r.cluster == BASE or (r.cluster in serving and r.cluster not in closed)):
             admit.append(r.id)
             seen.add(r.id)
     admitted_clusters = {r.cluster for r in queue if r.id in seen}
+    if admit_on_load:
+        return Plan(tuple(admit), tuple(load), tuple(evict), tuple(sorted(drain)))
 
     # 3. other clusters the queue needs, oldest need first: free slots, then idle clusters that
     #    admitted nothing (those nobody waits for first, then the least urgently awaited)
