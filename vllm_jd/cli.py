@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | merge | inspect | serve. Argument parsing only; the work is elsewhere."""
+"""``vllm-jd``: compress | add | export | merge | inspect | serve | serve-ray. Argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve a store through vLLM's OpenAI server (vllm-jd serve --help)", add_help=False)
+    sub.add_parser("serve-ray", help="serve a store from Ray Serve replicas split by cluster (vllm-jd serve-ray --help)",
+                   add_help=False)
 
     c = sub.add_parser("compress", help="PEFT adapters → a new store")
     c.add_argument("adapters", nargs="*", help="PEFT adapter folders, or folders whose subfolders are adapters")
@@ -147,8 +149,43 @@ LoRA settings (--enable-lora, --max-lora-rank, --max-loras, --max-cpu-loras) are
 the store; pass any other `vllm serve` argument as usual (--host, --port, --dtype, ...)."""
 
 
+def serve_ray_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-jd serve-ray", description=(
+        "Serve a store from N Ray Serve replicas that split the clusters between them: requests are routed by "
+        "their adapter's cluster (Ray Serve multiplexing), each replica keeps K clusters resident. Other "
+        "arguments go to every replica's `vllm-jd serve`."))
+    p.add_argument("model")
+    p.add_argument("--jd-store", required=True)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--clusters-per-replica", type=int, default=None,
+                   help="resident cluster budget K of each replica (default: all clusters)")
+    p.add_argument("--routing", choices=("cluster", "adapter"), default="cluster",
+                   help="multiplexed model id: the adapter's cluster (default) or the adapter (Ray Serve LLM's way)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    return p
+
+
+def _serve_ray(argv: list[str]) -> int:
+    args, server_args = serve_ray_parser().parse_known_args(argv)
+    from vllm_jd.replicas.ray_app import run
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args.model, args.jd_store, args.replicas, args.clusters_per_replica, args.routing, args.host, args.port,
+            server_args)
+    except (ValueError, OSError) as e:
+        print(f"vllm-jd serve-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve-ray"]:
+        return _serve_ray(argv[1:])
     if argv[:1] == ["serve"]:  # everything after MODEL goes to vLLM, so argparse stays out of the way
         if len(argv) == 1 or argv[1] in ("-h", "--help"):
             print(SERVE_HELP)

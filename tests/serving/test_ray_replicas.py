@@ -1,0 +1,134 @@
+"""`vllm-jd serve-ray` on one CPU machine: two Ray Serve replicas of the tiny model, routed by
+cluster. Requests of one cluster land on the same replica, outputs equal the reference (plain
+and streamed), and a replica killed mid-run is replaced: the request on it fails fast, later
+ones succeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import MAX_TOKENS, PROMPTS, free_port
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster_app(tiny_model, serving_store, tmp_path_factory):
+    pytest.importorskip("ray.serve")
+    log = tmp_path_factory.mktemp("ray") / "serve-ray.log"
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("VLLM_JD_STORE", None)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    cmd = [str(Path(sys.executable).parent / "vllm-jd"), "serve-ray", str(tiny_model), "--jd-store", str(serving_store),
+           "--replicas", "2", "--clusters-per-replica", "2", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16", "--enforce-eager"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve-ray exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"serve-ray not up in 400 s:\n{log.read_text()[-4000:]}")
+    yield url
+    os.killpg(proc.pid, signal.SIGINT)  # the driver shuts Ray down; replicas' servers die with them
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def complete(url, model, prompt, timeout=300):
+    r = requests.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                     "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+                      timeout=timeout)
+    return r
+
+
+def test_clusters_stick_to_replicas_and_outputs_are_exact(cluster_app, serving_store, adapter_names, reference):
+    from vllm_jd.compress.store import read_manifest
+
+    cluster_of = {n: a.cluster for n, a in read_manifest(serving_store).adapters.items()}
+    names = adapter_names[:-1:3] + adapter_names[-1:]
+    replicas: dict[int, set[str]] = {}
+    for rnd in range(2):
+        for n, p in zip(names, PROMPTS):
+            r = complete(cluster_app, n, p)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == reference(p, n), n
+            replicas.setdefault(cluster_of[n], set()).add(r.headers["x-vllm-jd-replica"])
+    assert all(len(ids) == 1 for ids in replicas.values()), replicas  # one replica per cluster
+    assert len(set().union(*replicas.values())) == 2  # and both replicas serve
+    models = requests.get(f"{cluster_app}/v1/models", timeout=60).json()["data"]
+    assert {m["id"] for m in models} >= set(adapter_names)
+    base = models[0]["id"]  # vLLM lists the base model first
+    r = requests.post(f"{cluster_app}/v1/completions", json={"model": base, "prompt": PROMPTS[0], "max_tokens": 2},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+
+
+def test_streaming_goes_through(cluster_app, adapter_names, reference):
+    name, prompt = adapter_names[1], PROMPTS[1]
+    tokens: list[int] = []
+    with requests.post(f"{cluster_app}/v1/completions", stream=True, timeout=300,
+                       json={"model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                             "ignore_eos": True, "stream": True, "return_token_ids": True}) as r:
+        assert r.status_code == 200 and r.headers["x-vllm-jd-replica"]
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
+    assert tokens == reference(prompt, name)
+
+
+def test_a_killed_replica_is_replaced(cluster_app, adapter_names):
+    name = adapter_names[0]
+    info = requests.get(f"{cluster_app}/v1/jd/replica", params={"model": name}, timeout=60).json()
+    result: dict = {}
+
+    def in_flight():  # a long request on the replica about to die
+        t = time.time()
+        try:
+            r = requests.post(f"{cluster_app}/v1/completions", timeout=120,
+                              json={"model": name, "prompt": "x", "max_tokens": 200, "ignore_eos": True})
+            result["status"] = r.status_code
+        except requests.RequestException as e:
+            result["status"] = type(e).__name__
+        result["seconds"] = time.time() - t
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    time.sleep(0.5)
+    os.kill(info["pid"], signal.SIGKILL)
+    t.join(150)
+    assert not t.is_alive() and result["status"] != 200 and result["seconds"] < 60, result  # fails fast
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            r = complete(cluster_app, name, PROMPTS[0], timeout=60)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    else:
+        pytest.fail("no answer after the replica was killed")
+    after = requests.get(f"{cluster_app}/v1/jd/replica", params={"model": name}, timeout=60).json()
+    assert after["pid"] != info["pid"]

@@ -1,0 +1,259 @@
+"""``vllm-jd serve-ray MODEL --jd-store STORE --replicas N [--clusters-per-replica K]``: Ray Serve replicas.
+
+Two deployments:
+
+- ``JDReplica`` (N replicas): each runs one ``vllm-jd serve`` (the plugin, a resident cluster
+  budget of K, the cluster-aware scheduler) on a local port and proxies requests to it. Its
+  ``@serve.multiplexed`` loader takes a cluster id: Ray then counts the cluster as held by this
+  replica and evicts the least recently used one past K, which releases it (the server's own
+  scheduler moves the bases; the lease only tells Ray's router where a cluster lives).
+- ``JDIngress`` (one): the OpenAI-compatible API (completions and chat, streaming or not,
+  ``/v1/models``, ``/health``). It maps ``model`` → adapter → cluster (``routing.Router``) and
+  calls the replicas with that multiplexed model id, so Ray's router gives affinity (requests
+  go to the replica holding their cluster), fallback (else the least loaded replica) and
+  eviction. ``--routing adapter`` uses the adapter as the id instead (what Ray Serve LLM does;
+  the benchmark's baseline). Every answer names its replica in ``x-vllm-jd-replica``.
+
+A replica process that dies takes its server with it (``PR_SET_PDEATHSIG``); Ray starts a new
+replica, and requests that were on it get a 503 (not a hang): the handle raises, the ingress
+answers. Not supported here: the admin route and adapter registration while serving (each
+replica has its own server; register by recompressing and restarting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from vllm_jd.replicas.routing import Router
+
+logger = logging.getLogger(__name__)
+REPLICA_HEADER = "x-vllm-jd-replica"
+REPLICA_DIR = "VLLM_JD_REPLICA_DIR"
+"""If set, each replica writes ``<id>.json`` (its server's port and pids) there."""
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, store: str, clusters_per_replica: int | None, server_args: list[str],
+                 timeout: float = 600) -> tuple[subprocess.Popen, int, Path]:
+    """Start ``vllm-jd serve`` on a free local port and wait for /health; returns (process, port, log)."""
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "vllm-jd"), "serve", model, "--jd-store", store,
+           "--host", "127.0.0.1", "--port", str(port), *server_args]
+    if clusters_per_replica:
+        cmd += ["--jd-max-resident-clusters", str(clusters_per_replica)]
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env.pop("VLLM_JD_STORE", None)
+    log = Path(tempfile.mkstemp(prefix="vllm-jd-replica-", suffix=".log")[1])
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm-jd serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc, port, log
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"vllm-jd serve did not start in {timeout:.0f} s; see {log}")
+
+
+class ClusterLease:
+    """A multiplexed id held by a replica; Ray drops it (``__del__``) when it evicts the id."""
+
+    def __init__(self, model_id: str, held: set[str]):
+        self.model_id, self.held = model_id, held
+        held.add(model_id)
+
+    def __del__(self):
+        self.held.discard(self.model_id)
+
+
+def replica_deployment(clusters_per_replica: int | None):
+    """The replica class with Ray's multiplexing cache sized to K (fixed at class definition)."""
+    cache = clusters_per_replica or 1024
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    class JDReplica:
+        def __init__(self, model: str, store: str, server_args: list[str]):
+            self.proc, self.port, self.log = start_server(model, store, clusters_per_replica, server_args)
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+            self.held: set[str] = set()
+            if folder := os.environ.get(REPLICA_DIR):  # where benchmarks find every replica's server
+                Path(folder, f"{self.replica_id}.json").write_text(json.dumps(self.info()))
+
+        def __del__(self):
+            proc = getattr(self, "proc", None)
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        @serve.multiplexed(max_num_models_per_replica=cache)
+        async def hold(self, model_id: str) -> ClusterLease:
+            return ClusterLease(model_id, self.held)
+
+        async def _lease(self) -> None:
+            model_id = serve.get_multiplexed_model_id()
+            if model_id:
+                await self.hold(model_id)
+
+        def info(self) -> dict:
+            return {"replica": self.replica_id, "pid": os.getpid(), "server_pid": self.proc.pid, "port": self.port,
+                    "held": sorted(self.held)}
+
+        async def call(self, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
+            """One request to the local server: (status, headers, body)."""
+            await self._lease()
+            status, headers, content = await asyncio.to_thread(self._http, method, path, body)
+            return status, {**headers, REPLICA_HEADER: self.replica_id}, content
+
+        def _http(self, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
+            req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    return r.status, {"content-type": r.headers.get("content-type", "application/json")}, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, {"content-type": e.headers.get("content-type", "application/json")}, e.read()
+
+        async def stream(self, path: str, body: bytes):
+            """A streamed request: yields this replica's id first, then the server's SSE bytes."""
+            await self._lease()
+            yield self.replica_id.encode()
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def pump() -> None:
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=600) as r:
+                        for line in r:
+                            loop.call_soon_threadsafe(queue.put_nowait, line)
+                except urllib.error.HTTPError as e:
+                    loop.call_soon_threadsafe(queue.put_nowait, b"data: " + e.read() + b"\n\n")
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+            task = asyncio.ensure_future(asyncio.to_thread(pump))
+            while (line := await queue.get()) is not None:
+                yield line
+            await task
+
+    return JDReplica
+
+
+app = FastAPI()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(app)
+class JDIngress:
+    def __init__(self, replica, store: str, routing: str, model: str):
+        self.replica, self.router, self.model = replica, Router(store, routing), model
+
+    def _handle(self, model: str | None):
+        model_id = self.router.model_id(model)
+        return self.replica.options(multiplexed_model_id=model_id) if model_id else self.replica
+
+    async def _forward(self, request: Request, path: str) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            return JSONResponse({"error": {"message": "the body is not JSON", "code": 400}}, 400)
+        handle = self._handle(body.get("model"))
+        try:
+            if body.get("stream"):
+                gen = handle.options(stream=True).stream.remote(path, raw)
+                replica = (await gen.__anext__()).decode()
+
+                async def rest():
+                    try:
+                        async for chunk in gen:
+                            yield chunk
+                    except Exception as e:  # noqa: BLE001 - the replica died mid-stream: end the stream
+                        logger.warning("vllm-jd: stream from replica %s broke: %s", replica, e)
+                return StreamingResponse(rest(), media_type="text/event-stream", headers={REPLICA_HEADER: replica})
+            status, headers, content = await handle.call.remote("POST", path, raw)
+            return Response(content, status, headers)
+        except Exception as e:  # noqa: BLE001 - a dead replica: fail fast with 503, never hang
+            logger.warning("vllm-jd: replica call failed: %s", e)
+            return JSONResponse({"error": {"message": f"replica unavailable: {type(e).__name__}", "code": 503}}, 503)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models(self) -> Response:
+        status, headers, content = await self.replica.call.remote("GET", "/v1/models", None)
+        return Response(content, status, headers)
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v1/jd/replica")
+    async def replica_info(self, model: str | None = None) -> JSONResponse:
+        """The replica a request naming ``model`` goes to now (its id, pids, held clusters)."""
+        return JSONResponse(await self._handle(model).info.remote())
+
+
+def build(model: str, store: str, replicas: int = 2, clusters_per_replica: int | None = None,
+          routing: str = "cluster", server_args: list[str] | None = None):
+    """The Ray Serve application (``serve.run(build(...))``)."""
+    if replicas < 1:
+        raise ValueError(f"--replicas {replicas}: expected ≥ 1")
+    if clusters_per_replica is not None and clusters_per_replica < 1:
+        raise ValueError(f"--clusters-per-replica {clusters_per_replica}: expected ≥ 1")
+    Router(store, routing)  # refuses a bad store or routing before any replica starts
+    replica = replica_deployment(clusters_per_replica).options(num_replicas=replicas).bind(
+        model, store, list(server_args or []))
+    return JDIngress.bind(replica, store, routing, model)
+
+
+def run(model: str, store: str, replicas: int, clusters_per_replica: int | None, routing: str, host: str, port: int,
+        server_args: list[str], block: bool = True) -> None:
+    """Start Ray locally (or join ``RAY_ADDRESS``), deploy, and serve on host:port until interrupted."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, os.cpu_count() or 1)}))
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(model, str(Path(store).resolve()), replicas, clusters_per_replica, routing, server_args),
+              name="vllm-jd", route_prefix="/")
+    logger.info("vllm-jd serve-ray: %d replicas on http://%s:%d (routing by %s)", replicas, host, port, routing)
+    while block:
+        time.sleep(3600)

@@ -1,0 +1,38 @@
+"""Which multiplexed model id a request carries: its adapter's cluster, or (the baseline, what
+Ray Serve LLM does) the adapter itself. Pure: no Ray import.
+
+Ray Serve's router sends a request with a multiplexed model id to a replica that already holds
+that id, else to the least loaded one, which then loads it (evicting its least recently used id
+past ``max_num_models_per_replica``). With the cluster as the id, every adapter of a cluster
+goes where its basis already is, so each replica keeps only some clusters' bases resident.
+"""
+
+from __future__ import annotations
+
+from vllm_jd.compress.store import read_manifest
+
+ROUTINGS = ("cluster", "adapter")
+
+
+class Router:
+    """``model`` name → multiplexed model id for one store."""
+
+    def __init__(self, store: str, routing: str = "cluster"):
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing {routing!r}: expected one of {', '.join(ROUTINGS)}")
+        self.store, self.routing = store, routing
+        self.reload()
+
+    def reload(self) -> None:
+        manifest = read_manifest(self.store)
+        self.cluster_of = {name: a.cluster for name, a in manifest.adapters.items()}
+
+    def model_id(self, model: str | None) -> str | None:
+        """The multiplexed id for a request naming ``model``; None for the base model or an
+        unknown name (any replica answers it: the base model, or vLLM's own 404)."""
+        if model is None or model not in self.cluster_of:
+            return None
+        return f"cluster-{self.cluster_of[model]}" if self.routing == "cluster" else model
+
+    def names(self) -> list[str]:
+        return list(self.cluster_of)
