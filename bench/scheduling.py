@@ -39,31 +39,41 @@ from servers import send_open_loop, start, stop
 POLICIES = ("fcfs", "cluster")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(doc: str, k: int, popularity: str, port: int) -> argparse.ArgumentParser:
+    """Options shared with bench/replicas.py: the store, the budget K and the request stream."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clusters", type=int, default=16)
-    ap.add_argument("--k", type=int, default=4, help="resident cluster budget")
+    ap.add_argument("--k", type=int, default=k, help="resident cluster budget (per server)")
     ap.add_argument("--adapters", type=int, default=128)
-    ap.add_argument("--popularity", default="uniform,zipf:1.0,zipf:0.3")
+    ap.add_argument("--popularity", default=popularity)
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--rate", type=float, default=60.0, help="Poisson arrivals, requests/s")
     ap.add_argument("--input-len", default="20-28")
     ap.add_argument("--output-len", default="10-30")
-    ap.add_argument("--max-wait", type=float, default=2.0, help="the cluster policy's aging bound, seconds")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--port", type=int, default=8473)
+    ap.add_argument("--port", type=int, default=port)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_workload_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.k < 1 or args.clusters < 1 or args.adapters < args.clusters:
         ap.error("need --k ≥ 1, --clusters ≥ 1 and --adapters ≥ --clusters")
     if args.rate <= 0 or args.requests < 1 or args.rounds < 1:
         ap.error("--rate, --requests and --rounds must be positive")
+    args.arrival = f"poisson:{args.rate}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = workload_parser(__doc__, k=4, popularity="uniform,zipf:1.0,zipf:0.3", port=8473)
+    ap.add_argument("--max-wait", type=float, default=2.0, help="the cluster policy's aging bound, seconds")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    args = ap.parse_args(argv)
+    check_workload_args(ap, args)
     if bad := set(args.policies.split(",")) - set(POLICIES):
         ap.error(f"--policies: unknown {sorted(bad)}; expected {', '.join(POLICIES)}")
-    args.arrival = f"poisson:{args.rate}"
     return args
 
 

@@ -75,3 +75,11 @@ def test_scheduling_bench_refuses_bad_settings_and_replays_the_same_jobs(monkeyp
     assert jobs == again and arrivals == arrivals2  # both policies get the same requests
     assert len(jobs) == 50 and arrivals == sorted(arrivals) and arrivals[-1] > 1.0  # Poisson at 10/s
     assert sum(j["model"] == "a0" for j in jobs) > sum(j["model"] == "a31" for j in jobs)  # Zipf head
+
+
+def test_replicas_bench_refuses_bad_settings():
+    for bad, message in ((["--replicas", "0"], "--replicas"), (["--routings", "random"], "random"),
+                         (["--rate", "-1"], "--rate")):
+        p = subprocess.run([sys.executable, str(BENCH / "replicas.py"), *bad], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode != 0 and message in p.stderr, (bad, p.stderr)

@@ -14,7 +14,7 @@ Two deployments:
   eviction. ``--routing adapter`` uses the adapter as the id instead (what Ray Serve LLM does;
   the benchmark's baseline). Every answer names its replica in ``x-vllm-jd-replica``.
 
-A replica process that dies takes its server with it (``PR_SET_PDEATHSIG``); Ray starts a new
+A replica process that dies takes its server's whole process tree with it (``lifetime``); Ray starts a new
 replica, and requests that were on it get a 503 (not a hang): the handle raises, the ingress
 answers. Not supported here: the admin route and adapter registration while serving (each
 replica has its own server; register by recompressing and restarting).
@@ -23,7 +23,6 @@ replica has its own server; register by recompressing and restarting).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -41,16 +40,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from vllm_jd.replicas.routing import Router
+from vllm_jd.serving.lifetime import VLLM_JD_DIE_WITH_PARENT, die_with_parent
 
 logger = logging.getLogger(__name__)
 REPLICA_HEADER = "x-vllm-jd-replica"
 REPLICA_DIR = "VLLM_JD_REPLICA_DIR"
 """If set, each replica writes ``<id>.json`` (its server's port and pids) there."""
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child before exec
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -67,11 +62,11 @@ def start_server(model: str, store: str, clusters_per_replica: int | None, serve
            "--host", "127.0.0.1", "--port", str(port), *server_args]
     if clusters_per_replica:
         cmd += ["--jd-max-resident-clusters", str(clusters_per_replica)]
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), VLLM_JD_DIE_WITH_PARENT: "1"}
     env.pop("VLLM_JD_STORE", None)
     log = Path(tempfile.mkstemp(prefix="vllm-jd-replica-", suffix=".log")[1])
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -154,8 +149,10 @@ def replica_deployment(clusters_per_replica: int | None):
                                              headers={"Content-Type": "application/json"})
                 try:
                     with urllib.request.urlopen(req, timeout=600) as r:
-                        for line in r:
-                            loop.call_soon_threadsafe(queue.put_nowait, line)
+                        # whatever has arrived, not line by line: each chunk is one Ray streaming
+                        # message, and per-line messages cost ~25% requests/s in bench/replicas.py
+                        while chunk := r.read1(65536):
+                            loop.call_soon_threadsafe(queue.put_nowait, chunk)
                 except urllib.error.HTTPError as e:
                     loop.call_soon_threadsafe(queue.put_nowait, b"data: " + e.read() + b"\n\n")
                 finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vllm_jd.envs import store_path
+from vllm_jd.serving.lifetime import die_with_parent_if_asked
 
 
 def register() -> None:
@@ -10,6 +11,7 @@ def register() -> None:
 
     Cheap and idempotent: with no store it returns at once and imports nothing.
     """
+    die_with_parent_if_asked()  # a replica's server tree goes down with the replica
     if not store_path():
         return
     from vllm_jd.serving.patch import install
