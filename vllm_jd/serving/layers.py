@@ -19,6 +19,7 @@ from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallel
                               MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
                               ReplicatedLinearWithLoRA, RowParallelLinearWithLoRA)
 
+from vllm_jd.compress.errors import StoreError
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 from vllm_jd.serving.op import jd_lora_layer, register_layer
 from vllm_jd.serving.state import JDState
@@ -51,10 +52,24 @@ class JDLayerMixin:
         """Output size of each slice on this rank."""
         return list(self.output_slices)
 
+    def jd_full_shapes(self) -> list[tuple[int, int]]:
+        """(d_in, d_out) of each slice in the unsharded model: what a store basis must map before
+        ``jd_shard`` cuts it for this rank."""
+        return [(self.base_layer.input_size, self.base_layer.output_size)]
+
     def jd_shard(self, U: list[torch.Tensor | None], V: list[torch.Tensor | None]
                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """This rank's part of each slice's U [C, d_out, R] and V [C, d_in, R] (full sizes in;
-        None = a slice without adapters), cut by the vLLM class's own TP slicing."""
+        None = a slice without adapters), cut by the vLLM class's own TP slicing.
+
+        Raises StoreError if a basis does not map the unsharded slice's dims: cutting a basis
+        of another model's size could yield shards of the right size holding the wrong rows.
+        """
+        for s, (u, v, exp) in enumerate(zip(U, V, self.jd_full_shapes())):
+            if u is not None and (v.shape[1], u.shape[1]) != exp:
+                layer = getattr(self.base_layer, "prefix", "") or type(self.base_layer).__name__
+                raise StoreError(f"store bases for {layer} (slice {s}) map {v.shape[1]}→{u.shape[1]} but the "
+                                 f"unsharded layer maps {exp[0]}→{exp[1]}: the store was built for another model")
         if self.tp_size == 1:
             return U, V
         n = len(U)
@@ -93,15 +108,26 @@ class JDColumnParallelLinear(JDLayerMixin, ColumnParallelLinearWithLoRA):
 
 
 class JDMergedColumnParallelLinear(JDLayerMixin, MergedColumnParallelLinearWithLoRA):
-    pass
+    def jd_full_shapes(self) -> list[tuple[int, int]]:
+        return [(self.base_layer.input_size, d) for d in self.base_layer.output_sizes]
+
+
+def _qkv_full_sizes(base) -> tuple[int, int]:
+    """Unsharded (q, k = v) output sizes; the layer's ``output_sizes`` count KV heads replicated
+    across ranks (tp_size > num_kv_heads), the store's bases do not."""
+    return base.total_num_heads * base.head_size, base.total_num_kv_heads * base.head_size
 
 
 class JDQKVParallelLinear(JDLayerMixin, QKVParallelLinearWithLoRA):
-    pass
+    def jd_full_shapes(self) -> list[tuple[int, int]]:
+        q, kv = _qkv_full_sizes(self.base_layer)
+        return [(self.base_layer.input_size, q + 2 * kv)]
 
 
 class JDMergedQKVParallelLinear(JDLayerMixin, MergedQKVParallelLinearWithLoRA):
-    pass
+    def jd_full_shapes(self) -> list[tuple[int, int]]:
+        q, kv = _qkv_full_sizes(self.base_layer)
+        return [(self.base_layer.input_size, d) for d in (q, kv, kv)]
 
 
 class JDRowParallelLinear(JDLayerMixin, RowParallelLinearWithLoRA):
