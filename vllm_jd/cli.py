@@ -161,6 +161,11 @@ def serve_ray_parser() -> argparse.ArgumentParser:
                    help="resident cluster budget K of each replica (default: all clusters)")
     p.add_argument("--routing", choices=("cluster", "adapter"), default="cluster",
                    help="multiplexed model id: the adapter's cluster (default) or the adapter (Ray Serve LLM's way)")
+    p.add_argument("--gpus-per-replica", type=float, default=0,
+                   help="GPUs Ray reserves for each replica and makes visible to its server (its "
+                        "--tensor-parallel-size; default 0: the server sees its node's GPUs)")
+    p.add_argument("--max-ongoing-requests", type=int, default=256,
+                   help="requests a replica takes before Ray sends its clusters' requests elsewhere (default 256)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     return p
@@ -173,7 +178,7 @@ def _serve_ray(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args.model, args.jd_store, args.replicas, args.clusters_per_replica, args.routing, args.host, args.port,
-            server_args)
+            server_args, gpus_per_replica=args.gpus_per_replica, max_ongoing_requests=args.max_ongoing_requests)
     except (ValueError, OSError) as e:
         print(f"vllm-jd serve-ray: error: {e}", file=sys.stderr)
         return 2

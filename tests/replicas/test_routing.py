@@ -37,3 +37,11 @@ def test_adapter_routing_and_bad_settings(store):
     assert [router.model_id(n) for n in router.names()] == router.names()
     with pytest.raises(ValueError, match="routing 'random'"):
         Router(str(store), "random")
+
+
+def test_both_routings_let_a_replica_hold_the_same_share(store):
+    # 8 adapters in 2 clusters: K clusters hold 4·K adapters on average
+    assert Router(str(store)).ids_per_replica(1) == 1 and Router(str(store), "adapter").ids_per_replica(1) == 4
+    assert Router(str(store), "adapter").ids_per_replica(None) == 1024
+    with pytest.raises(ValueError, match="clusters_per_replica 0"):
+        Router(str(store)).ids_per_replica(0)

@@ -98,6 +98,24 @@ def test_streaming_goes_through(cluster_app, adapter_names, reference):
     assert tokens == reference(prompt, name)
 
 
+def test_chat_unknown_names_and_the_cluster_budget(cluster_app, adapter_names):
+    name, chat = adapter_names[2], f"{cluster_app}/v1/chat/completions"
+    messages = [{"role": "user", "content": "hi"}]
+    r = requests.post(chat, json={"model": name, "max_tokens": 4, "messages": messages}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == name and r.json()["usage"]["completion_tokens"] == 4
+    with requests.post(chat, json={"model": name, "max_tokens": 4, "messages": messages, "stream": True},
+                       stream=True, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert r.status_code == 200 and len(lines) > 2 and lines[-1] == b"data: [DONE]"
+    r = requests.post(f"{cluster_app}/v1/completions", json={"model": "no-such-adapter", "prompt": "x", "max_tokens": 2},
+                      timeout=60)
+    assert r.status_code == 404 and "no-such-adapter" in r.json()["error"]["message"]
+    for n in adapter_names:  # Ray's multiplexing cache holds at most K = 2 clusters per replica
+        held = requests.get(f"{cluster_app}/v1/jd/replica", params={"model": n}, timeout=60).json()["held"]
+        assert len(held) <= 2, held
+
+
 def test_a_killed_replica_is_replaced(cluster_app, adapter_names):
     name = adapter_names[0]
     info = requests.get(f"{cluster_app}/v1/jd/replica", params={"model": name}, timeout=60).json()

@@ -11,8 +11,12 @@ Two deployments:
   ``/v1/models``, ``/health``). It maps ``model`` → adapter → cluster (``routing.Router``) and
   calls the replicas with that multiplexed model id, so Ray's router gives affinity (requests
   go to the replica holding their cluster), fallback (else the least loaded replica) and
-  eviction. ``--routing adapter`` uses the adapter as the id instead (what Ray Serve LLM does;
-  the benchmark's baseline). Every answer names its replica in ``x-vllm-jd-replica``.
+  eviction. The first request of an id is routed alone (``placement``), so a burst of a new
+  cluster does not land on several replicas. ``--routing adapter`` uses the adapter as the id
+  instead (what Ray Serve LLM does; the benchmark's baseline). Every answer names its replica
+  in ``x-vllm-jd-replica``.
+
+The same application for ``serve run`` or a Serve config file: ``app_builder``.
 
 A replica process that dies takes its server's whole process tree with it (``lifetime``); Ray starts a new
 replica, and requests that were on it get a 503 (not a hang): the handle raises, the ingress
@@ -26,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -39,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from vllm_jd.replicas.placement import FirstPlacement
 from vllm_jd.replicas.routing import Router
 from vllm_jd.serving.lifetime import VLLM_JD_DIE_WITH_PARENT, die_with_parent
 
@@ -62,7 +68,7 @@ def start_server(model: str, store: str, clusters_per_replica: int | None, serve
            "--host", "127.0.0.1", "--port", str(port), *server_args]
     if clusters_per_replica:
         cmd += ["--jd-max-resident-clusters", str(clusters_per_replica)]
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), VLLM_JD_DIE_WITH_PARENT: "1"}
+    env = {**os.environ, VLLM_JD_DIE_WITH_PARENT: "1"}  # HF_HUB_OFFLINE etc. come from Ray's environment
     env.pop("VLLM_JD_STORE", None)
     log = Path(tempfile.mkstemp(prefix="vllm-jd-replica-", suffix=".log")[1])
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -91,13 +97,30 @@ class ClusterLease:
         self.held.discard(self.model_id)
 
 
-def replica_deployment(clusters_per_replica: int | None):
-    """The replica class with Ray's multiplexing cache sized to K (fixed at class definition)."""
-    cache = clusters_per_replica or 1024
+def replica_deployment(clusters_per_replica: int | None, gpus_per_replica: float = 0, max_ongoing_requests: int = 256,
+                       ids_per_replica: int | None = None):
+    """The replica class with Ray's multiplexing cache sized to ``ids_per_replica`` (default K;
+    fixed at class definition).
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    ``gpus_per_replica`` G > 0 makes Ray place each replica where G GPUs are free and set its
+    ``CUDA_VISIBLE_DEVICES`` to them, which its server inherits (give G = the server's
+    ``--tensor-parallel-size``); 0 leaves placement to the number of replicas per node and the
+    server sees every GPU of its node. ``max_ongoing_requests`` is how many requests a replica
+    takes before Ray's router sends a request of a cluster it holds to another replica (which
+    then loads that cluster): affinity against load balance.
+    """
+    cache = ids_per_replica or clusters_per_replica or 1024
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_replica},
+                      max_ongoing_requests=max_ongoing_requests)
     class JDReplica:
-        def __init__(self, model: str, store: str, server_args: list[str]):
+        def __init__(self, model: str, store: str, server_args: list[str], omp_num_threads: str | None = None):
+            # Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU; the server is no such
+            # actor: it gets the driver's setting, or none and vLLM picks its own thread count.
+            if omp_num_threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = omp_num_threads
             self.proc, self.port, self.log = start_server(model, store, clusters_per_replica, server_args)
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             self.held: set[str] = set()
@@ -117,6 +140,11 @@ def replica_deployment(clusters_per_replica: int | None):
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 await self.hold(model_id)
+
+        async def place(self) -> str:
+            """Take the request's multiplexed id (the ingress's first request of an id)."""
+            await self._lease()
+            return self.replica_id
 
         def info(self) -> dict:
             return {"replica": self.replica_id, "pid": os.getpid(), "server_pid": self.proc.pid, "port": self.port,
@@ -174,10 +202,18 @@ app = FastAPI()
 class JDIngress:
     def __init__(self, replica, store: str, routing: str, model: str):
         self.replica, self.router, self.model = replica, Router(store, routing), model
+        self.placement = FirstPlacement()
 
     def _handle(self, model: str | None):
         model_id = self.router.model_id(model)
         return self.replica.options(multiplexed_model_id=model_id) if model_id else self.replica
+
+    async def _placed_handle(self, model: str | None):
+        """The handle for ``model``, once its multiplexed id has a replica (``placement``)."""
+        handle = self._handle(model)
+        if model_id := self.router.model_id(model):
+            await self.placement.ensure(model_id, lambda: handle.place.remote())
+        return handle
 
     async def _forward(self, request: Request, path: str) -> Response:
         raw = await request.body()
@@ -185,8 +221,8 @@ class JDIngress:
             body = json.loads(raw or b"{}")
         except ValueError:
             return JSONResponse({"error": {"message": "the body is not JSON", "code": 400}}, 400)
-        handle = self._handle(body.get("model"))
         try:
+            handle = await self._placed_handle(body.get("model"))
             if body.get("stream"):
                 gen = handle.options(stream=True).stream.remote(path, raw)
                 replica = (await gen.__anext__()).decode()
@@ -202,6 +238,7 @@ class JDIngress:
             return Response(content, status, headers)
         except Exception as e:  # noqa: BLE001 - a dead replica: fail fast with 503, never hang
             logger.warning("vllm-jd: replica call failed: %s", e)
+            self.placement.forget()  # the dead replica's ids are to be placed again
             return JSONResponse({"error": {"message": f"replica unavailable: {type(e).__name__}", "code": 503}}, 503)
 
     @app.post("/v1/completions")
@@ -228,29 +265,65 @@ class JDIngress:
 
 
 def build(model: str, store: str, replicas: int = 2, clusters_per_replica: int | None = None,
-          routing: str = "cluster", server_args: list[str] | None = None):
-    """The Ray Serve application (``serve.run(build(...))``)."""
+          routing: str = "cluster", server_args: list[str] | None = None, gpus_per_replica: float = 0,
+          max_ongoing_requests: int = 256):
+    """The Ray Serve application (``serve.run(build(...))``). Local paths are made absolute:
+    replicas may run in another working directory."""
     if replicas < 1:
         raise ValueError(f"--replicas {replicas}: expected ≥ 1")
     if clusters_per_replica is not None and clusters_per_replica < 1:
         raise ValueError(f"--clusters-per-replica {clusters_per_replica}: expected ≥ 1")
-    Router(store, routing)  # refuses a bad store or routing before any replica starts
-    replica = replica_deployment(clusters_per_replica).options(num_replicas=replicas).bind(
-        model, store, list(server_args or []))
+    if gpus_per_replica < 0:
+        raise ValueError(f"--gpus-per-replica {gpus_per_replica}: expected ≥ 0")
+    if max_ongoing_requests < 1:
+        raise ValueError(f"--max-ongoing-requests {max_ongoing_requests}: expected ≥ 1")
+    store = str(Path(store).resolve())
+    model = str(Path(model).resolve()) if Path(model).exists() else model  # else a hub id
+    router = Router(store, routing)  # refuses a bad store or routing before any replica starts
+    replica = replica_deployment(clusters_per_replica, gpus_per_replica, max_ongoing_requests,
+                                 router.ids_per_replica(clusters_per_replica)).options(
+        num_replicas=replicas).bind(model, store, list(server_args or []), os.environ.get("OMP_NUM_THREADS"))
     return JDIngress.bind(replica, store, routing, model)
 
 
+def app_builder(args: dict):
+    """``serve run vllm_jd.replicas.ray_app:app_builder model=M jd_store=S replicas=2 ...`` or a
+    Serve config file's ``import_path`` (its ``args``): the application ``vllm-jd serve-ray``
+    deploys. Keys: ``model``, ``jd_store`` (required), ``replicas``, ``clusters_per_replica``,
+    ``routing``, ``gpus_per_replica``, ``max_ongoing_requests``, ``server_args`` (a list, or one
+    string split like a shell line: the other ``vllm-jd serve`` arguments)."""
+    args = dict(args)
+    known = {"model", "jd_store", "replicas", "clusters_per_replica", "routing", "gpus_per_replica",
+             "max_ongoing_requests", "server_args"}
+    if bad := sorted(set(args) - known):
+        raise ValueError(f"unknown argument(s) {bad}: expected {sorted(known)}")
+    for key in ("model", "jd_store"):
+        if not args.get(key):
+            raise ValueError(f"{key}=... is required")
+    server_args = args.get("server_args") or []
+    if isinstance(server_args, str):
+        server_args = shlex.split(server_args)
+    k = args.get("clusters_per_replica")
+    return build(args["model"], args["jd_store"], int(args.get("replicas", 2)), int(k) if k not in (None, "") else None,
+                 args.get("routing", "cluster"), [str(a) for a in server_args],
+                 float(args.get("gpus_per_replica", 0)), int(args.get("max_ongoing_requests", 256)))
+
+
 def run(model: str, store: str, replicas: int, clusters_per_replica: int | None, routing: str, host: str, port: int,
-        server_args: list[str], block: bool = True) -> None:
+        server_args: list[str], block: bool = True, gpus_per_replica: float = 0,
+        max_ongoing_requests: int = 256) -> None:
     """Start Ray locally (or join ``RAY_ADDRESS``), deploy, and serve on host:port until interrupted."""
     import ray
 
+    app = build(model, store, replicas, clusters_per_replica, routing, server_args, gpus_per_replica,
+                max_ongoing_requests)  # bad values fail before Ray starts
     if not ray.is_initialized():
+        # a local Ray only carries requests and answers between actors: a small object store
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, os.cpu_count() or 1)}))
+                 **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, os.cpu_count() or 1),
+                                                              "object_store_memory": 256 * 2**20}))
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(model, str(Path(store).resolve()), replicas, clusters_per_replica, routing, server_args),
-              name="vllm-jd", route_prefix="/")
+    serve.run(app, name="vllm-jd", route_prefix="/")
     logger.info("vllm-jd serve-ray: %d replicas on http://%s:%d (routing by %s)", replicas, host, port, routing)
     while block:
         time.sleep(3600)

@@ -36,3 +36,17 @@ class Router:
 
     def names(self) -> list[str]:
         return list(self.cluster_of)
+
+    def ids_per_replica(self, clusters_per_replica: int | None) -> int:
+        """How many multiplexed ids a replica holds before Ray evicts its least recently used one:
+        K clusters, or (adapter routing) as many adapters as K clusters have on average, so both
+        routings let a replica hold the same share of the store. 1024 without a budget (every
+        cluster is resident anyway; the cap only bounds Ray's bookkeeping)."""
+        if clusters_per_replica is None:
+            return 1024
+        if clusters_per_replica < 1:
+            raise ValueError(f"clusters_per_replica {clusters_per_replica}: expected ≥ 1")
+        if self.routing == "cluster":
+            return clusters_per_replica
+        clusters = len(set(self.cluster_of.values())) or 1
+        return clusters_per_replica * -(-len(self.cluster_of) // clusters)
