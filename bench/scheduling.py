@@ -84,11 +84,13 @@ def jobs_for(names: list[str], popularity: str, args) -> tuple[list[dict], list[
 
 
 def cluster_loads(port: int) -> float | None:
-    """Sum of ``vllm_jd_cluster_loads_total`` over clusters (None if the server has none)."""
+    """Sum of ``vllm_jd_cluster_loads_total`` over clusters (None if the server has no budget)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
+    if "# TYPE vllm_jd_cluster_loads_total" not in text:
+        return None  # a server without a budget
     values = re.findall(r"^vllm_jd_cluster_loads_total\{[^}]*\} ([0-9.e+-]+)$", text, re.M)
-    return sum(float(v) for v in values) if values else None
+    return sum(float(v) for v in values)  # no sample yet: nothing loaded yet
 
 
 def build_store(work: Path, args) -> tuple[Path, Path, list[str], dict[str, int]]:
