@@ -38,8 +38,9 @@ def cluster_app(tiny_model, serving_store, tmp_path_factory):
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"serve-ray exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+        try:  # both replicas up: until the second is, every cluster goes to the first
+            r = requests.get(f"{url}/health", timeout=10)
+            if r.status_code == 200 and r.json()["replicas_running"] == 2:
                 break
         except requests.RequestException:
             pass
@@ -66,6 +67,7 @@ def complete(url, model, prompt, timeout=300):
 def test_clusters_stick_to_replicas_and_outputs_are_exact(cluster_app, serving_store, adapter_names, reference):
     from vllm_jd.compress.store import read_manifest
 
+    assert requests.get(f"{cluster_app}/health", timeout=60).json() == {"replicas_running": 2, "replicas_target": 2}
     cluster_of = {n: a.cluster for n, a in read_manifest(serving_store).adapters.items()}
     names = adapter_names[:-1:3] + adapter_names[-1:]
     replicas: dict[int, set[str]] = {}

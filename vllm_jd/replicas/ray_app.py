@@ -200,8 +200,9 @@ app = FastAPI()
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class JDIngress:
-    def __init__(self, replica, store: str, routing: str, model: str):
+    def __init__(self, replica, store: str, routing: str, model: str, replicas_target: int = 1):
         self.replica, self.router, self.model = replica, Router(store, routing), model
+        self.replicas_target = replicas_target
         self.placement = FirstPlacement()
 
     def _handle(self, model: str | None):
@@ -255,8 +256,20 @@ class JDIngress:
         return Response(content, status, headers)
 
     @app.get("/health")
-    async def health(self) -> Response:
-        return Response(status_code=200)
+    async def health(self) -> JSONResponse:
+        """200 once a replica can serve, else 503; the body counts the replicas running against
+        the target (``{"replicas_running": 1, "replicas_target": 2}`` while one still starts: a
+        server start takes 10–60 s, and until the second is up every cluster goes to the first)."""
+        running, target = await asyncio.to_thread(self._replica_counts)
+        return JSONResponse({"replicas_running": running, "replicas_target": target}, 200 if running else 503)
+
+    def _replica_counts(self) -> tuple[int, int]:
+        """(running, target) replicas of this application's JDReplica deployment, as Serve's
+        controller sees them (``serve.status()``)."""
+        app_name = serve.get_replica_context().app_name
+        deployment = serve.status().applications[app_name].deployments["JDReplica"]
+        states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items()}
+        return states.get("RUNNING", 0), self.replicas_target
 
     @app.get("/v1/jd/replica")
     async def replica_info(self, model: str | None = None) -> JSONResponse:
@@ -283,7 +296,7 @@ def build(model: str, store: str, replicas: int = 2, clusters_per_replica: int |
     replica = replica_deployment(clusters_per_replica, gpus_per_replica, max_ongoing_requests,
                                  router.ids_per_replica(clusters_per_replica)).options(
         num_replicas=replicas).bind(model, store, list(server_args or []), os.environ.get("OMP_NUM_THREADS"))
-    return JDIngress.bind(replica, store, routing, model)
+    return JDIngress.bind(replica, store, routing, model, replicas)
 
 
 def app_builder(args: dict):
