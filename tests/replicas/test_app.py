@@ -34,7 +34,7 @@ def test_build_places_replicas_and_passes_arguments_through(store, monkeypatch):
                                         server_args=["--dtype", "bfloat16"], gpus_per_replica=2))
     assert replica.num_replicas == 3 and replica.ray_actor_options == {"num_cpus": 0, "num_gpus": 2}
     assert replica.init_args == ("some/hub-model", str(store.resolve()), ["--dtype", "bfloat16"], "3")
-    assert ingress.init_args[1:] == (str(store.resolve()), "cluster", "some/hub-model")
+    assert ingress.init_args[1:] == (str(store.resolve()), "cluster", "some/hub-model", 3)  # 3: /health's target
 
 
 def test_app_builder_for_serve_run_and_config_files(store):
