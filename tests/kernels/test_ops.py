@@ -44,6 +44,22 @@ def test_clusters_and_diag(diag, C):
     assert torch.equal(got[rows == N], y[rows == N])
 
 
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_batch_applies_sigma_per_token(popularity, dtype):
+    # every sequence one token (decode): Σ applied cell by cell with one embedding_bag
+    lens = [1] * 29
+    rows, N, y, got, want = run_case(popularity, dtype, 64, 4, False, d_in=123, d_out=[64, 32, 32], seq_lens=lens, N=40)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    assert torch.equal(got[rows == N], y[rows == N])  # no adapter: exactly the base output
+    grid = build_meta(rows, random_layer(3, 4, N, 64, 123, [64, 32, 32], False, dtype, 0)[3], N).cluster_grid(4)
+    # taken where adapters are mostly distinct; zipf/identical tokens of one adapter sit next to
+    # each other in the grid and share one Σ per segment, which is cheaper
+    assert grid.per_item == (popularity in ("distinct", "uniform"))
+    assert not build_meta(np.repeat(rows[:4], 24), np.zeros(N + 1, dtype=np.int64), N).cluster_grid(2).per_item
+
+
 def test_prefill_sized_batch():
     lens = [24] * 64  # 64 prompts of 24 tokens: 1,536 tokens, segments cut every 16
     rows, N, y, got, want = run_case("zipf", torch.float32, 64, 8, False, d_in=256, d_out=[256, 128, 128], seq_lens=lens,

@@ -36,6 +36,22 @@ class GridMeta:
     seg_row: torch.Tensor
     seg_index: torch.Tensor
     cell_flat: torch.Tensor
+    cell_row: torch.Tensor | None = None
+    """[C·L] Σ row of every cell (padding: the no-adapter row, whose Σ is zero)."""
+    _bags: dict | None = None
+
+    @property
+    def per_item(self) -> bool:
+        """Apply Σ cell by cell (``sigma_bags``) rather than per segment: when segments are
+        mostly single tokens (decode), padded cells are fewer than twice the segments."""
+        return self.cell_row is not None and self.cell_row.shape[0] <= 2 * self.seg_row.shape[0]
+
+    def bags(self, S: int, R: int) -> torch.Tensor:
+        """``sigma_bags`` of the cells for S slices of rank R (made once per step and shape)."""
+        self._bags = self._bags or {}
+        if (S, R) not in self._bags:
+            self._bags[(S, R)] = sigma_bags(self.cell_row, S, R)
+        return self._bags[(S, R)]
 
 
 @dataclass
@@ -88,9 +104,21 @@ class JDMeta:
             seg_index = flat[seg_index] if T else seg_index
             cell_flat = np.zeros(C * L, dtype=np.int64)
             cell_flat[flat] = real_flat
+            cell_row = np.full(C * L, self.none_row, dtype=np.int64)
+            cell_row[flat] = self.token_row.cpu().numpy()[order]
             as_t = lambda a: _long_tensor(a, self.token_row.device)  # noqa: E731
-            self._grid = GridMeta(as_t(perm), as_t(inv), L, C, as_t(seg_row), as_t(seg_index), as_t(cell_flat))
+            self._grid = GridMeta(as_t(perm), as_t(inv), L, C, as_t(seg_row), as_t(seg_index), as_t(cell_flat),
+                                  as_t(cell_row) if self.none_row >= 0 else None)
         return self._grid
+
+
+def sigma_bags(rows: torch.Tensor, S: int, R: int) -> torch.Tensor:
+    """Indices [n·S, R] for ``embedding_bag`` over Σᵀ viewed as a [(N+1)·S·R, R] table: bag
+    (i, s) sums rows ((rows[i]·S + s)·R + r), r < R, weighted by h[i, s, r], which is
+    ``Σ[rows[i], s] h[i, s]``. One fused gather-and-sum: 0.08 ms for 64 decode tokens (R 64, 3
+    slices, bf16, one thread) against 0.45 ms to gather 64 Σ matrices and multiply."""
+    base = (rows[:, None] * S + torch.arange(S, device=rows.device))[:, :, None] * R
+    return (base + torch.arange(R, device=rows.device)).view(-1, R)
 
 
 def segments(rows: np.ndarray, chunk: int = SEGMENT_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

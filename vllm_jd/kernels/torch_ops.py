@@ -79,6 +79,15 @@ def _apply_sigma(h: torch.Tensor, sigma: torch.Tensor, seg_row: torch.Tensor, se
     return g_pad.reshape(-1, S, R).index_select(0, item_flat)
 
 
+def _apply_sigma_per_item(h: torch.Tensor, sigma: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """g[i, s] = Σ[row(i), s] h[i, s] for items [n, S, R] with a full Σ [N+1, S, R, R] stored
+    transposed, as one ``embedding_bag`` (``metadata.sigma_bags``: bags [n·S, R])."""
+    n, S, R = h.shape
+    table = sigma.transpose(-1, -2).reshape(-1, R)  # a view: Σᵀ is what is contiguous
+    g = torch.nn.functional.embedding_bag(bags, table, mode="sum", per_sample_weights=h.reshape(n * S, R))
+    return g.view(n, S, R)
+
+
 def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDMeta) -> None:
     """In place: ``y[t, slice s] += U[s, c(t)] Σ[s, a(t)] V[s, c(t)]ᵀ x[t]`` for every token.
 
@@ -99,6 +108,9 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
     grid = meta.cluster_grid(C)
     xg = x.index_select(0, grid.perm).view(C, grid.L, d_in)
     h = torch.bmm(xg, w.V_grid()).view(C * grid.L, S, R)
-    g = _apply_sigma(h, w.sigma, grid.seg_row, grid.seg_index, grid.cell_flat).view(C, grid.L, S, R)
+    if grid.per_item and w.sigma.dim() == 4:  # decode: every cell its own Σ, padding cells the zero one
+        g = _apply_sigma_per_item(h, w.sigma, grid.bags(S, R)).view(C, grid.L, S, R)
+    else:
+        g = _apply_sigma(h, w.sigma, grid.seg_row, grid.seg_index, grid.cell_flat).view(C, grid.L, S, R)
     out = torch.cat([torch.bmm(g[:, :, s], w.UT[s].view(C, R, -1)) for s in range(S)], 2)  # [C, L, D]
     y += out.view(C * grid.L, -1).index_select(0, grid.inv)
