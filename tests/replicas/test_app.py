@@ -35,6 +35,12 @@ def test_build_places_replicas_and_passes_arguments_through(store, monkeypatch):
     assert replica.num_replicas == 3 and replica.ray_actor_options == {"num_cpus": 0, "num_gpus": 2}
     assert replica.init_args == ("some/hub-model", str(store.resolve()), ["--dtype", "bfloat16"], "3")
     assert ingress.init_args[1:] == (str(store.resolve()), "cluster", "some/hub-model", 3)  # 3: /health's target
+    # the ingress's router waits for a cluster's replica longer than Ray's 1 s default
+    env = ingress.ray_actor_options["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "10"}
+    monkeypatch.setenv("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "3")  # the user's choice wins
+    ingress, _ = replica_of(build("m", str(store)))
+    assert ingress.ray_actor_options["runtime_env"]["env_vars"]["RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"] == "3"
 
 
 def test_app_builder_for_serve_run_and_config_files(store):

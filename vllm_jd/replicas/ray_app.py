@@ -197,6 +197,15 @@ def replica_deployment(clusters_per_replica: int | None, gpus_per_replica: float
 app = FastAPI()
 
 
+MATCHING_TIMEOUT_ENV = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
+MATCHING_TIMEOUT_S = "10"
+"""How long the ingress's router keeps trying the replica that holds a request's cluster before
+it sends the request to any replica (which then loads the cluster). Ray's default, 1 s, is
+shorter than routing itself takes on a saturated machine: with it, cluster loads grew round
+after round (35, 87.5, 112.5 per 1,000 requests; bench/replicas.py, 2 replicas, K = 8, 16
+clusters). A replica that is full (``--max-ongoing-requests``) or dead is skipped at once anyway."""
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class JDIngress:
@@ -296,7 +305,9 @@ def build(model: str, store: str, replicas: int = 2, clusters_per_replica: int |
     replica = replica_deployment(clusters_per_replica, gpus_per_replica, max_ongoing_requests,
                                  router.ids_per_replica(clusters_per_replica)).options(
         num_replicas=replicas).bind(model, store, list(server_args or []), os.environ.get("OMP_NUM_THREADS"))
-    return JDIngress.bind(replica, store, routing, model, replicas)
+    ingress = JDIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
+        MATCHING_TIMEOUT_ENV: os.environ.get(MATCHING_TIMEOUT_ENV, MATCHING_TIMEOUT_S)}}})
+    return ingress.bind(replica, store, routing, model, replicas)
 
 
 def app_builder(args: dict):
