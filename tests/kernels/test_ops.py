@@ -46,18 +46,23 @@ def test_clusters_and_diag(diag, C):
 
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_decode_batch_applies_sigma_per_token(popularity, dtype):
-    # every sequence one token (decode): Σ applied cell by cell with one embedding_bag
-    lens = [1] * 29
-    rows, N, y, got, want = run_case(popularity, dtype, 64, 4, False, d_in=123, d_out=[64, 32, 32], seq_lens=lens, N=40)
+@pytest.mark.parametrize("lens", [[1] * 29, [24, 1, 1, 7, 1, 24, 1, 1, 1, 2, 1, 1, 17, 1]], ids=["decode", "mixed"])
+def test_lone_tokens_and_segments_split(popularity, dtype, lens):
+    # lone tokens (decode) get Σ one by one from an embedding_bag, runs (prefills) per segment
+    N, C = 40, 4
+    rows, _, y, got, want = run_case(popularity, dtype, 64, C, False, d_in=123, d_out=[64, 32, 32], seq_lens=lens,
+                                     N=N)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
     assert torch.equal(got[rows == N], y[rows == N])  # no adapter: exactly the base output
-    grid = build_meta(rows, random_layer(3, 4, N, 64, 123, [64, 32, 32], False, dtype, 0)[3], N).cluster_grid(4)
-    # taken where adapters are mostly distinct; zipf/identical tokens of one adapter sit next to
-    # each other in the grid and share one Σ per segment, which is cheaper
-    assert grid.per_item == (popularity in ("distinct", "uniform"))
-    assert not build_meta(np.repeat(rows[:4], 24), np.zeros(N + 1, dtype=np.int64), N).cluster_grid(2).per_item
+    split = build_meta(rows, random_layer(3, C, N, 64, 123, [64, 32, 32], False, dtype, 0)[3], N).cluster_grid(C).split
+    cells = torch.cat([split.single_cells, split.multi_cells])
+    assert sorted(cells.tolist()) == sorted(set(cells.tolist())) and len(cells) == len(rows)  # each token once
+    if popularity == "distinct":  # the path under test was taken: decode tokens alone, prefills in runs
+        seq_row = rows[np.cumsum([0] + lens[:-1])]
+        single = split.single_rows[split.single_rows != N].tolist()
+        assert sorted(single) == sorted(r for r, n in zip(seq_row, lens) if n == 1 and r != N)
+        assert split.multi_seg_row.numel() >= sum(n > 1 and r != N for r, n in zip(seq_row, lens))
 
 
 def test_prefill_sized_batch():

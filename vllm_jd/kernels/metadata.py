@@ -36,22 +36,52 @@ class GridMeta:
     seg_row: torch.Tensor
     seg_index: torch.Tensor
     cell_flat: torch.Tensor
-    cell_row: torch.Tensor | None = None
-    """[C·L] Σ row of every cell (padding: the no-adapter row, whose Σ is zero)."""
+    split: "SigmaSplit | None" = None
+    """The same segments split by length, for a full Σ (``SigmaSplit``)."""
+
+
+@dataclass
+class SigmaSplit:
+    """A step's same-Σ-row segments split in two: tokens alone in their run (decode tokens) get
+    Σ applied one by one with an ``embedding_bag`` (``sigma_bags``); runs of several tokens
+    (prefills) share one Σ per segment in a batched matmul. Mixing both in one padded matmul
+    cost 5.5× the rows at 6 prefills + 58 decodes (70 segments padded to 16 for 202 tokens).
+
+    single_cells [n1] / single_rows [n1]: grid cells and Σ rows of lone tokens; multi_cells [n2]:
+    the other real cells; multi_seg_row [G], multi_seg_index [G, Lg] (cells), multi_flat [n2]:
+    ``segments`` of those, as ``_apply_sigma`` takes them.
+    """
+
+    single_cells: torch.Tensor
+    single_rows: torch.Tensor
+    multi_cells: torch.Tensor
+    multi_seg_row: torch.Tensor
+    multi_seg_index: torch.Tensor
+    multi_flat: torch.Tensor
     _bags: dict | None = None
 
-    @property
-    def per_item(self) -> bool:
-        """Apply Σ cell by cell (``sigma_bags``) rather than per segment: when segments are
-        mostly single tokens (decode), padded cells are fewer than twice the segments."""
-        return self.cell_row is not None and self.cell_row.shape[0] <= 2 * self.seg_row.shape[0]
-
     def bags(self, S: int, R: int) -> torch.Tensor:
-        """``sigma_bags`` of the cells for S slices of rank R (made once per step and shape)."""
+        """``sigma_bags`` of the lone tokens for S slices of rank R (once per step and shape)."""
         self._bags = self._bags or {}
         if (S, R) not in self._bags:
-            self._bags[(S, R)] = sigma_bags(self.cell_row, S, R)
+            self._bags[(S, R)] = sigma_bags(self.single_rows, S, R)
         return self._bags[(S, R)]
+
+
+def split_segments(rows: np.ndarray, cells: np.ndarray, device) -> SigmaSplit:
+    """``SigmaSplit`` of items with Σ rows ``rows`` [T] sitting in grid cells ``cells`` [T]."""
+    T = rows.shape[0]
+    change = np.ones(T + 1, dtype=bool)
+    change[1:T] = rows[1:] != rows[:-1]
+    starts = np.flatnonzero(change)
+    run_len = np.diff(starts)
+    lone = np.repeat(run_len == 1, run_len)
+    single, multi = np.flatnonzero(lone), np.flatnonzero(~lone)
+    # dropping lone tokens may join two runs of one row: still one Σ, so still one segment
+    seg_row, seg_index, flat = segments(rows[multi])
+    as_t = lambda a: _long_tensor(a, device)  # noqa: E731
+    return SigmaSplit(as_t(cells[single]), as_t(rows[single]), as_t(cells[multi]), as_t(seg_row),
+                      as_t(cells[multi][seg_index] if len(multi) else seg_index), as_t(flat))
 
 
 @dataclass
@@ -104,11 +134,10 @@ class JDMeta:
             seg_index = flat[seg_index] if T else seg_index
             cell_flat = np.zeros(C * L, dtype=np.int64)
             cell_flat[flat] = real_flat
-            cell_row = np.full(C * L, self.none_row, dtype=np.int64)
-            cell_row[flat] = self.token_row.cpu().numpy()[order]
             as_t = lambda a: _long_tensor(a, self.token_row.device)  # noqa: E731
+            split = split_segments(self.token_row.cpu().numpy()[order], flat, self.token_row.device) if T else None
             self._grid = GridMeta(as_t(perm), as_t(inv), L, C, as_t(seg_row), as_t(seg_index), as_t(cell_flat),
-                                  as_t(cell_row) if self.none_row >= 0 else None)
+                                  split)
         return self._grid
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_jd.kernels.metadata import JDMeta
+from vllm_jd.kernels.metadata import JDMeta, SigmaSplit
 
 
 @dataclass
@@ -88,6 +88,20 @@ def _apply_sigma_per_item(h: torch.Tensor, sigma: torch.Tensor, bags: torch.Tens
     return g.view(n, S, R)
 
 
+def _apply_sigma_split(h: torch.Tensor, sigma: torch.Tensor, split: SigmaSplit) -> torch.Tensor:
+    """g[i] = Σ[row(i)] h[i] for grid cells h [n, S, R] (full Σ): lone tokens one by one with an
+    embedding_bag, the other tokens per segment (``SigmaSplit``). Padding cells get g = 0."""
+    n, S, R = h.shape
+    g = h.new_zeros(n, S, R)
+    if split.single_cells.numel():
+        hs = h.index_select(0, split.single_cells)
+        g.index_copy_(0, split.single_cells, _apply_sigma_per_item(hs, sigma, split.bags(S, R)))
+    if split.multi_cells.numel():
+        gm = _apply_sigma(h, sigma, split.multi_seg_row, split.multi_seg_index, split.multi_flat)
+        g.index_copy_(0, split.multi_cells, gm)
+    return g
+
+
 def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDMeta) -> None:
     """In place: ``y[t, slice s] += U[s, c(t)] Σ[s, a(t)] V[s, c(t)]ᵀ x[t]`` for every token.
 
@@ -108,8 +122,8 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
     grid = meta.cluster_grid(C)
     xg = x.index_select(0, grid.perm).view(C, grid.L, d_in)
     h = torch.bmm(xg, w.V_grid()).view(C * grid.L, S, R)
-    if grid.per_item and w.sigma.dim() == 4:  # decode: every cell its own Σ, padding cells the zero one
-        g = _apply_sigma_per_item(h, w.sigma, grid.bags(S, R)).view(C, grid.L, S, R)
+    if grid.split is not None and grid.split.single_cells.numel() and w.sigma.dim() == 4:  # any decode tokens
+        g = _apply_sigma_split(h, w.sigma, grid.split).view(C, grid.L, S, R)
     else:
         g = _apply_sigma(h, w.sigma, grid.seg_row, grid.seg_index, grid.cell_flat).view(C, grid.L, S, R)
     out = torch.cat([torch.bmm(g[:, :, s], w.UT[s].view(C, R, -1)) for s in range(S)], 2)  # [C, L, D]
