@@ -7,20 +7,9 @@ from __future__ import annotations
 import pytest
 
 from vllm_jd.cli import main as cli
-from vllm_jd.compress.synthetic import make_adapters
 
 pytest.importorskip("ray.serve")
 from vllm_jd.replicas.ray_app import app_builder, build  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from helpers import TINY_MODULES
-
-    root = tmp_path_factory.mktemp("app")
-    make_adapters(root / "a", 6, TINY_MODULES, rank=4, structure="planted:2", seed=0)
-    assert cli(["-q", "compress", str(root / "a"), "--out", str(root / "s"), "--rank", "4", "--clusters", "2"]) == 0
-    return root / "s"
 
 
 def replica_of(app):

@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_jd.cli import main as cli
-from vllm_jd.compress.synthetic import make_adapters
 from vllm_jd.replicas.routing import Router
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from helpers import TINY_MODULES
-
-    root = tmp_path_factory.mktemp("routing")
-    make_adapters(root / "a", 8, TINY_MODULES, rank=4, structure="planted:2", seed=0)
-    assert cli(["-q", "compress", str(root / "a"), "--out", str(root / "s"), "--rank", "4", "--clusters", "2"]) == 0
-    return root / "s"
 
 
 def test_cluster_routing_groups_adapters_of_a_cluster(store):

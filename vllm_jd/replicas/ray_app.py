@@ -97,10 +97,10 @@ class ClusterLease:
         self.held.discard(self.model_id)
 
 
-def replica_deployment(clusters_per_replica: int | None, gpus_per_replica: float = 0, max_ongoing_requests: int = 256,
-                       ids_per_replica: int | None = None):
-    """The replica class with Ray's multiplexing cache sized to ``ids_per_replica`` (default K;
-    fixed at class definition).
+def replica_deployment(clusters_per_replica: int | None, ids_per_replica: int, gpus_per_replica: float = 0,
+                       max_ongoing_requests: int = 256):
+    """The replica class with Ray's multiplexing cache sized to ``ids_per_replica``
+    (``Router.ids_per_replica``; fixed at class definition).
 
     ``gpus_per_replica`` G > 0 makes Ray place each replica where G GPUs are free and set its
     ``CUDA_VISIBLE_DEVICES`` to them, which its server inherits (give G = the server's
@@ -109,7 +109,7 @@ def replica_deployment(clusters_per_replica: int | None, gpus_per_replica: float
     takes before Ray's router sends a request of a cluster it holds to another replica (which
     then loads that cluster): affinity against load balance.
     """
-    cache = ids_per_replica or clusters_per_replica or 1024
+    cache = ids_per_replica
 
     @serve.deployment(ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_replica},
                       max_ongoing_requests=max_ongoing_requests)
@@ -214,14 +214,14 @@ class JDIngress:
         self.replicas_target = replicas_target
         self.placement = FirstPlacement()
 
-    def _handle(self, model: str | None):
-        model_id = self.router.model_id(model)
+    def _handle(self, model_id: str | None):
         return self.replica.options(multiplexed_model_id=model_id) if model_id else self.replica
 
     async def _placed_handle(self, model: str | None):
         """The handle for ``model``, once its multiplexed id has a replica (``placement``)."""
-        handle = self._handle(model)
-        if model_id := self.router.model_id(model):
+        model_id = self.router.model_id(model)
+        handle = self._handle(model_id)
+        if model_id:
             await self.placement.ensure(model_id, lambda: handle.place.remote())
         return handle
 
@@ -269,21 +269,22 @@ class JDIngress:
         """200 once a replica can serve, else 503; the body counts the replicas running against
         the target (``{"replicas_running": 1, "replicas_target": 2}`` while one still starts: a
         server start takes 10–60 s, and until the second is up every cluster goes to the first)."""
-        running, target = await asyncio.to_thread(self._replica_counts)
-        return JSONResponse({"replicas_running": running, "replicas_target": target}, 200 if running else 503)
+        running = await asyncio.to_thread(self._replicas_running)
+        return JSONResponse({"replicas_running": running, "replicas_target": self.replicas_target},
+                            200 if running else 503)
 
-    def _replica_counts(self) -> tuple[int, int]:
-        """(running, target) replicas of this application's JDReplica deployment, as Serve's
-        controller sees them (``serve.status()``)."""
+    def _replicas_running(self) -> int:
+        """Running replicas of this application's JDReplica deployment, as Serve's controller
+        sees them (``serve.status()``)."""
         app_name = serve.get_replica_context().app_name
         deployment = serve.status().applications[app_name].deployments["JDReplica"]
         states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items()}
-        return states.get("RUNNING", 0), self.replicas_target
+        return states.get("RUNNING", 0)
 
     @app.get("/v1/jd/replica")
     async def replica_info(self, model: str | None = None) -> JSONResponse:
         """The replica a request naming ``model`` goes to now (its id, pids, held clusters)."""
-        return JSONResponse(await self._handle(model).info.remote())
+        return JSONResponse(await self._handle(self.router.model_id(model)).info.remote())
 
 
 def build(model: str, store: str, replicas: int = 2, clusters_per_replica: int | None = None,
@@ -302,8 +303,8 @@ def build(model: str, store: str, replicas: int = 2, clusters_per_replica: int |
     store = str(Path(store).resolve())
     model = str(Path(model).resolve()) if Path(model).exists() else model  # else a hub id
     router = Router(store, routing)  # refuses a bad store or routing before any replica starts
-    replica = replica_deployment(clusters_per_replica, gpus_per_replica, max_ongoing_requests,
-                                 router.ids_per_replica(clusters_per_replica)).options(
+    replica = replica_deployment(clusters_per_replica, router.ids_per_replica(clusters_per_replica), gpus_per_replica,
+                                 max_ongoing_requests).options(
         num_replicas=replicas).bind(model, store, list(server_args or []), os.environ.get("OMP_NUM_THREADS"))
     ingress = JDIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
         MATCHING_TIMEOUT_ENV: os.environ.get(MATCHING_TIMEOUT_ENV, MATCHING_TIMEOUT_S)}}})
@@ -327,10 +328,11 @@ def app_builder(args: dict):
     server_args = args.get("server_args") or []
     if isinstance(server_args, str):
         server_args = shlex.split(server_args)
-    k = args.get("clusters_per_replica")
-    return build(args["model"], args["jd_store"], int(args.get("replicas", 2)), int(k) if k not in (None, "") else None,
-                 args.get("routing", "cluster"), [str(a) for a in server_args],
-                 float(args.get("gpus_per_replica", 0)), int(args.get("max_ongoing_requests", 256)))
+    # config values may come as strings; a key left out keeps build()'s default
+    convert = {"replicas": int, "clusters_per_replica": lambda v: int(v) if v not in (None, "") else None,
+               "routing": str, "gpus_per_replica": float, "max_ongoing_requests": int}
+    options = {key: convert[key](args[key]) for key in convert if key in args}
+    return build(args["model"], args["jd_store"], server_args=[str(a) for a in server_args], **options)
 
 
 def run(model: str, store: str, replicas: int, clusters_per_replica: int | None, routing: str, host: str, port: int,
