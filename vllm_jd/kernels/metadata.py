@@ -130,12 +130,13 @@ class JDMeta:
             inv[order] = flat
             # segments over the real cells only (grid order); pad cells take any value (cell 0's),
             # since nothing reads them back: at decode every token is then its own segment
-            seg_row, seg_index, real_flat = segments(self.token_row.cpu().numpy()[order])
+            rows = self.token_row.cpu().numpy()[order]
+            seg_row, seg_index, real_flat = segments(rows)
             seg_index = flat[seg_index] if T else seg_index
             cell_flat = np.zeros(C * L, dtype=np.int64)
             cell_flat[flat] = real_flat
             as_t = lambda a: _long_tensor(a, self.token_row.device)  # noqa: E731
-            split = split_segments(self.token_row.cpu().numpy()[order], flat, self.token_row.device) if T else None
+            split = split_segments(rows, flat, self.token_row.device) if T else None
             self._grid = GridMeta(as_t(perm), as_t(inv), L, C, as_t(seg_row), as_t(seg_index), as_t(cell_flat),
                                   split)
         return self._grid
