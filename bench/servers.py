@@ -15,8 +15,8 @@ import aiohttp
 WORDS = "the of and to in is for on with as by at from that this it be are was not or have an which".split()
 
 
-def start(cmd: list[str], port: int, log: Path, timeout: float = 600) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+def start(cmd: list[str], port: int, log: Path, timeout: float = 600, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
     env.pop("VLLM_JD_STORE", None)
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own process group, so stop() ends its workers too

