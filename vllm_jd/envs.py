@@ -79,3 +79,15 @@ def cpu_amx() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{VLLM_JD_CPU_AMX}={value!r}: expected 0 or 1")
     return value == "1"
+
+
+VLLM_JD_CPU_FUSED = "VLLM_JD_CPU_FUSED"
+"""``0`` turns off the fused CPU kernel (``kernels/jd_fused_cpu.c``; default on where the CPU has
+AVX512-BF16 and a C compiler is found)."""
+
+
+def cpu_fused() -> bool:
+    value = os.environ.get(VLLM_JD_CPU_FUSED, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{VLLM_JD_CPU_FUSED}={value!r}: expected 0 or 1")
+    return value == "1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -40,3 +42,14 @@ def random_layer(S: int, C: int, N: int, R: int, d_in: int, d_out: list[int], di
     cluster = np.random.default_rng(seed).integers(0, C, N + 1)
     cluster[N] = 0
     return V, U, sigma, cluster
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` torch threads (the CPU path picks its kernels by thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

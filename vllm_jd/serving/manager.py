@@ -378,9 +378,9 @@ def _assign(old: JDLayerWeights, new: JDLayerWeights) -> None:
     else:
         old.UT = new.UT
     old.num_clusters, old.rank = new.num_clusters, new.rank
-    old._v_grid = getattr(new, "_v_grid", None)
-    old._amx = None
-    old.amx_bases()  # repacked now, between steps: a resident-slot copy may follow at once
+    v_grid = getattr(new, "_v_grid", None)
+    old.reset_caches(rebuild=True)  # the kernels' layouts made now, between steps: a slot copy may follow at once
+    old._v_grid = v_grid
 
 
 class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):

@@ -53,9 +53,9 @@ class HostBases:
         device_w = JDLayerWeights(torch.zeros(d_in, slots * V.shape[2], dtype=V.dtype, device=dev),
                                   [torch.zeros(slots * R, u.shape[2], dtype=u.dtype, device=dev) for u in UT],
                                   w.sigma, slots, R)
-        if dev.type == "cpu":  # the CPU path's per-cluster copy of V_all, made now so that copies keep it current
+        if dev.type == "cpu":  # the CPU path's derived layouts, made now so that copies keep them current
+            device_w.reset_caches(rebuild=True)
             device_w._v_grid = torch.zeros(slots, d_in, V.shape[2], dtype=V.dtype)
-            device_w.amx_bases()  # packed now too (if AMX is used), for the same reason
         return cls(V, UT), device_w
 
     @property
@@ -79,9 +79,7 @@ class HostBases:
             grid[slot].copy_(self.V[cluster], non_blocking=True)
         for ut, host in zip(w.UT, self.UT):
             ut[slot * R:(slot + 1) * R].copy_(host[cluster], non_blocking=True)
-        packed = getattr(w, "_amx", None)
-        if packed:  # the CPU path's AMX-packed copy of the slot
-            packed.refresh(w.V_all, w.UT, slot)
+        w.refresh_slot(slot)  # the CPU kernels' layouts of the slot
 
 
 @dataclass

