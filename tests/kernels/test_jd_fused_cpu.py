@@ -109,21 +109,25 @@ def test_layers_the_kernel_cannot_run_use_the_torch_path(dtype, R, d_in, d_out):
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
-@needs_kernel
-def test_resident_slots_keep_the_kernel_layout_current():
+@pytest.mark.parametrize("path", [
+    pytest.param("fused", marks=needs_kernel),
+    pytest.param("ops", marks=pytest.mark.skipif(not amx.usable(torch.bfloat16, [32], [32]), reason="no AMX GEMMs")),
+])
+def test_resident_slots_keep_the_kernel_layouts_current(path):
+    # bf16 bases in 2 slots for 4 clusters: every copy into a slot must reach the kernels' layouts
     C, R, d_in, d_out = 4, 32, 64, [64, 32]
     V, U, sigma, _ = random_layer(2, C, N, R, d_in, d_out, False, torch.bfloat16, 3)
     cluster = np.arange(N + 1) % C
     res = ResidentBases(2, "cpu")
     w = res.add_layer(JDLayerWeights.from_bases(V, U, sigma))
-    assert w.fused_bases() is not None
+    assert (w.fused_bases() if path == "fused" else w.amx_bases()) is not None
     x = torch.randn(6, d_in).bfloat16()
     for clusters in ([0, 1], [2, 3], [3, 0]):
         res.set_table(np.array(clusters))
         rows = np.array([r for r in range(N) if cluster[r] in clusters][:5] + [N])
         res.ensure(cluster[rows[:-1]])
         y = torch.zeros(6, sum(d_out), dtype=torch.bfloat16)
-        jd_lora_torch(x, y, w, build_meta(rows, res.slot_of_cluster()[cluster], N), "fused")
+        jd_lora_torch(x, y, w, build_meta(rows, res.slot_of_cluster()[cluster], N), path)
         want = jd_lora_ref(x, torch.zeros_like(y), V, U, sigma, torch.as_tensor(cluster[rows]), torch.as_tensor(rows))
         torch.testing.assert_close(y.float(), want.float(), atol=BF16[0], rtol=BF16[1])
         assert (y[-1] == 0).all()
@@ -155,19 +159,23 @@ def test_build_is_cached_and_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
-def test_env_switch_turns_the_kernel_off(monkeypatch):
+@pytest.mark.parametrize("variable, reader, cache, bases, path", [
+    ("VLLM_JD_CPU_FUSED", "cpu_fused", jd_fused_cpu._lib, "fused_bases", "auto"),
+    ("VLLM_JD_CPU_AMX", "cpu_amx", amx._op, "amx_bases", "ops"),
+])
+def test_env_switches_turn_the_kernels_off(monkeypatch, variable, reader, cache, bases, path):
     from vllm_jd import envs
 
-    monkeypatch.setenv(envs.VLLM_JD_CPU_FUSED, "on")
-    with pytest.raises(ValueError, match="VLLM_JD_CPU_FUSED='on'"):
-        envs.cpu_fused()
-    monkeypatch.setenv(envs.VLLM_JD_CPU_FUSED, "0")
-    jd_fused_cpu._lib.cache_clear()
+    monkeypatch.setenv(variable, "on")
+    with pytest.raises(ValueError, match=f"{variable}='on'"):
+        getattr(envs, reader)()
+    monkeypatch.setenv(variable, "0")
+    cache.cache_clear()
     try:
         w, x, y, meta, rows, want = _case("uniform", MIXES["decode"])
-        assert w.fused_bases() is None
+        assert getattr(w, bases)() is None
         got = y.clone()
-        jd_lora_torch(x, got, w, meta)
+        jd_lora_torch(x, got, w, meta, path)
         torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
     finally:
-        jd_fused_cpu._lib.cache_clear()
+        cache.cache_clear()  # the next caller reads the (restored) environment again
