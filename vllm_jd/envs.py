@@ -91,3 +91,11 @@ def cpu_fused() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{VLLM_JD_CPU_FUSED}={value!r}: expected 0 or 1")
     return value == "1"
+
+
+VLLM_JD_CACHE_DIR = "VLLM_JD_CACHE_DIR"
+"""Folder for the fused CPU kernel's built library (default ``~/.cache/vllm_jd``)."""
+
+
+def cache_dir() -> str:
+    return os.environ.get(VLLM_JD_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "vllm_jd")

@@ -53,7 +53,9 @@ def _cpu_has_avx512_bf16() -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VLLM_JD_CACHE_DIR") or Path.home() / ".cache" / "vllm_jd")
+    from vllm_jd.envs import cache_dir
+
+    return Path(cache_dir())
 
 
 def build(out_dir: Path | None = None) -> Path:
