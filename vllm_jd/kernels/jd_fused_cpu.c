@@ -34,12 +34,6 @@ static inline void store_bf16x16(uint16_t *p, __m512 v) {
   _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-static inline int32_t pair_at(const uint16_t *p) {
-  int32_t v;
-  memcpy(&v, p, 4);
-  return v;
-}
-
 #define TILE_ROWS 16
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18

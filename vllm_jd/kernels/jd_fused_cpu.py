@@ -44,7 +44,8 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_has_amx() -> bool:
+    """AVX512-BF16 (the Σ step's conversions) and AMX-BF16 tiles, from /proc/cpuinfo."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
@@ -86,8 +87,8 @@ def _lib():
     if not cpu_fused():
         logger.info("vllm-jd: fused CPU kernel off (VLLM_JD_CPU_FUSED=0)")
         return None
-    if not _cpu_has_avx512_bf16():
-        logger.info("vllm-jd: no AVX512-BF16 on this CPU; the CPU path uses torch ops")
+    if not _cpu_has_amx():
+        logger.info("vllm-jd: no AMX-BF16 / AVX512-BF16 on this CPU; the CPU path uses torch ops")
         return None
     try:
         lib = ctypes.CDLL(str(build()))
@@ -122,27 +123,30 @@ class FusedBases:
 
     def __init__(self, V_all: torch.Tensor, UT: list[torch.Tensor], num_clusters: int, rank: int):
         self.num_clusters, self.rank = num_clusters, rank
-        self.Vp = self._v_pairs(V_all, num_clusters)
-        self.Up = self._u_pairs(UT, num_clusters, rank)
+        every = slice(None)
+        self.Vp = self._v_pairs(V_all, num_clusters, every)
+        self.Up = self._u_pairs(UT, num_clusters, rank, every)
         widths = [u.shape[1] for u in UT]
         self.n_slice = np.repeat(np.arange(len(UT), dtype=np.int64), [w // 16 for w in widths])
 
     @staticmethod
-    def _v_pairs(V_all: torch.Tensor, C: int) -> torch.Tensor:
+    def _v_pairs(V_all: torch.Tensor, C: int, clusters: slice) -> torch.Tensor:
+        """V_all [d_in, C·S·R] → clusters' [n, d_in/2, S·R, 2]."""
         d_in = V_all.shape[0]
-        V = V_all.view(d_in, C, -1).permute(1, 0, 2)  # [C, d_in, S·R]
-        return V.reshape(C, d_in // 2, 2, -1).transpose(2, 3).contiguous()
+        V = V_all.view(d_in, C, -1)[:, clusters].permute(1, 0, 2)  # [n, d_in, S·R]
+        return V.reshape(V.shape[0], d_in // 2, 2, -1).transpose(2, 3).contiguous()
 
     @staticmethod
-    def _u_pairs(UT: list[torch.Tensor], C: int, R: int) -> torch.Tensor:
-        U = torch.cat([ut.view(C, R, -1) for ut in UT], 2)  # [C, R, D]
-        return U.reshape(C, R // 2, 2, -1).transpose(2, 3).contiguous()
+    def _u_pairs(UT: list[torch.Tensor], C: int, R: int, clusters: slice) -> torch.Tensor:
+        """UT: S tensors [C·R, d_s] → clusters' [n, R/2, D, 2]."""
+        U = torch.cat([ut.view(C, R, -1)[clusters] for ut in UT], 2)  # [n, R, D]
+        return U.reshape(U.shape[0], R // 2, 2, -1).transpose(2, 3).contiguous()
 
     def refresh(self, V_all: torch.Tensor, UT: list[torch.Tensor], cluster: int) -> None:
         """Re-lay out one cluster (slot) after its bases changed in V_all / UT."""
-        C, R = self.num_clusters, self.rank
-        self.Vp[cluster] = self._v_pairs(V_all, C)[cluster]
-        self.Up[cluster] = self._u_pairs(UT, C, R)[cluster]
+        C, R, one = self.num_clusters, self.rank, slice(cluster, cluster + 1)
+        self.Vp[one] = self._v_pairs(V_all, C, one)
+        self.Up[one] = self._u_pairs(UT, C, R, one)
 
 
 def jd_fused_cpu(x: torch.Tensor, y: torch.Tensor, bases: FusedBases, sigma: torch.Tensor, order: ClusterOrder) -> None:

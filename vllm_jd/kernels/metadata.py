@@ -133,11 +133,10 @@ class JDMeta:
             rows = self.token_row.cpu().numpy()
             tc = self.token_cluster.cpu().numpy()
             keep = np.flatnonzero(rows != self.none_row)
-            tok = keep[np.argsort(tc[keep], kind="stable")].astype(np.int64)
-            counts = np.bincount(tc[tok], minlength=num_clusters)
-            cstart = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            self._order = ClusterOrder(np.ascontiguousarray(tok), np.ascontiguousarray(rows[tok], dtype=np.int64),
-                                       cstart, num_clusters)
+            tok = keep[np.argsort(tc[keep], kind="stable")]
+            cstart = np.concatenate([[0], np.cumsum(np.bincount(tc[tok], minlength=num_clusters))])
+            i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731  (the kernel reads int64 pointers; no copy if so)
+            self._order = ClusterOrder(i64(tok), i64(rows[tok]), i64(cstart), num_clusters)
         return self._order
 
     def cluster_grid(self, num_clusters: int) -> "GridMeta":
