@@ -79,9 +79,10 @@ def test_bad_settings(bad):
 
 
 def simulate(popularity: str, max_wait: float, clusters=16, k=4, steps=3000, rate=1.6, service=4, load_time=3,
-             max_running=8, seed=0, admit_on_load=False) -> dict:
+             max_running=8, seed=0, admit_on_load=False, windows=False) -> dict:
     """Discrete-time replay: Poisson-ish arrivals, `service` steps per request, `load_time` per load
-    (with ``admit_on_load`` a load completes within the step that admits its requests)."""
+    (with ``admit_on_load`` a load completes within the step that admits its requests); with
+    ``windows`` requests carry their length and the plan gets the clusters' tails (rule 2)."""
     rng = random.Random(seed)
     if popularity == "uniform":
         weights = [1.0] * clusters
@@ -104,8 +105,11 @@ def simulate(popularity: str, max_wait: float, clusters=16, k=4, steps=3000, rat
         counts: dict[int, int] = {}
         for c, _ in running:
             counts[c] = counts.get(c, 0) + 1
+        tails: dict[int, int] = {}
+        for c, f in running:
+            tails[c] = max(tails.get(c, 0), f - t)
         plan = plan_step(waiting, counts, resident, set(loading), k, float(t), max_wait, max_running - len(running),
-                         admit_on_load=admit_on_load)
+                         admit_on_load=admit_on_load, tails=tails if windows else None, slack=1)
         for c in plan.evict:
             assert counts.get(c, 0) == 0, "evicted a busy cluster"
             resident.discard(c)
@@ -126,7 +130,7 @@ def simulate(popularity: str, max_wait: float, clusters=16, k=4, steps=3000, rat
         admitted = set(plan.admit)
         waiting = [r for r in waiting if r.id not in admitted]
         for _ in range(int(rate) + (rng.random() < rate - int(rate))):
-            waiting.append(Request(f"q{n}", rng.choices(range(clusters), weights)[0], float(t)))
+            waiting.append(Request(f"q{n}", rng.choices(range(clusters), weights)[0], float(t), service))
             n += 1
     for arrivals in admitted_order.values():
         assert arrivals == sorted(arrivals), "FCFS within a cluster violated"
@@ -135,11 +139,13 @@ def simulate(popularity: str, max_wait: float, clusters=16, k=4, steps=3000, rat
             "left": len(waiting)}
 
 
+@pytest.mark.parametrize("windows", [False, True])
 @pytest.mark.parametrize("admit_on_load", [False, True])
 @pytest.mark.parametrize("popularity", ["uniform", "zipf:1.0", "zipf:0.3"])
-def test_waits_are_bounded_by_aging(popularity, admit_on_load):
+def test_waits_are_bounded_by_aging(popularity, admit_on_load, windows):
     max_wait, service, load_time = 60, 4, 3
-    r = simulate(popularity, max_wait, service=service, load_time=load_time, admit_on_load=admit_on_load)
+    r = simulate(popularity, max_wait, service=service, load_time=load_time, admit_on_load=admit_on_load,
+                 windows=windows)
     assert r["served"] > 4000 and r["left"] < 100  # keeps up with the load
     # an overdue request waits at most: max_wait, one drain (running requests finish), one load
     assert r["max_wait"] <= max_wait + service + load_time + 2, r

@@ -8,7 +8,7 @@ import os
 
 import pytest
 from conftest import PROMPTS
-from test_offline import ENGINE, generate
+from test_offline import ENGINE, MAX_TOKENS, generate
 
 ENV = {"VLLM_JD_MAX_RESIDENT_CLUSTERS": "1", "VLLM_JD_MAX_WAIT": "0.5", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
        "HF_HUB_OFFLINE": "1"}
@@ -96,6 +96,31 @@ def test_step_never_holds_more_clusters_than_fit(llm, serving_store, adapter_nam
         del scheduler.schedule
     assert seen and max(len(s) for s in seen) <= 1
     assert len(set().union(*seen)) >= 2
+
+
+def test_the_plan_gets_every_requests_remaining_tokens(llm, serving_store, adapter_names, monkeypatch):
+    """The window rule's inputs: a waiting request's max_tokens less what it generated, and per
+    busy cluster its running requests' most remaining tokens."""
+    import vllm_jd.scheduler.scheduler as sched
+
+    calls = []
+    real = sched.plan_step
+
+    def spy(waiting, running, *args, **kwargs):
+        waiting = list(waiting)
+        calls.append(([w.tokens for w in waiting], dict(running), dict(kwargs["tails"])))
+        return real(waiting, running, *args, **kwargs)
+
+    monkeypatch.setattr(sched, "plan_step", spy)
+    generate(llm, serving_store, PROMPTS[:6], adapter_names[:3] + adapter_names[-3:])
+    assert calls
+    assert any(MAX_TOKENS in tokens for tokens, _, _ in calls)  # fresh requests: all of max_tokens left
+    assert all(0 <= t <= MAX_TOKENS for tokens, _, _ in calls for t in tokens)
+    for _, running, tails in calls:
+        assert set(tails) == set(running)  # one tail per cluster with running requests
+        assert all(0 <= t <= MAX_TOKENS for t in tails.values())
+    # requests advance: some step saw a running request with fewer tokens left than it started with
+    assert any(t < MAX_TOKENS for _, _, tails in calls for t in tails.values())
 
 
 def test_metrics_snapshot(llm):

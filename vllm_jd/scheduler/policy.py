@@ -19,6 +19,16 @@ Rules, in order of precedence:
    + one load, however popular the other clusters are (a Zipf head cannot starve the tail).
 2. **Residency.** Otherwise requests of resident clusters are admitted in arrival order (FCFS
    overall, so FCFS within a cluster); requests of non-resident clusters are passed over.
+   **Windows:** while an overdue request waits for a residency slot, a busy resident cluster
+   admits a request (not itself overdue) only if it ends within the cluster's *window*: its
+   longest running request's remaining tokens (``tails``) plus ``slack``; such requests ride
+   along for free. The first request refused closes the cluster for the step (FCFS within a
+   cluster). Without windows a trickle of arrivals keeps a busy cluster busy, so its slot turns
+   over only by a drain, one cluster at a time, and every other cluster's queue waits behind it
+   (vLLM's rule: only an idle cluster's slot is reused). With them every busy slot turns over
+   within one request's length. bench/scheduling_sim.py (16 clusters, K 4, max wait 1 s): p99
+   TTFT 0.69–0.80× vLLM's rule from 40 requests/s on, requests/s +2% under overload, the same
+   (p99 1.00–1.04×) at light load.
 3. **Loading.** Clusters needed by waiting requests and not resident are loaded, the one
    needed by the oldest request first, into free residency slots, then in place of idle
    clusters that no waiting request needs (then idle ones needed least urgently).
@@ -43,6 +53,8 @@ class Request:
     cluster: int
     arrival: float
     """Seconds (any monotonic clock shared with ``now``)."""
+    tokens: int | None = None
+    """Most tokens it may generate (``max_tokens``), so the steps it holds its cluster; None: unknown."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,8 @@ class Plan:
 
 
 def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set[int], loading: set[int],
-              max_resident: int, now: float, max_wait: float, budget: int, admit_on_load: bool = False) -> Plan:
+              max_resident: int, now: float, max_wait: float, budget: int, admit_on_load: bool = False,
+              tails: dict[int, int] | None = None, slack: int = 4) -> Plan:
     """Decide one scheduling step.
 
     waiting: requests not yet running (any order; sorted by arrival here). running: cluster →
@@ -70,7 +83,10 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
     the next step on, and its copy overlaps this step. Either way loads are decided first for
     overdue requests; with ``admit_on_load`` the other loads come before admission too, taking
     only free slots and idle clusters that nobody waits for (an idle cluster with waiting
-    requests admits them now instead).
+    requests admits them now instead). tails: cluster → most tokens any of its running requests
+    may still generate; given, busy clusters admit by the window rule (rule 2) while an overdue
+    request waits for a slot; ``slack`` tokens past the tail still fit (a request of 12 joins a
+    tail of 10 at slack 2); a request whose ``tokens`` is None never fits.
     """
     if max_resident < 1:
         raise ValueError(f"max_resident must be ≥ 1, got {max_resident}")
@@ -129,15 +145,25 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
             load.append(c)
             serving.add(c)
 
-    # 2. admission: overdue first, then FCFS over the requests whose cluster serves now
+    # 2. admission: overdue first, then FCFS over the requests whose cluster serves now; while an
+    #    overdue request waits for a slot, busy clusters admit (overdue requests aside) only within
+    #    their window (from as soon as anyone waits: p99 TTFT +10-25% at light load in simulation)
+    contended = tails is not None and any(r.cluster not in serving for r in overdue if r.cluster != BASE)
+    window = {c: tails.get(c, 0) + slack for c in busy} if contended else {}
     admit: list[str] = []
     seen: set[str] = set()
     for r in overdue + queue:
         if len(admit) >= budget:
             break
-        if r.id not in seen and (r.cluster == BASE or (r.cluster in serving and r.cluster not in closed)):
-            admit.append(r.id)
-            seen.add(r.id)
+        c = r.cluster
+        if r.id in seen or not (c == BASE or (c in serving and c not in closed)):
+            continue
+        if c in window and now - r.arrival < max_wait and (r.tokens is None or r.tokens > window[c]):
+            del window[c]  # FCFS within a cluster: nothing after a refused request of it either
+            closed.add(c)
+            continue
+        admit.append(r.id)
+        seen.add(r.id)
     admitted_clusters = {r.cluster for r in queue if r.id in seen}
     if admit_on_load:
         return Plan(tuple(admit), tuple(load), tuple(evict), tuple(sorted(drain)))
