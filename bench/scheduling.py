@@ -4,7 +4,8 @@
 
 A store of ``--clusters`` clusters (``--adapters`` synthetic rank-16 adapters with that many
 planted groups on q/k/v of a tiny bf16 Llama, compressed with ``--clusters``) is served by
-`vllm-jd serve --jd-max-resident-clusters K` twice, one server per policy, each started alone:
+`vllm-jd serve --jd-max-resident-clusters K` twice, one server per policy, both up at once and
+taking turns round by round:
 
     fcfs     vLLM's own rule (its max_loras check) with clusters in place of adapters: FCFS,
              a request is skipped only when its cluster would be the K+1-th in the batch;
@@ -16,8 +17,9 @@ For each popularity (over adapters: uniform, or Zipf P(k) ∝ k^−α as S-LoRA 
 servers get the same requests (``--requests`` of ~24 prompt words and ``--output-len`` tokens)
 at the same Poisson arrival times (``--rate`` requests/s). Reported per (popularity, policy):
 requests/s, p50/p99 time to first token and latency, cluster loads per 1,000 requests (from
-``/metrics``), the median of ``--rounds`` rounds; then one line per popularity with the ratios
-cluster / fcfs. One JSON line per result.
+``/metrics``) of the median round of ``--rounds``, with the medians over rounds; then one line
+per popularity with the ratios cluster / fcfs: the median of the ratios of rounds run side by side
+(``paired_*``) and the ratios of the medians. One JSON line per result.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import json
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -68,7 +71,8 @@ def check_workload_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = workload_parser(__doc__, k=4, popularity="uniform,zipf:1.0,zipf:0.3", port=8473)
-    ap.add_argument("--max-wait", type=float, default=2.0, help="the cluster policy's aging bound, seconds")
+    # 0.5 s: about one request's lifetime here (20 tokens of ~20 ms steps); bench/scheduling_sim.py
+    ap.add_argument("--max-wait", type=float, default=0.5, help="the cluster policy's aging bound, seconds")
     ap.add_argument("--policies", default=",".join(POLICIES))
     args = ap.parse_args(argv)
     check_workload_args(ap, args)
@@ -113,37 +117,65 @@ def build_store(work: Path, args) -> tuple[Path, Path, list[str], dict[str, int]
     return model, store, sorted(cluster_of), cluster_of
 
 
-def measure_policy(policy: str, model: Path, store: Path, work: Path, workloads: dict, args) -> dict:
-    """Start one server with ``policy``, run every popularity ``--rounds`` times, stop it."""
+def start_server(policy: str, port: int, model: Path, store: Path, work: Path, args):
+    """Start ``vllm-jd serve`` with ``policy`` on ``port``; returns the process and its startup seconds."""
     cmd = [str(Path(sys.executable).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store),
            "--jd-max-resident-clusters", str(args.k), "--jd-scheduler-policy", policy,
-           "--jd-max-wait", str(args.max_wait), "--host", "127.0.0.1", "--port", str(args.port),
+           "--jd-max-wait", str(args.max_wait), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", str(args.max_num_seqs)]
     t = time.perf_counter()
-    proc = start(cmd, args.port, work / f"{policy}.log")
-    startup = round(time.perf_counter() - t, 1)
-    out = {}
+    proc = start(cmd, port, work / f"{policy}.log")
+    return proc, round(time.perf_counter() - t, 1)
+
+
+def measure_round(port: int, jobs: list[dict], arrivals: list[float]) -> dict:
+    """One round of the workload against the server on ``port``, with its cluster loads."""
+    before = cluster_loads(port)
+    res = asyncio.run(send_open_loop(port, jobs, arrivals))
+    after = cluster_loads(port)
+    res["loads_per_1000_requests"] = (round(1000 * (after - before) / len(jobs), 1)
+                                      if before is not None and after is not None else None)
+    return res
+
+
+def measure(policies: list[str], model: Path, store: Path, work: Path, workloads: dict, args) -> dict:
+    """Every policy's server up at once (an idle server takes no CPU), one full unmeasured round
+    each, then ``--rounds`` rounds in which the servers take turns on every popularity (the order
+    flips each round). This machine's speed drifts by ±10% over minutes; servers measured one
+    after the other measured the drift as much as the policy (a first version did: the same
+    policy's p99 moved 2× between starts). Returns policy → popularity → rounds."""
+    procs = {}
     try:
-        warm = next(iter(workloads.values()))[0][:16]
-        asyncio.run(send_open_loop(args.port, warm, [0.0] * len(warm)))
-        for popularity, (jobs, arrivals) in workloads.items():
-            rounds = []
-            for _ in range(args.rounds):
-                before = cluster_loads(args.port)
-                res = asyncio.run(send_open_loop(args.port, jobs, arrivals))
-                after = cluster_loads(args.port)
-                res["loads_per_1000_requests"] = (round(1000 * (after - before) / len(jobs), 1)
-                                                  if before is not None and after is not None else None)
-                rounds.append(res)
-            res = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]
-            res["rounds_requests_per_s"] = [r["requests_per_s"] for r in rounds]
-            res["rounds_p99_ttft_s"] = [r["p99_ttft_s"] for r in rounds]
-            out[popularity] = {"startup_s": startup, **res}
-        if proc.poll() is not None:
-            sys.exit(f"the {policy} server died; see {work / (policy + '.log')}")
+        for i, policy in enumerate(policies):
+            procs[policy] = (args.port + i, *start_server(policy, args.port + i, model, store, work, args))
+        jobs, arrivals = next(iter(workloads.values()))
+        for port, _, _ in procs.values():
+            asyncio.run(send_open_loop(port, jobs, arrivals))  # warm-up: the first round ran ~10% slower
+        out: dict = {policy: {p: [] for p in workloads} for policy in policies}
+        for r in range(args.rounds):
+            for popularity, (jobs, arrivals) in workloads.items():
+                for policy in (policies if r % 2 == 0 else policies[::-1]):
+                    port, _, startup = procs[policy]
+                    out[policy][popularity].append({**measure_round(port, jobs, arrivals), "startup_s": startup})
+        for policy, (_, proc, _) in procs.items():
+            if proc.poll() is not None:
+                sys.exit(f"the {policy} server died; see {work / (policy + '.log')}")
+        return out
     finally:
-        stop(proc)
-    return out
+        for _, proc, _ in procs.values():
+            stop(proc)
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """The median round by requests/s, with every round's requests/s and p99 TTFT, and the medians
+    of p50/p99 TTFT over rounds (the median round alone hides how much p99 moves)."""
+    res = dict(sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2])
+    res["rounds_requests_per_s"] = [r["requests_per_s"] for r in rounds]
+    res["rounds_p99_ttft_s"] = [r["p99_ttft_s"] for r in rounds]
+    res["median_p99_ttft_s"] = statistics.median(res["rounds_p99_ttft_s"])
+    res["median_p50_ttft_s"] = statistics.median(r["p50_ttft_s"] for r in rounds)
+    res["median_requests_per_s"] = statistics.median(res["rounds_requests_per_s"])
+    return res
 
 
 def main(argv: list[str]) -> int:
@@ -153,8 +185,8 @@ def main(argv: list[str]) -> int:
     model, store, names, cluster_of = build_store(work, args)
     pops = args.popularity.split(",")
     workloads = {p: jobs_for(names, p, args) for p in pops}  # checks every workload option first
-    results = {policy: measure_policy(policy, model, store, work, workloads, args)
-               for policy in args.policies.split(",")}
+    pooled = measure(args.policies.split(","), model, store, work, workloads, args)
+    results = {policy: {p: summarize(r) for p, r in by_pop.items()} for policy, by_pop in pooled.items()}
     failed = False
     for p in pops:
         jobs = workloads[p][0]
@@ -167,10 +199,17 @@ def main(argv: list[str]) -> int:
             print(json.dumps(line), flush=True)
         if set(results) == set(POLICIES):
             c, f = results["cluster"][p], results["fcfs"][p]
+            pairs = list(zip(pooled["cluster"][p], pooled["fcfs"][p]))  # same round: side by side in time
             print(json.dumps({"bench": "scheduling_ratio", "popularity": p,
-                              "requests_per_s_cluster_vs_fcfs": round(c["requests_per_s"] / f["requests_per_s"], 3),
-                              "p99_ttft_cluster_vs_fcfs": round(c["p99_ttft_s"] / f["p99_ttft_s"], 3),
-                              "p50_ttft_cluster_vs_fcfs": round(c["p50_ttft_s"] / f["p50_ttft_s"], 3)}), flush=True)
+                              "paired_requests_per_s": round(statistics.median(
+                                  a["requests_per_s"] / b["requests_per_s"] for a, b in pairs), 3),
+                              "paired_p99_ttft": round(statistics.median(
+                                  a["p99_ttft_s"] / b["p99_ttft_s"] for a, b in pairs), 3),
+                              "requests_per_s_cluster_vs_fcfs": round(c["median_requests_per_s"]
+                                                                      / f["median_requests_per_s"], 3),
+                              "p99_ttft_cluster_vs_fcfs": round(c["median_p99_ttft_s"] / f["median_p99_ttft_s"], 3),
+                              "p50_ttft_cluster_vs_fcfs": round(c["median_p50_ttft_s"] / f["median_p50_ttft_s"], 3)}),
+                  flush=True)
     return 1 if failed else 0
 
 
