@@ -71,7 +71,7 @@ def check_workload_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = workload_parser(__doc__, k=4, popularity="uniform,zipf:1.0,zipf:0.3", port=8473)
-    # 0.5 s: about one request's lifetime here (20 tokens of ~20 ms steps); bench/scheduling_sim.py
+    # the server's default: about one request's lifetime here (20 tokens of ~20 ms steps)
     ap.add_argument("--max-wait", type=float, default=0.5, help="the cluster policy's aging bound, seconds")
     ap.add_argument("--policies", default=",".join(POLICIES))
     args = ap.parse_args(argv)

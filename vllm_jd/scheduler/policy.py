@@ -26,9 +26,9 @@ Rules, in order of precedence:
    cluster). Without windows a trickle of arrivals keeps a busy cluster busy, so its slot turns
    over only by a drain, one cluster at a time, and every other cluster's queue waits behind it
    (vLLM's rule: only an idle cluster's slot is reused). With them every busy slot turns over
-   within one request's length. bench/scheduling_sim.py (16 clusters, K 4, max wait 1 s): p99
-   TTFT 0.69–0.80× vLLM's rule from 40 requests/s on, requests/s +2% under overload, the same
-   (p99 1.00–1.04×) at light load.
+   within one request's length. bench/scheduling_sim.py (16 clusters, K 4, max wait 0.5 s): p99
+   TTFT 0.65–0.83× vLLM's rule at 40 and 60 requests/s (0.92–0.98× without windows), the same
+   requests/s (0.99–1.02×), and the same p99 (0.96–1.01×) at 20 requests/s.
 3. **Loading.** Clusters needed by waiting requests and not resident are loaded, the one
    needed by the oldest request first, into free residency slots, then in place of idle
    clusters that no waiting request needs (then idle ones needed least urgently).

