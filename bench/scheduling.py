@@ -10,8 +10,9 @@ taking turns round by round:
     fcfs     vLLM's own rule (its max_loras check) with clusters in place of adapters: FCFS,
              a request is skipped only when its cluster would be the K+1-th in the batch;
              clusters load when their first request is admitted
-    cluster  vllm-jd's policy: resident clusters first, the next cluster loaded ahead of its
-             requests, aging after ``--max-wait`` seconds
+    cluster  vllm-jd's policy: resident clusters first, aging after ``--max-wait`` seconds,
+             and while an overdue request waits for a slot, busy clusters admit only
+             requests that end within their window (scheduler/policy.py, rule 2)
 
 For each popularity (over adapters: uniform, or Zipf P(k) ∝ k^−α as S-LoRA defines it) both
 servers get the same requests (``--requests`` of ~24 prompt words and ``--output-len`` tokens)
