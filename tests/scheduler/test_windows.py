@@ -36,6 +36,13 @@ def test_busy_clusters_admit_only_what_ends_within_their_window():
     assert p.admit == ("r1", "r5")
 
 
+def test_running_base_requests_do_not_window_new_ones():
+    # the scheduler counts running base-model requests (cluster BASE) like any cluster's
+    waiting = [R(0, 3, 0.0, 20), R(1, BASE, 9.0, 50), R(2, 1, 9.0, 30)]
+    p = plan(waiting, running={1: 3, 2: 1, BASE: 2}, tails={1: 10, 2: 5, BASE: 3})
+    assert p.admit == ("r1",)
+
+
 def test_no_windows_while_nobody_is_overdue():
     waiting = [R(0, 3, 9.0, 20), R(1, 1, 8.0, 14), R(2, 1, 8.5, 30), R(3, 1, 9.0, 5)]
     p = plan(waiting, running={1: 3, 2: 1}, tails={1: 10, 2: 5})

@@ -149,7 +149,7 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
     #    overdue request waits for a slot, busy clusters admit (overdue requests aside) only within
     #    their window (from as soon as anyone waits: p99 TTFT +10-25% at light load in simulation)
     contended = tails is not None and any(r.cluster not in serving for r in overdue if r.cluster != BASE)
-    window = {c: tails.get(c, 0) + slack for c in busy} if contended else {}
+    window = {c: tails.get(c, 0) + slack for c in busy - {BASE}} if contended else {}  # base requests need no slot
     admit: list[str] = []
     seen: set[str] = set()
     for r in overdue + queue:
