@@ -33,11 +33,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_jd.scheduler.policy import Request, plan_fcfs, plan_step  # noqa: E402
+from vllm_jd.scheduler.policy import WINDOW_SLACK, Request, plan_fcfs, plan_step  # noqa: E402
 
 POLICIES = ("fcfs", "cluster", "cluster-nowindow", "unbounded")
 STEP_A, STEP_B, STEP_C = 0.010, 0.0005, 0.00004
-WINDOW_SLACK = 8  # as vllm_jd.scheduler.scheduler.WINDOW_SLACK (not imported: that module needs vLLM)
 
 
 def workload(popularity: str, requests: int, rate: float, clusters: int, seed: int, adapters: int = 128):

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vllm_jd import envs
 from vllm_jd.kernels.metadata import ClusterOrder
 
 logger = logging.getLogger(__name__)
@@ -53,18 +54,12 @@ def _cpu_has_amx() -> bool:
     return {"avx512_bf16", "amx_tile", "amx_bf16"} <= set(flags.split())
 
 
-def cache_dir() -> Path:
-    from vllm_jd.envs import cache_dir
-
-    return Path(cache_dir())
-
-
 def build(out_dir: Path | None = None) -> Path:
     """Compile the kernel (if not built yet) and return the shared library's path."""
     src = _SOURCE.read_bytes()
     cc = os.environ.get("CC", "cc")
     tag = hashlib.sha256(src + " ".join([cc] + _FLAGS).encode()).hexdigest()[:16]
-    out_dir = out_dir or cache_dir()
+    out_dir = out_dir or Path(envs.cache_dir())
     lib = out_dir / f"jd_fused_cpu-{tag}.so"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,9 +77,7 @@ def build(out_dir: Path | None = None) -> Path:
 @functools.cache
 def _lib():
     """The loaded kernel, or None where it cannot run here (reason logged once)."""
-    from vllm_jd.envs import cpu_fused
-
-    if not cpu_fused():
+    if not envs.cpu_fused():
         logger.info("vllm-jd: fused CPU kernel off (VLLM_JD_CPU_FUSED=0)")
         return None
     if not _cpu_has_amx():

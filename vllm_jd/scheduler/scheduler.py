@@ -40,10 +40,6 @@ from vllm_jd.serving.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 EMPTY = -1
-WINDOW_SLACK = 8
-"""Tokens past a busy cluster's tail that a new request of it may still run while others wait
-(policy rule 2). bench/scheduling_sim.py at 60 requests/s (10–30 output tokens), slack 0/4/8/12/16:
-requests/s 1.003/1.011/1.017/1.014/1.013× and p99 TTFT 0.75/0.72/0.69/0.74/0.81× vLLM's rule."""
 
 
 class ClusterIndex:
@@ -159,7 +155,7 @@ class JDScheduler(Scheduler):
             # rank 16 against a ~25 ms decode step), so a loaded cluster admits in the same step:
             # waiting a step for it cost 10% requests/s in bench/scheduling.py
             plan = plan_step(waiting, running, resident, set(), K, now, self.jd_max_wait, budget, admit_on_load=True,
-                             tails=tails, slack=WINDOW_SLACK)
+                             tails=tails)
         for c in plan.evict:
             self.jd_table[self.jd_table == c] = EMPTY
         for c in plan.load:
