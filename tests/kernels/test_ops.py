@@ -5,7 +5,7 @@ import pytest
 import torch
 from cases import POPULARITY, TOL, random_layer, token_rows
 
-from vllm_jd.kernels.metadata import build_meta
+from vllm_jd.kernels.metadata import bucket, build_meta
 from vllm_jd.kernels.reference import jd_expand_ref, jd_lora_ref, jd_shrink_ref, jd_sigma_ref
 from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
 
@@ -97,3 +97,18 @@ def test_segments_cover_every_token_once():
     assert meta.seg_index.shape[1] <= 16
     assert torch.equal(flat[meta.token_flat], torch.arange(len(rows)))
     assert meta.seg_row.tolist() == [int(rows[s]) for s in meta.seg_index[:, 0].tolist()]
+
+
+def test_gemm_sizes_come_from_few_buckets():
+    # oneDNN caches a primitive per bf16 GEMM shape: exact per-step sizes grew a worker by ~1 GB
+    assert len({bucket(n) for n in range(1, 8193)}) == 48
+    assert all(n <= bucket(n) <= 1.25 * n for n in range(1, 8193))
+    rng = np.random.default_rng(0)
+    for T in (1, 7, 37, 130, 1000):
+        rows = np.repeat(rng.integers(0, 12, T), rng.integers(1, 30, T))[:T]
+        meta = build_meta(rows, rng.integers(0, 3, 13), 12)
+        G, L = meta.seg_index.shape
+        assert G == bucket(G) and L in (1, 2, 4, 8, 16)
+        grid = meta.cluster_grid(3)
+        G_multi = grid.split.multi_seg_index.shape[0]
+        assert grid.L == bucket(grid.L) and G_multi == bucket(G_multi)

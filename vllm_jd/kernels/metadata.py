@@ -17,6 +17,23 @@ SEGMENT_CHUNK = 16
 """Longest segment; bounds the padding of the batched Σ matmul to < 16 rows per segment."""
 
 
+def bucket(n: int) -> int:
+    """``n`` rounded up to one of few sizes: n itself up to 4, then 4 sizes per octave (5, 6, 7,
+    8, 10, 12, 14, 16, 20, 24, ...), so at most 25% more; 48 sizes up to 8,192.
+
+    Every GEMM of the CPU path takes its varying dimension (tokens, grid height, segments) from
+    here. torch's bf16/fp16 matmul and bmm on CPU go through oneDNN, which JIT-compiles and
+    caches a primitive per distinct shape (ideep's and oneDNN's caches, 1,024 entries each, about
+    0.5 MB an entry here, more with more threads): with the step's exact sizes a server under
+    adapter traffic kept creating primitives and its worker grew by ~1 GB before the caches were
+    full, and every new shape paid a JIT compile.
+    """
+    if n <= 4:
+        return n
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
 def _long_tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
@@ -145,7 +162,7 @@ class JDMeta:
             tc = self.token_cluster.cpu().numpy()
             T, C = len(tc), num_clusters
             counts = np.bincount(tc, minlength=C)
-            L = max(int(counts.max()) if T else 1, 1)
+            L = bucket(max(int(counts.max()) if T else 1, 1))  # few distinct grid heights (``bucket``)
             order = np.argsort(tc, kind="stable")
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
             flat = tc[order] * L + (np.arange(T) - starts[tc[order]])
@@ -180,7 +197,9 @@ def segments(rows: np.ndarray, chunk: int = SEGMENT_CHUNK) -> tuple[np.ndarray, 
     """Runs of equal Σ rows in ``rows`` [T], cut every ``chunk`` items.
 
     Returns seg_row [G], seg_index [G, L] (item index; padding repeats the segment's first item)
-    and item_flat [T] (position of item t in the flattened [G·L] layout).
+    and item_flat [T] (position of item t in the flattened [G·L] layout). G is the segment count
+    rounded up by ``bucket`` (extra segments repeat item 0 and its row; nothing reads them back) and
+    L the longest segment rounded up to a power of two, so the batched Σ matmuls see few shapes.
     """
     rows = np.asarray(rows, dtype=np.int64)
     T = rows.shape[0]
@@ -193,12 +212,15 @@ def segments(rows: np.ndarray, chunk: int = SEGMENT_CHUNK) -> tuple[np.ndarray, 
     pos_in_run = np.arange(T) - run_start[run_id]
     starts = np.flatnonzero(change | (pos_in_run % chunk == 0))
     lengths = np.diff(np.append(starts, T))
-    L = int(lengths.max())
+    longest = int(lengths.max())
+    L = min(1 << (longest - 1).bit_length(), max(chunk, longest))
+    seg_of_item = np.repeat(np.arange(len(starts)), lengths)
+    item_flat = seg_of_item * L + (np.arange(T) - starts[seg_of_item])
+    starts = np.concatenate([starts, np.zeros(bucket(len(starts)) - len(starts), dtype=starts.dtype)])
+    lengths = np.concatenate([lengths, np.ones(len(starts) - len(lengths), dtype=lengths.dtype)])
     seg_index = starts[:, None] + np.arange(L)[None, :]
     # padding repeats the segment's first item: its result lands in a cell nothing reads back
     seg_index = np.where(np.arange(L)[None, :] < lengths[:, None], seg_index, starts[:, None])
-    seg_of_item = np.repeat(np.arange(len(starts)), lengths)
-    item_flat = seg_of_item * L + (np.arange(T) - starts[seg_of_item])
     return rows[starts], seg_index, item_flat
 
 

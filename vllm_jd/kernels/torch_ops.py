@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_jd.kernels import amx, jd_fused_cpu
-from vllm_jd.kernels.metadata import JDMeta, SigmaSplit
+from vllm_jd.kernels.metadata import JDMeta, SigmaSplit, bucket
 
 
 @dataclass
@@ -167,11 +167,16 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
         if path == "fused":
             raise ValueError("path='fused': the fused CPU kernel cannot run this layer here (jd_fused_cpu.usable)")
     if C == 1:
-        g = _apply_sigma((x @ w.V_all).view(T, S, R), w.sigma, meta.seg_row, meta.seg_index, meta.token_flat)
+        # GEMMs over the tokens padded to a ``bucket`` size: each distinct size is a oneDNN primitive
+        Tb = bucket(T)
+        xb = x if Tb == T else torch.cat([x, x.new_zeros(Tb - T, d_in)])
+        g = _apply_sigma((xb @ w.V_all)[:T].view(T, S, R), w.sigma, meta.seg_row, meta.seg_index, meta.token_flat)
+        if Tb != T:
+            g = torch.cat([g, g.new_zeros(Tb - T, S, R)])
         off = 0
         for s in range(S):
             d = w.UT[s].shape[1]
-            y[:, off : off + d] += g[:, s] @ w.UT[s]
+            y[:, off : off + d] += (g[:, s] @ w.UT[s])[:T]
             off += d
         return
     # shrink, sigma and expand all run in the padded per-cluster grid; only the output goes back
