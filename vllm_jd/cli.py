@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | merge | inspect | serve | serve-ray. Argument parsing only; the work is elsewhere."""
+"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | serve | serve-ray. Argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--from-store", default=None, metavar="STORE",
                    help="also every adapter of STORE (its source folder if unchanged, else rebuilt from STORE): "
                         "re-cluster a store with its added adapters; --out may be STORE itself")
+    c.add_argument("--recluster-exact", action="store_true",
+                   help="with --from-store: fit STORE's exact singletons into the shared bases too (default: "
+                        "they stay exact, error 0)")
     c.add_argument("--out", required=True, help="store directory to create (an existing store is replaced atomically)")
     c.add_argument("--method", choices=["jd-full", "jd-diag", "svd", "compeft"], default="jd-full",
                    help="jd-full (default), jd-diag, svd (per-adapter baseline), compeft (per-adapter sparse ternary)")
@@ -89,9 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="solve in the core space (Theorem 4.1), the full space, or auto (default)")
     g.add_argument("--out", required=True, help="PEFT adapter folder to create (must not exist or be empty)")
 
-    i = sub.add_parser("inspect", help="adapters, clusters, errors, bytes and parameters saved")
+    i = sub.add_parser("inspect", help="adapters, clusters, errors, bytes and parameters saved (exit 2 on problems)")
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print the full summary as JSON")
+
+    f = sub.add_parser("fsck", help="check a store's entries, tensors and values; exit 1 if anything is wrong")
+    f.add_argument("store")
+    f.add_argument("--repair", action="store_true",
+                   help="quarantine broken adapters (entries kept in the manifest, not served) and remove what "
+                        "killed writers left behind")
+    f.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    r = sub.add_parser("remove", help="delete adapters from a store (a server keeps serving them until unloaded)")
+    r.add_argument("store")
+    r.add_argument("names", nargs="+", metavar="NAME")
     return p
 
 
@@ -105,7 +119,10 @@ def _run(args: argparse.Namespace) -> int:
                                 max_rounds=args.max_rounds, basis_dtype=args.basis_dtype,
                                 sigma_dtype=args.sigma_dtype, density=args.density, alpha=args.alpha,
                                 compeft_encoding=args.encoding)
-        s = compress(args.adapters, args.out, config, progress=not args.quiet, from_store=args.from_store)
+        if args.recluster_exact and args.from_store is None:
+            raise ValueError("--recluster-exact applies to --from-store STORE")
+        s = compress(args.adapters, args.out, config, progress=not args.quiet, from_store=args.from_store,
+                     recluster_exact=args.recluster_exact)
         m = s.manifest
         errs = sorted(a.error for a in m.adapters.values())
         print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "
@@ -139,6 +156,19 @@ def _run(args: argparse.Namespace) -> int:
 
         s = summarize(args.store)
         print(json.dumps(s, indent=1) if args.json else format_summary(s))
+        if s["problems"]["store"] or s["problems"]["adapters"]:
+            return 2
+    elif args.command == "fsck":
+        from vllm_jd.compress.fsck import format_report, fsck
+
+        r = fsck(args.store, repair=args.repair)
+        print(json.dumps(r, indent=1) if args.json else format_report(r))
+        return 0 if r["clean"] else 1
+    elif args.command == "remove":
+        from vllm_jd.compress.transaction import remove_adapters
+
+        remove_adapters(args.store, args.names)
+        print(f"removed {len(args.names)} adapters from {args.store}")
     return 0
 
 

@@ -58,6 +58,12 @@ def rank_above_dim(p):
                                for k, v in list(t.items())])
 
 
+def huge(value: float):
+    def scale(p):  # finite weights whose update s·B·A overflows when served
+        edit_tensors(p, lambda t: [t.__setitem__(k, torch.full_like(v, value)) for k, v in list(t.items()) if Q in k])
+    return scale
+
+
 CASES = {
     "missing config": (lambda p: (p / "adapter_config.json").unlink(), "missing adapter_config.json"),
     "missing weights": (lambda p: (p / "adapter_model.safetensors").unlink(), "missing adapter_model.safetensors"),
@@ -73,6 +79,9 @@ CASES = {
     "embeddings": (embedding, "embedding LoRA"),
     "not lora": (lambda p: edit_config(p, peft_type="IA3"), "unsupported PEFT type 'IA3'"),
     "rank above dim": (rank_above_dim, "larger than the module's dimension"),
+    "huge 1e19": (huge(1e19), "would overflow when served"),  # once: error NaN → an unreadable manifest
+    "huge 1e17": (huge(1e17), "would overflow when served"),  # once: accepted with error 0, NaN when served
+    "huge 300": (huge(300.0), "would overflow when served"),  # every entry of P is s·r·300² ≫ 65504
 }
 
 

@@ -27,7 +27,8 @@ def grown_store(tmp_path):
 def test_uses_unchanged_sources_like_a_fresh_compress(grown_store):
     tmp, store = grown_store
     args = ["--rank", "8", "--clusters", "2", "--seed", "3"]
-    assert cli(["-q", "compress", "--from-store", str(store), "--out", str(tmp / "new"), *args]) == 0
+    assert cli(["-q", "compress", "--from-store", str(store), "--out", str(tmp / "new"), "--recluster-exact",
+                *args]) == 0
     assert cli(["-q", "compress", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "direct"), *args]) == 0
     new, direct, old = (read_manifest(tmp / n) for n in ("new", "direct", "s"))
     assert list(new.adapters) == list(direct.adapters) == list(old.adapters)
@@ -51,7 +52,7 @@ def test_rebuilds_from_the_store_when_sources_are_gone(grown_store, caplog):
         torch.testing.assert_close(bt.T.double() @ a.double(), p, rtol=1e-5, atol=1e-6)
     with caplog.at_level(logging.WARNING):
         assert cli(["-q", "compress", "--from-store", str(store), "--out", str(store), "--rank", "4",
-                    "--clusters", "3"]) == 0  # in place
+                    "--clusters", "3", "--recluster-exact"]) == 0  # in place
     assert "3 of 8 adapters are rebuilt" in caplog.text and "late-0000" in caplog.text
     m = read_manifest(store)
     assert len(m.adapters) == 8 and len(m.clusters) == 3
@@ -68,3 +69,25 @@ def test_name_given_twice_is_refused(grown_store):
     assert cli(["-q", "compress", str(tmp / "a"), "--from-store", str(store), "--out", str(tmp / "x")]) == 2
     assert not (tmp / "x").exists()
     assert cli(["-q", "compress", "--out", str(tmp / "y")]) == 2
+
+
+def test_exact_singletons_stay_exact_by_default(grown_store):
+    tmp, store = grown_store
+    old = read_manifest(store)
+    assert cli(["-q", "compress", "--from-store", str(store), "--out", str(store), "--rank", "auto",
+                "--clusters", "auto"]) == 0
+    m = read_manifest(store)
+    assert set(m.adapters) == set(old.adapters)
+    for name in ("late-0000", "late-0001"):  # exact before, exact after: not refitted under a mean-error target
+        assert m.clusters[m.adapters[name].cluster].kind == "exact" and m.adapters[name].error == 0.0
+        assert cli(["-q", "export", str(store), name, "--out", str(tmp / f"e-{name}")]) == 0
+        for mod in TINY_MODULES:
+            torch.testing.assert_close(dense_update(tmp / f"e-{name}", mod), dense_update(tmp / "b" / name, mod),
+                                       rtol=1e-5, atol=1e-6)
+    assert sum(c.kind == "shared" for c in m.clusters) >= 1
+
+
+def test_recluster_exact_needs_from_store(grown_store, capsys):
+    tmp, _ = grown_store
+    assert cli(["-q", "compress", str(tmp / "a"), "--out", str(tmp / "z"), "--recluster-exact"]) == 2
+    assert "--recluster-exact applies to --from-store" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def sigma_of(scale: float, r: int, rank: int, full: bool) -> torch.Tensor:
     return torch.diag(d) if full else d
 
 
-def compress_compeft(adapters, out, config, progress: bool = True):
+def compress_compeft(adapters, out, config, progress: bool = True, merge=None):
     """``compress --method compeft``: every adapter its own ComPEFT-coded singleton cluster.
 
     No basis is shared, so this is ComPEFT alone (each adapter compressed independently); the
@@ -118,8 +118,9 @@ def compress_compeft(adapters, out, config, progress: bool = True):
     from vllm_jd.compress.factors import ModuleFactors
     from vllm_jd.compress.pipeline import Summary, module_table
     from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
-    from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, compeft_key, sigma_key,
-                                        staged_directory, write_manifest)
+    from vllm_jd.compress.peft_io import recorded_source
+    from vllm_jd.compress.store import AdapterInfo, ClusterInfo, Manifest, compeft_key, sigma_key
+    from vllm_jd.compress.transaction import publish, writing
 
     t0 = time.perf_counter()
     if config.rank is not None or config.clusters is not None:
@@ -129,8 +130,8 @@ def compress_compeft(adapters, out, config, progress: bool = True):
     modules = module_table(adapters)
     bases = {a.base_model for a in adapters}
     clusters, infos, weight_map = [], {}, {}
-    with staged_directory(Path(out)) as tmp:
-        (tmp / "tensors").mkdir()
+    with writing(Path(out)) as staging:
+        tmp = staging.dir
         for i, a in enumerate(tqdm(adapters, desc="compeft", unit="adapter", disable=not progress)):
             raw = raw_factors_of(a)  # read once: coded here and the reference of the error below
             one = encode_singleton(a, config.density, config.alpha, config.compeft_encoding, raw)
@@ -151,16 +152,16 @@ def compress_compeft(adapters, out, config, progress: bool = True):
                 nrm2 = float(one_f.norms()[0]) ** 2
                 errs.append(round((loss / nrm2) ** 0.5, 6) if nrm2 > 0 else 0.0)
                 sq, weight = sq + loss, weight + nrm2
-            shard = f"tensors/c{i:06d}.safetensors"
+            shard = staging.shard(f"c{i:06d}")
             save_file(tensors, str(tmp / shard))
             weight_map.update({k: shard for k in tensors})
             clusters.append(ClusterInfo(id=i, rank=rank, kind="compeft", compeft=one.info))
             infos[a.name] = AdapterInfo(cluster=i, block=0, row=0, rank=rank, lora_params=a.lora_params,
-                                        checksum=a.checksum(), source=str(a.path),
+                                        checksum=a.checksum(), source=recorded_source(a),
                                         error=(sq / weight) ** 0.5 if weight > 0 else 0.0, module_errors=errs)
         manifest = Manifest(method="compeft", sigma="diag", rank=max(c.rank for c in clusters),
                             sigma_dtype=config.sigma_dtype, base_model=next(iter(bases)) if len(bases) == 1 else None,
                             settings=config.model_dump(), modules=modules, clusters=clusters, adapters=infos,
                             weight_map=weight_map)
-        write_manifest(tmp, manifest)
+        publish(staging, manifest, merge)
     return Summary(manifest, time.perf_counter() - t0, [])

@@ -15,3 +15,7 @@ class AdapterError(ValueError):
 
 class StoreError(ValueError):
     """A store is missing, malformed, or incompatible with the request."""
+
+
+class StoreBusy(StoreError):
+    """Another writer held the store's lock for longer than the caller would wait; nothing changed."""

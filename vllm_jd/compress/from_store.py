@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.compress.peft_io import ModuleSpec, PeftAdapter, open_adapter
+from vllm_jd.compress.errors import AdapterError
+from vllm_jd.compress.peft_io import ModuleSpec, PeftAdapter, check_update, open_adapter
 from vllm_jd.compress.store import Manifest, TensorReader, read_manifest, u_key, v_key
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ class StoredAdapter:
         m: Manifest = reader.manifest
         self.reader, self.name = reader, name
         self.info = m.adapters[name]
-        self.path = Path(self.info.source)  # recorded as the new store's source too
+        self.path = Path(self.info.source)
+        self.source = self.info.source  # recorded as the new store's source too, as it was
         rank = m.clusters[self.info.cluster].rank
         self.modules = {mod.name: ModuleSpec(u_key(self.info.cluster, mod.name), v_key(self.info.cluster, mod.name),
                                              rank, mod.d_in, mod.d_out, 1.0)
@@ -37,11 +39,15 @@ class StoredAdapter:
         self.base_model = m.base_model
 
     def raw_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lora_A = V_cᵀ [r, d_in], lora_B = U_c Σ_i [d_out, r]) float32."""
+        """(lora_A = V_cᵀ [r, d_in], lora_B = U_c Σ_i [d_out, r]) float32; AdapterError if they are
+        not finite or too large to serve (as for a PEFT adapter)."""
         c = self.info.cluster
         U, V = self.reader.get(u_key(c, module)), self.reader.get(v_key(c, module))
         s = self.reader.sigma(self.name, module)
         B = U @ s if s.dim() == 2 else U * s
+        if not (torch.isfinite(V).all() and torch.isfinite(B).all()):
+            raise AdapterError(self.name, f"its stored update for {module} has NaN or Inf values", self.path)
+        check_update(self.name, module, V.T, B.T, self.path)
         return V.T.contiguous(), B.contiguous()
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,27 +59,76 @@ class StoredAdapter:
         return self.info.checksum  # the identity of the source adapter, carried over
 
 
-def store_adapters(store: str | Path) -> list[PeftAdapter | StoredAdapter]:
-    """Every adapter of ``store``: its unchanged source folder if it still exists, else rebuilt."""
+def store_adapters(store: str | Path, manifest: Manifest | None = None) -> list[PeftAdapter | StoredAdapter]:
+    """Every adapter of ``store`` (``manifest``: its manifest as already read): its unchanged
+    source folder if it still exists, else rebuilt."""
     store = Path(store)
-    manifest = read_manifest(store)
+    manifest = read_manifest(store) if manifest is None else manifest
     reader = TensorReader(store, manifest)
     out: list[PeftAdapter | StoredAdapter] = []
     rebuilt = []
-    for name, info in manifest.adapters.items():
-        src = Path(info.source)
-        if src.is_dir():
-            try:
-                a = open_adapter(name, src)
-                if a.checksum() == info.checksum:
-                    out.append(a)
-                    continue
-            except ValueError:
-                pass  # unreadable now: fall back to the store's copy
-        out.append(StoredAdapter(reader, name))
-        rebuilt.append(name)
+    for name in manifest.adapters:
+        out.append(_best_source(reader, name))
+        if isinstance(out[-1], StoredAdapter):
+            rebuilt.append(name)
     if rebuilt:
         logger.warning("%d of %d adapters are rebuilt from %s (source missing or changed; their stored error "
                        "adds to the new one): %s%s", len(rebuilt), len(out), store, ", ".join(rebuilt[:5]),
                        " …" if len(rebuilt) > 5 else "")
+    if manifest.broken:
+        logger.warning("%d adapters of %s are set aside (broken entries, see `vllm-jd fsck`) and not recompressed: "
+                       "%s", len(manifest.broken), store, ", ".join(sorted(manifest.broken)[:5]))
     return out
+
+
+def _best_source(reader: TensorReader, name: str) -> PeftAdapter | StoredAdapter:
+    """Adapter ``name``'s source folder if it is unchanged (checksum), else its stored copy."""
+    info = reader.manifest.adapters[name]
+    src = Path(info.source)
+    if src.is_dir():
+        try:
+            a = open_adapter(name, src)
+            if a.checksum() == info.checksum:
+                return a
+        except ValueError:
+            pass  # unreadable now: fall back to the store's copy
+    return StoredAdapter(reader, name)
+
+
+def _identity(info) -> tuple:
+    return info.cluster, info.block, info.row, info.checksum
+
+
+def carry_over(store: Path, snapshot: Manifest, max_error: float):
+    """``transaction.publish``'s merge for ``compress --from-store S --out S``.
+
+    The new version was built from ``snapshot``; under the lock, S's current manifest may hold
+    adapters added (or registered again) since and lack some removed since. Removed ones are
+    dropped from the new version; added ones are projected onto its bases as ``add`` would (exact
+    above ``max_error``), read from S, whose shards are still in place. Entries S sets aside (or
+    that fail their check) are quarantined in the new version; quarantined ones stay quarantined."""
+    from vllm_jd.compress.project import place
+
+    def merge(current: Manifest, new: Manifest, staging) -> Manifest:
+        before = {n: _identity(a) for n, a in snapshot.adapters.items()}
+        before.update({n: _identity(current.adapters[n]) for n in snapshot.broken if n in current.adapters})
+        gone = [n for n in before if n not in current.adapters]
+        changed = [n for n, a in current.adapters.items() if before.get(n) != _identity(a)]
+        for n in gone + changed:
+            new.adapters.pop(n, None)
+        if changed:
+            reader = TensorReader(store, current)
+            adapters = [_best_source(reader, n) for n in changed]
+            place(TensorReader(staging.dir, new), new, adapters, staging.dir, max_error)
+        for n, (entry, why) in [*current._broken.items(), *snapshot._broken.items()]:
+            # unservable, but never dropped; quarantined, because their cluster and row numbers would
+            # point into the new version's tensors, where they mean another adapter's Σ
+            if n not in new.adapters and n not in new.quarantined:
+                new.quarantined[n] = {"entry": entry, "reason": f"{why} (set aside when {store} was recompressed)"}
+        new.quarantined = {**current.quarantined, **new.quarantined}
+        if gone or changed:
+            logger.info("carried over what changed in %s while compressing: %d adapters added, %d removed", store,
+                        len(changed), len(gone))
+        return new
+
+    return merge

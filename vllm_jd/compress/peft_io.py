@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_jd.compress.errors import AdapterError, StoreError
+from vllm_jd.compress.names import name_problem
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -50,6 +51,8 @@ class PeftAdapter:
     weights: Path
     modules: dict[str, ModuleSpec] = field(default_factory=dict)
     _bin_state: dict | None = None
+    source: str | None = None
+    """What a store records as where the adapter came from (None: ``path``, absolute)."""
 
     @property
     def lora_params(self) -> int:
@@ -64,7 +67,7 @@ class PeftAdapter:
         """Return ``(A, Bt)`` for ``module`` in float32 with the scale folded into ``Bt``.
 
         A: [r, d_in]; Bt: [r, d_out] with ``Bt = s · Bᵀ``, so ``P = Btᵀ A``.
-        Raises AdapterError on NaN/Inf values.
+        Raises AdapterError on NaN/Inf values and on an update too large to serve (``check_update``).
         """
         a, b = self.raw_factors(module)
         return a, (b.T * self.modules[module].scale).contiguous()
@@ -72,7 +75,7 @@ class PeftAdapter:
     def raw_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lora_A [r, d_in], lora_B [d_out, r])`` as stored (scale not applied), float32.
 
-        Raises AdapterError on NaN/Inf values.
+        Raises AdapterError on NaN/Inf values and on an update too large to serve (``check_update``).
         """
         spec = self.modules[module]
         if self.weights.name == BIN_NAME:
@@ -85,6 +88,7 @@ class PeftAdapter:
         a, b = a.to(torch.float32), b.to(torch.float32)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(self.name, f"module '{module}' has NaN or Inf weights", self.path)
+        check_update(self.name, module, a, b.T * spec.scale, self.path)
         return a, b
 
     def checksum(self) -> str:
@@ -95,6 +99,31 @@ class PeftAdapter:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
         return "sha256:" + h.hexdigest()
+
+
+MAX_UPDATE_NORM = 65504.0
+"""Largest ‖s·B·A‖_F accepted per module: fp16's largest value. Every number a store keeps for
+the adapter (Σ_i entries ≤ ‖P_i‖_F with orthonormal bases, the entries of P_i itself) then fits
+the narrowest serving dtype; trained adapters sit many orders of magnitude below. Above it the
+adapter overflows when served (and once produced NaN errors that made a store unreadable)."""
+
+
+def check_update(name: str, module: str, a: torch.Tensor, bt: torch.Tensor, path: object = None) -> None:
+    """AdapterError unless ``P = btᵀ a`` (a [r, d_in], bt [r, d_out]) is finite with ‖P‖_F ≤
+    ``MAX_UPDATE_NORM``; computed in float64 from the factors (r×r Gram matrices), which cannot
+    overflow where float32 products of 1e19-sized weights do."""
+    a64, b64 = a.double(), bt.double()
+    norm = float(((b64 @ b64.T) * (a64 @ a64.T)).sum().clamp_min(0).sqrt())
+    if not norm <= MAX_UPDATE_NORM:  # also catches NaN and Inf
+        raise AdapterError(name, f"module '{module}': the update s·B·A has norm {norm:.3g}, above {MAX_UPDATE_NORM:g} "
+                                 "(fp16's largest value): it would overflow when served", path)
+
+
+def recorded_source(adapter) -> str:
+    """The source a store records for ``adapter``: absolute, so ``compress --from-store`` run from
+    another folder still finds it."""
+    src = getattr(adapter, "source", None)
+    return src if src is not None else str(Path(adapter.path).absolute())
 
 
 def discover(paths: list[str | Path]) -> list[tuple[str, Path]]:
@@ -124,6 +153,8 @@ def discover(paths: list[str | Path]) -> list[tuple[str, Path]]:
         raise ValueError("no adapters given: pass at least one PEFT adapter folder")
     seen: dict[str, Path] = {}
     for name, p in found:
+        if (why := name_problem(name)) is not None:  # the folder name becomes the adapter's name
+            raise AdapterError(name[:80], why, p)
         if name in seen:
             raise AdapterError(name, f"duplicate adapter name: both {seen[name]} and {p}", p)
         seen[name] = p

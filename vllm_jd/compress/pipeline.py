@@ -22,11 +22,14 @@ from vllm_jd.compress import solvers
 from vllm_jd.compress.clustering import Reference
 from vllm_jd.compress.errors import AdapterError
 from vllm_jd.compress.factors import ModuleFactors, load_module, normalize
-from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
+from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter, recorded_source
+from vllm_jd.compress.project import place
 from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
 from vllm_jd.compress.selection import Choice, choose
-from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, ModuleInfo, sigma_key, staged_directory,
-                                    u_key, v_key, write_manifest)
+from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, ModuleInfo, TensorReader, read_manifest,
+                                    sigma_key, u_key, v_key)
+from vllm_jd.compress.transaction import publish, writing
+from vllm_jd.compress.validate import check_store
 from vllm_jd.compress.svd import exact_diag, truncated_svd
 from vllm_jd.config import CompressConfig
 
@@ -80,28 +83,44 @@ def load_references(adapters: list[PeftAdapter], names: list[str], device: str) 
 
 
 def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, progress: bool = True,
-             from_store: str | Path | None = None) -> Summary:
+             from_store: str | Path | None = None, recluster_exact: bool = False) -> Summary:
     """Compress the PEFT adapters under ``paths`` (and every adapter of ``from_store``) into a new
-    store at ``out`` (atomic; ``out`` may be ``from_store`` itself)."""
+    store at ``out`` (atomic; ``out`` may be ``from_store`` itself: then whatever was added to or
+    removed from it while this ran is carried over, so no acknowledged ``add`` is lost).
+
+    The exact singletons of ``from_store`` stay exact (not refitted into a shared basis, where
+    the auto settings only bound the *mean* error) unless ``recluster_exact``."""
     adapters = [open_adapter(name, p) for name, p in discover(paths)] if paths or from_store is None else []
+    exact, merge = [], None
     if from_store is not None:
-        from vllm_jd.compress.from_store import store_adapters
+        from vllm_jd.compress.from_store import carry_over, store_adapters
 
         names = {a.name for a in adapters}
-        for a in store_adapters(from_store):
+        snapshot = read_manifest(from_store)
+        for name, why in check_store(from_store, snapshot).adapters.items():  # never fit a basis to NaN
+            if name in snapshot.adapters:
+                snapshot.set_aside(name, why)
+        for a in store_adapters(from_store, snapshot):
             if a.name in names:
                 raise AdapterError(a.name, f"is both given and in --from-store {from_store}", a.path)
-            adapters.append(a)
-    return compress_adapters(adapters, out, config, progress)
+            kind = snapshot.clusters[snapshot.adapters[a.name].cluster].kind
+            (exact if kind == "exact" and not recluster_exact and config.method != "compeft" else adapters).append(a)
+        if Path(out).resolve() == Path(from_store).resolve():
+            merge = carry_over(Path(from_store), snapshot, config.max_error)
+    return compress_adapters(adapters, out, config, progress, exact=exact, merge=merge)
 
 
 def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: CompressConfig,
-                      progress: bool = True) -> Summary:
-    """Compress opened adapters (anything with PeftAdapter's interface) into ``out``."""
+                      progress: bool = True, exact: list | None = None, merge=None) -> Summary:
+    """Compress opened adapters (anything with PeftAdapter's interface) into ``out``; ``exact``
+    ones become exact singletons; ``merge`` is ``transaction.publish``'s."""
+    exact = exact or []
     if config.method == "compeft":
         from vllm_jd.compress.compeft_store import compress_compeft
 
-        return compress_compeft(adapters, out, config, progress)
+        return compress_compeft(adapters, out, config, progress, merge=merge)
+    if not adapters:
+        return _exact_only(exact, out, config, merge)
     t0 = time.perf_counter()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}: no CUDA device is available")
@@ -142,8 +161,8 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
     sq_err_fp32 = sq_err.clone()  # the same before quantisation (equal for an fp32 store)
     weight = torch.zeros(n, len(modules), dtype=torch.float64)
     weight_map: dict[str, str] = {}
-    with staged_directory(Path(out)) as tmp:
-        (tmp / "tensors").mkdir()
+    with writing(out) as staging:
+        tmp = staging.dir
         per_fit = max(config.iters, 1)
         fits = sum(len({int(labels[i]) for i, a in enumerate(adapters) if m.name in a.modules}) for m in modules)
         if config.method == "svd":
@@ -156,7 +175,7 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
             tensors = _compress_module(f, present, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
             sq_err_fp32[:, mi] = sq_err[:, mi]
             tensors = _store_dtypes(tensors, f, present, module, labels, rows, config, mi, sq_err)
-            shard = f"tensors/m{mi:05d}.safetensors"
+            shard = staging.shard(f"m{mi:05d}")
             save_file(tensors, str(tmp / shard))
             weight_map.update({key: shard for key in tensors})
             module_seconds.append(time.perf_counter() - t_module)
@@ -175,13 +194,32 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
             clusters=[ClusterInfo(id=c, rank=rank, kind=kind) for c in range(k)],
             adapters={a.name: AdapterInfo(
                 cluster=int(labels[i]), block=0, row=int(rows[i]), rank=max(s.rank for s in a.modules.values()),
-                lora_params=a.lora_params, checksum=checksums[i], source=str(a.path), error=float(agg[i]),
+                lora_params=a.lora_params, checksum=checksums[i], source=recorded_source(a), error=float(agg[i]),
                 error_fp32=float(agg32[i]) if quantised else None,
                 module_errors=[None if e != e else round(float(e) ** 0.5, 6) for e in sq_err[i].tolist()])
                 for i, a in enumerate(adapters)},
             weight_map=weight_map)
-        write_manifest(tmp, manifest)
+        if exact:
+            place(TensorReader(tmp, manifest), manifest, exact, tmp, config.max_error, force_exact=True)
+        publish(staging, manifest, merge)
     return Summary(manifest, time.perf_counter() - t0, choice.tried, t_select, module_seconds)
+
+
+def _exact_only(exact: list, out: str | Path, config: CompressConfig, merge) -> Summary:
+    """A store of exact singletons only (``--from-store`` of a store that holds nothing else)."""
+    if not exact:
+        raise ValueError("no adapters given: pass at least one PEFT adapter folder")
+    t0 = time.perf_counter()
+    modules = module_table(exact)
+    rank = max(s.rank for a in exact for s in a.modules.values())
+    manifest = Manifest(method=config.method, sigma="full" if config.method == "jd-full" else "diag", rank=rank,
+                        basis_dtype=config.basis_dtype, sigma_dtype=config.sigma_dtype,
+                        settings={**config.model_dump(), "rank_chosen": rank, "clusters_chosen": 0},
+                        modules=modules, clusters=[], adapters={})
+    with writing(out) as staging:
+        place(TensorReader(staging.dir, manifest), manifest, exact, staging.dir, config.max_error, force_exact=True)
+        publish(staging, manifest, merge)
+    return Summary(manifest, time.perf_counter() - t0, [])
 
 
 def _compress_module(f: ModuleFactors, present: torch.Tensor, module: ModuleInfo, labels, rows, k, rank, config, mi,

@@ -14,18 +14,22 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from vllm_jd.compress import solvers
-from vllm_jd.compress.errors import AdapterError
-from vllm_jd.compress.factors import ModuleFactors, load_module
-from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter
 from vllm_jd.compress.compeft_store import Singleton, encode_singleton, sigma_of
+from vllm_jd.compress.errors import AdapterError, StoreError
+from vllm_jd.compress.factors import ModuleFactors, load_module
+from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter, recorded_source
 from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
-from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, TensorReader, locked, read_manifest,
-                                    compeft_key, sigma_key, u_key, v_key, write_manifest)
+from vllm_jd.compress.names import name_problem
+from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, TensorReader, compeft_key,
+                                    read_manifest, sigma_key, u_key, v_key)
+from vllm_jd.compress.transaction import STAGING_PREFIX, TENSORS, commit, live_folder, locked
+from vllm_jd.compress.validate import bad_value
 from vllm_jd.compress.svd import exact_diag, exact_full
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,11 @@ class Added:
     cluster: int
     kind: str
     error: float
+    new: bool = True
+    """False: the store already held this very adapter (same checksum); nothing was written."""
+    block: int = 0
+    row: int = 0
+    """Where its Σ is: row ``row`` of Σ block ``block`` of its cluster."""
 
 
 def _check_modules(manifest: Manifest, adapter: PeftAdapter) -> None:
@@ -60,30 +69,58 @@ def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5,
 
 
 def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float = 0.5,
-              compeft: tuple[float, float, str] | None = None) -> list[Added]:
-    """``add`` with explicit (name, adapter folder) pairs (a server registers under the request's name)."""
+              compeft: tuple[float, float, str] | None = None, lock_timeout: float | None = None,
+              still_wanted: Callable[[], bool] | None = None, sources: list[str] | None = None,
+              generation: str | None = None) -> list[Added]:
+    """``add`` with explicit (name, adapter folder) pairs (a server registers under the request's name).
+
+    lock_timeout: seconds to wait for the store's lock (None: as long as it takes). still_wanted:
+    asked under the lock just before the commit; False (the caller gave up waiting) cancels it.
+    sources: what to record as each adapter's source (default: its folder, absolute).
+    generation: refuse unless the store is still this version (a server adds only to the version
+    its workers hold).
+    """
     store = Path(store)
     if not max_error > 0:
         raise ValueError(f"`max_error` must be > 0, got {max_error}")
-    with locked(store):
+    for name, p in named:
+        if (why := name_problem(name)) is not None:
+            raise AdapterError(str(name)[:80], why, p)
+    adapters = [open_adapter(name, Path(p)) for name, p in named]
+    for a, src in zip(adapters, sources or [None] * len(adapters)):
+        a.source = src
+    with locked(store, timeout=lock_timeout):
         manifest = read_manifest(store)
-        adapters = [open_adapter(name, Path(p)) for name, p in named]
+        if generation is not None and manifest.generation != generation:
+            raise StoreError(f"{store} was recompressed since the server loaded it (version {generation[:8] or '-'} "
+                             f"→ {manifest.generation[:8]}): switch to it (POST /v1/jd/store) or restart, then "
+                             "register again; nothing was changed")
         for a in adapters:
-            if a.name in manifest.adapters:
+            if a.name in manifest.adapters or a.name in manifest.broken or a.name in manifest.quarantined:
                 raise AdapterError(a.name, "an adapter of this name is already in the store", a.path)
             _check_modules(manifest, a)
-        return _add(store, manifest, adapters, max_error, compeft)
+        with live_folder(store / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}") as staged:
+            (staged / TENSORS).mkdir()
+            placed = place(TensorReader(store, manifest), manifest, adapters, staged, max_error, compeft)
+            if still_wanted is not None and not still_wanted():
+                raise StoreError("the registration was cancelled (it waited too long); the store is unchanged")
+            commit(store, staged, manifest)
+    return placed
 
 
-def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error: float,
-         compeft: tuple[float, float, str] | None = None) -> list[Added]:
-    reader = TensorReader(store, manifest)
+def place(reader: TensorReader, manifest: Manifest, adapters: list, staged: Path, max_error: float,
+          compeft: tuple[float, float, str] | None = None, force_exact: bool = False) -> list[Added]:
+    """Put ``adapters`` into ``manifest`` (in memory): project each onto its best shared cluster
+    (``reader`` reads the bases), or make it a singleton above ``max_error`` (always with
+    ``force_exact``). Their tensors go into one new shard under ``staged/tensors``; the caller
+    commits."""
     n = len(adapters)
-    shared = [c.id for c in manifest.clusters if c.kind == "shared"]
+    shared = [] if force_exact else [c.id for c in manifest.clusters if c.kind == "shared"]
     cost = torch.zeros(n, len(shared), dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)
+    unusable: set[int] = set()  # clusters whose bases cannot be read: never chosen (fsck names them)
     for m in manifest.modules:  # pass 1: the error of every new adapter under every shared cluster
-        if not any(m.name in a.modules for a in adapters):
+        if not shared or not any(m.name in a.modules for a in adapters):
             continue
         f, present = load_module(adapters, m.name)
         total[present] += f.norms() ** 2
@@ -91,8 +128,17 @@ def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error
             if u_key(c, m.name) not in manifest.weight_map:
                 cost[present, j] += f.norms() ** 2
                 continue
-            U, V = reader.get(u_key(c, m.name)), reader.get(v_key(c, m.name))
+            try:
+                U, V = reader.get(u_key(c, m.name)), reader.get(v_key(c, m.name))
+                if (why := bad_value(U) or bad_value(V)) is not None:
+                    raise StoreError(f"basis of cluster {c} for {m.name} {why}")
+            except StoreError as e:
+                if j not in unusable:
+                    logger.warning("cluster %d is not a candidate for new adapters: %s", c, e)
+                unusable.add(j)
+                continue
             cost[present, j] += solvers.projection_losses(manifest.method, f, U, V)
+    cost[:, sorted(unusable)] = float("inf")
     rel = (cost / total.clamp_min(1e-300)[:, None]).sqrt()
     best = rel.argmin(1) if shared else torch.zeros(n, dtype=torch.long)
     block = manifest.next_block
@@ -117,25 +163,17 @@ def _add(store: Path, manifest: Manifest, adapters: list[PeftAdapter], max_error
             new_clusters.append(ClusterInfo(id=cid, rank=rank, kind=kind, compeft=info))
             placed.append(Added(a.name, cid, kind, 0.0 if kind == "exact" else err))
     tensors, rows, errors = _tensors(reader, manifest, adapters, placed, new_clusters, block, singletons)
-    shard = f"tensors/add-{block:05d}-{uuid.uuid4().hex[:6]}.safetensors"
-    tmp = store / f"{shard}.tmp"
-    try:
-        save_file(tensors, str(tmp))
-        tmp.rename(store / shard)
-        manifest.clusters.extend(new_clusters)
-        manifest.weight_map.update({k: shard for k in tensors})
-        for i, (a, p) in enumerate(zip(adapters, placed)):
-            manifest.adapters[a.name] = AdapterInfo(
-                cluster=p.cluster, block=block, row=rows[i], rank=max(s.rank for s in a.modules.values()),
-                lora_params=a.lora_params, checksum=a.checksum(), source=str(a.path), error=errors[i][0],
-                module_errors=errors[i][1], error_fp32=errors[i][2])
-            p.error = errors[i][0]
-        manifest.next_block = block + 1
-        write_manifest(store, manifest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        (store / shard).unlink(missing_ok=True)
-        raise
+    shard = f"{TENSORS}/add-{block:05d}-{uuid.uuid4().hex[:6]}.safetensors"
+    save_file(tensors, str(staged / shard))
+    manifest.clusters.extend(new_clusters)
+    manifest.weight_map.update({k: shard for k in tensors})
+    for i, (a, p) in enumerate(zip(adapters, placed)):
+        manifest.adapters[a.name] = AdapterInfo(
+            cluster=p.cluster, block=block, row=rows[i], rank=max(s.rank for s in a.modules.values()),
+            lora_params=a.lora_params, checksum=a.checksum(), source=recorded_source(a), error=errors[i][0],
+            module_errors=errors[i][1], error_fp32=errors[i][2])
+        p.error, p.block, p.row = errors[i][0], block, rows[i]
+    manifest.next_block = block + 1
     return placed
 
 

@@ -6,7 +6,8 @@ import statistics
 from pathlib import Path
 
 from vllm_jd.compress.accounting import STORE_BYTES_PER_PARAM, account
-from vllm_jd.compress.store import Manifest, read_manifest
+from vllm_jd.compress.store import Manifest, read_manifest, shard_path
+from vllm_jd.compress.validate import check_store
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
 
@@ -21,13 +22,16 @@ def stored_bytes(store: Path, manifest: Manifest) -> dict[str, int]:
     for key, shard in manifest.weight_map.items():
         by_shard.setdefault(shard, []).append(key)
     for shard, keys in by_shard.items():
-        with safe_open(str(Path(store) / shard), framework="pt") as f:
-            for key in keys:
-                sl = f.get_slice(key)
-                n = _ITEMSIZE[sl.get_dtype()]
-                for d in sl.get_shape():
-                    n *= d
-                out["sigma" if key.startswith("sigma.") else "bases"] += n
+        try:
+            with safe_open(str(shard_path(Path(store), shard)), framework="pt") as f:
+                for key in keys:
+                    sl = f.get_slice(key)
+                    n = _ITEMSIZE[sl.get_dtype()]
+                    for d in sl.get_shape():
+                        n *= d
+                    out["sigma" if key.startswith("sigma.") else "bases"] += n
+        except Exception:  # an unreadable shard or tensor is counted as 0 bytes; check_store names it
+            continue
     out["total"] = out["bases"] + out["sigma"]
     return out
 
@@ -35,6 +39,10 @@ def stored_bytes(store: Path, manifest: Manifest) -> dict[str, int]:
 def summarize(store: str | Path) -> dict:
     """A JSON-ready summary of ``store``."""
     manifest = read_manifest(store)
+    found = check_store(store, manifest)
+    for name, why in found.adapters.items():  # counted apart: their entries or tensors cannot be trusted
+        if name in manifest.adapters:
+            manifest.set_aside(name, why)
     acc = account(manifest)
     errors = [a.error for a in manifest.adapters.values()]
     sizes: dict[int, int] = {}
@@ -72,6 +80,8 @@ def summarize(store: str | Path) -> dict:
         "bytes_uncompressed_lora": acc.lora_params * b,
         "params_saved": {"per_adapter": statistics.fmean(acc.per_adapter_saved) if errors else 0.0,
                          "total": acc.total_saved},
+        "problems": {"store": found.store, "adapters": found.adapters},
+        "quarantined": {n: q.get("reason") for n, q in manifest.quarantined.items()},
         "adapter_errors": {name: a.error for name, a in manifest.adapters.items()},
         "adapter_clusters": {name: a.cluster for name, a in manifest.adapters.items()},
     }
@@ -117,4 +127,13 @@ def format_summary(s: dict, max_rows: int = 20) -> str:
         lines.append(f"{name:<32} {s['adapter_clusters'][name]:>7} {s['adapter_errors'][name]:>8.4f}")
     if len(names) > max_rows:
         lines.append(f"… {len(names) - max_rows} more (worst first; --json lists all)")
+    if s["quarantined"]:
+        lines.append(f"quarantined  {len(s['quarantined'])} adapters (not served; `vllm-jd fsck` lists them)")
+    problems = s["problems"]
+    for p in problems["store"]:
+        lines.append(f"PROBLEM      the store: {p}")
+    for name, why in sorted(problems["adapters"].items())[:max_rows]:
+        lines.append(f"PROBLEM      adapter {name}: {why}")
+    if problems["store"] or problems["adapters"]:
+        lines.append("             (not served; `vllm-jd fsck STORE --repair` quarantines broken adapters)")
     return "\n".join(lines)

@@ -15,26 +15,30 @@ checkpoints):
 
 Adapter ``name`` reads row ``row`` of ``sigma.<cluster>.<block>.*``. Shards are never
 rewritten: ``compress`` writes one shard per module; ``add`` writes one new shard with new Σ
-blocks (and singleton bases) and then replaces the manifest atomically, so a reader always sees
-a complete store and a failed command leaves it byte-for-byte unchanged.
+blocks (and singleton bases); either then replaces the manifest atomically (``transaction``), so
+a reader always sees a complete store and a failed command leaves it byte-for-byte unchanged.
+
+Reading is tolerant where it can be: an adapter entry that fails its check is set aside (not
+served, reported by ``inspect``/``fsck``, written back unchanged), so one bad entry never makes
+the whole store unreadable; a malformed top level still does.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
+import math
 import os
-import shutil
+import stat
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from safetensors import safe_open
 
 from vllm_jd.compress.errors import StoreError
+from vllm_jd.compress.names import name_problem
 from vllm_jd.compress.quantize import SCALE_SUFFIX, StoreDtype, decode
 
 FORMAT = "vllm-jd-store"
@@ -81,6 +85,29 @@ class AdapterInfo(BaseModel):
     error_fp32: float | None = Field(None, description="The same error before quantisation (None: stored as computed)")
     module_errors: list[float | None] = Field(description="Relative error per module; None = no such module")
 
+    @field_validator("cluster", "block", "row", "rank", "lora_params")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        if v < 0:
+            raise ValueError(f"{info.field_name} {v} is negative")
+        return v
+
+    @field_validator("error", "error_fp32")
+    @classmethod
+    def _finite_error(cls, v: float | None, info) -> float | None:
+        # a NaN error was once written as null and made the whole manifest unreadable
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{info.field_name} {v} is not a finite number ≥ 0")
+        return v
+
+    @field_validator("module_errors")
+    @classmethod
+    def _finite_module_errors(cls, v: list[float | None]) -> list[float | None]:
+        bad = [e for e in v if e is not None and not (math.isfinite(e) and e >= 0)]
+        if bad:
+            raise ValueError(f"module error {bad[0]} is not a finite number ≥ 0")
+        return v
+
 
 class Manifest(BaseModel):
     format: str = FORMAT
@@ -97,9 +124,26 @@ class Manifest(BaseModel):
     adapters: dict[str, AdapterInfo]
     weight_map: dict[str, str] = Field(default_factory=dict)
     next_block: int = 1
+    generation: str = Field("", description="Id of this store version: new at every compress, kept by add")
+    quarantined: dict[str, dict] = Field(
+        default_factory=dict, description="Entries set aside by `fsck --repair`: name → {entry: the adapter's "
+                                          "manifest entry as found, reason}; never served, never lost")
+    _broken: dict[str, tuple[dict, str]] = PrivateAttr(default_factory=dict)
+    """Adapter entries that failed their check on read: name → (raw entry, reason). Not served,
+    written back unchanged by ``write_manifest`` until ``fsck --repair`` quarantines them."""
 
     def module_index(self) -> dict[str, int]:
         return {m.name: i for i, m in enumerate(self.modules)}
+
+    @property
+    def broken(self) -> dict[str, str]:
+        """Adapters whose manifest entry is unusable: name → reason."""
+        return {n: why for n, (_, why) in self._broken.items()}
+
+    def set_aside(self, name: str, reason: str) -> None:
+        """Stop serving adapter ``name`` (a problem found in its tensors); its entry stays in the file."""
+        info = self.adapters.pop(name)
+        self._broken[name] = (info.model_dump(mode="json"), reason)
 
 
 def u_key(cluster: int, module: str) -> str:
@@ -132,17 +176,57 @@ def read_manifest(store: Path) -> Manifest:
     if raw.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(f"{path}: store format version {raw.get('format_version')} is not supported "
                          f"(this vllm-jd reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    adapters = raw.get("adapters")
+    if not isinstance(adapters, dict):
+        raise StoreError(f"{path}: malformed manifest: 'adapters' is not an object")
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate({**raw, "adapters": {}})
     except ValueError as e:
         raise StoreError(f"{path}: malformed manifest: {e}") from None
+    for name, entry in adapters.items():  # one bad entry sets that adapter aside, never the store
+        try:
+            manifest.adapters[name] = _checked_entry(manifest, name, entry)
+        except ValueError as e:
+            manifest._broken[name] = (_json_safe(entry), str(e).replace("\n", " "))
+    return manifest
+
+
+def _json_safe(x):
+    """``x`` with every non-finite float turned into its name: JSON has no NaN, and an entry set
+    aside must be writable back as it was (json.loads accepts a bare NaN; json.dump must not)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _checked_entry(manifest: Manifest, name: str, entry: object) -> AdapterInfo:
+    """One adapter's manifest entry, checked against the rest of the manifest; ValueError why not."""
+    if (why := name_problem(name)) is not None:
+        raise ValueError(why)
+    info = AdapterInfo.model_validate(entry)
+    if info.cluster >= len(manifest.clusters):
+        raise ValueError(f"cluster {info.cluster} does not exist (the store has {len(manifest.clusters)})")
+    if info.block >= manifest.next_block:
+        raise ValueError(f"Σ block {info.block} was never written (next block is {manifest.next_block})")
+    if len(info.module_errors) != len(manifest.modules):
+        raise ValueError(f"{len(info.module_errors)} module errors for {len(manifest.modules)} modules")
+    return info
 
 
 def write_manifest(store: Path, manifest: Manifest) -> None:
-    """Replace ``STORE/manifest.json`` atomically (write, fsync, rename)."""
+    """Replace ``STORE/manifest.json`` atomically (write, fsync, rename). Entries set aside on read
+    are written back as they were found: a write never loses an adapter. A non-finite number
+    anywhere raises ValueError and nothing is written (JSON has no NaN; it once became null)."""
+    raw = manifest.model_dump(mode="json")
+    raw["adapters"].update({n: entry for n, (entry, _) in manifest._broken.items() if n not in manifest.adapters})
     tmp = Path(store) / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=1))
-    with open(tmp, "rb") as f:
+    with open(tmp, "w") as f:
+        json.dump(raw, f, indent=1, allow_nan=False)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, Path(store) / MANIFEST)
 
@@ -187,11 +271,15 @@ class TensorReader:
         if shard is None:
             raise StoreError(f"{self.store}: tensor {key} is not in the weight map")
         if shard not in self._open:
+            path = shard_path(self.store, shard)
             try:
-                self._open[shard] = safe_open(str(self.store / shard), framework="pt")
+                self._open[shard] = safe_open(str(path), framework="pt")
             except Exception as e:
                 raise StoreError(f"{self.store}: cannot open shard {shard}: {e}") from None
-        return self._open[shard].get_tensor(key)
+        try:
+            return self._open[shard].get_tensor(key)
+        except Exception as e:  # a truncated or corrupt shard
+            raise StoreError(f"{self.store}: cannot read tensor {key} from {shard}: {e}") from None
 
     def sigma(self, name: str, module: str) -> torch.Tensor:
         """Σ of adapter ``name`` for ``module``: [r_c, r_c] (full) or [r_c] (diag)."""
@@ -199,54 +287,17 @@ class TensorReader:
         return self.get(sigma_key(a.cluster, a.block, module))[a.row]
 
 
-def remove_adapter(store: Path, name: str) -> None:
-    """Drop adapter ``name`` from the manifest (atomically, under the lock). Its tensors stay in
-    their immutable shards, unread, until the next ``compress --from-store``."""
-    with locked(store):
-        manifest = read_manifest(store)
-        if name not in manifest.adapters:
-            raise StoreError(f"no adapter named {name!r} in {store}")
-        del manifest.adapters[name]
-        write_manifest(store, manifest)
-
-
-@contextmanager
-def locked(store: Path) -> Iterator[None]:
-    """Exclusive lock on a store for read-modify-write commands (``add``).
-
-    The lock is taken on the store directory itself, so locking writes nothing into the store.
-    """
-    if not (Path(store) / MANIFEST).exists():
-        raise StoreError(f"{store} is not a vllm-jd store: no {MANIFEST}")
-    fd = os.open(store, os.O_RDONLY)
+def shard_path(store: Path, shard: str) -> Path:
+    """The file of weight-map entry ``shard``: StoreError unless it is ``tensors/<file>`` and a
+    regular file inside the store (a tampered manifest must not make us open anything else)."""
+    parts = shard.split("/")
+    if len(parts) != 2 or parts[0] != "tensors" or parts[1] in ("", ".", "..") or "\\" in shard:
+        raise StoreError(f"{store}: shard path {shard!r} is not tensors/<file> inside the store")
+    path = Path(store) / shard
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-@contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """Yield a sibling temporary directory that replaces ``out`` only if the block succeeds.
-
-    ``out`` may be absent, empty, or an existing store; anything else is refused so that no
-    user data is overwritten. On failure the temporary directory is removed and ``out`` is
-    untouched.
-    """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
-        raise StoreError(f"refusing to overwrite {out}: it exists and is not a vllm-jd store")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise StoreError(f"{store}: shard {shard} is missing: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{store}: shard {shard} is not a regular file")
+    return path
