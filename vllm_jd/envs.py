@@ -19,6 +19,29 @@ VLLM_JD_SPARE_ADAPTERS = "VLLM_JD_SPARE_ADAPTERS"
 """Σ rows each worker reserves at start for adapters registered while serving (default 256)."""
 
 
+VLLM_JD_REGISTRATION_TIMEOUT = "VLLM_JD_REGISTRATION_TIMEOUT"
+"""Seconds a registration may take (reading, waiting for the store lock, projecting) before it is
+cancelled with 503 and nothing committed (default 120)."""
+VLLM_JD_UNLOAD_DELETES = "VLLM_JD_UNLOAD_DELETES"
+"""``1``: /v1/unload_lora_adapter also deletes the adapter from the store (default ``0``: memory only,
+as vLLM's unload)."""
+
+
+def registration_timeout() -> float:
+    value = os.environ.get(VLLM_JD_REGISTRATION_TIMEOUT) or "120"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{VLLM_JD_REGISTRATION_TIMEOUT}={value!r}: expected seconds > 0")
+    return seconds
+
+
+def unload_deletes() -> bool:
+    return _switch(VLLM_JD_UNLOAD_DELETES, default="0")
+
+
 def adapter_root() -> str | None:
     return os.environ.get(VLLM_JD_ADAPTER_ROOT) or None
 
@@ -81,9 +104,9 @@ VLLM_JD_CPU_FUSED = "VLLM_JD_CPU_FUSED"
 AMX-BF16 and a C compiler is found)."""
 
 
-def _switch(name: str) -> bool:
-    """An on/off variable: unset or ``1`` → on, ``0`` → off, anything else → ValueError."""
-    value = os.environ.get(name, "1")
+def _switch(name: str, default: str = "1") -> bool:
+    """An on/off variable: ``1`` → on, ``0`` → off, unset → ``default``, anything else → ValueError."""
+    value = os.environ.get(name, default)
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: expected 0 or 1")
     return value == "1"

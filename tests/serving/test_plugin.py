@@ -86,10 +86,17 @@ def test_ten_thousand_model_names(tmp_path, monkeypatch):
 
     from vllm_jd.serving.patch import register_store_adapters
 
-    manifest = {"format": "vllm-jd-store", "format_version": 1, "method": "jd-full", "sigma": "full", "rank": 8,
-                "modules": [{"name": "m", "d_in": 4, "d_out": 4}], "clusters": [{"id": 0, "rank": 8, "kind": "shared"}],
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "tensors").mkdir()  # a real store: every name is checked against its tensors first
+    save_file({"U.0.m": torch.eye(4, 2), "V.0.m": torch.eye(4, 2), "sigma.0.0.m": torch.ones(10_000, 2, 2)},
+              str(tmp_path / "tensors" / "s.safetensors"))
+    manifest = {"format": "vllm-jd-store", "format_version": 1, "method": "jd-full", "sigma": "full", "rank": 2,
+                "modules": [{"name": "m", "d_in": 4, "d_out": 4}], "clusters": [{"id": 0, "rank": 2, "kind": "shared"}],
                 "adapters": {f"a{i}": {"cluster": 0, "block": 0, "row": i, "rank": 8, "lora_params": 64, "checksum": "",
-                                       "source": "", "error": 0.0, "module_errors": [0.0]} for i in range(10_000)}}
+                                       "source": "", "error": 0.0, "module_errors": [0.0]} for i in range(10_000)},
+                "weight_map": {k: "tensors/s.safetensors" for k in ("U.0.m", "V.0.m", "sigma.0.0.m")}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("VLLM_JD_STORE", str(tmp_path))
 

@@ -1,6 +1,7 @@
 """Adapters registered while serving (`/v1/load_lora_adapter` with a store): servable at once with
 exactly the outputs of the exported adapter, bad ones refused with a reason, paths confined to
-the adapter root, the store on disk updated so a restart keeps them, unload drops them."""
+the adapter root, the store on disk updated so a restart keeps them, unload drops them from memory
+(deleting from the store is explicit)."""
 
 from __future__ import annotations
 
@@ -131,19 +132,30 @@ def test_paths_outside_the_root_are_refused(setup, path):
     assert "evil" not in read_manifest(setup["store"]).adapters
 
 
-def test_unload_then_restart_keeps_only_registered(setup):
+def test_unload_is_memory_only_and_delete_is_explicit(setup):
     url, store = setup["url"], setup["store"]
     r = requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "near"}, timeout=30)
     assert r.status_code == 200, r.text
-    assert "near" not in read_manifest(store).adapters
+    assert "near" in read_manifest(store).adapters  # as vLLM's unload: dropped from memory, kept on disk
     r = requests.post(f"{url}/v1/completions", json={"model": "near", "prompt": "x", "max_tokens": 2}, timeout=30)
     assert r.status_code == 404
+    before = (store / "manifest.json").read_bytes()
+    assert load(url, "near", "near-0000").status_code == 200  # the same adapter again: served, nothing written
+    assert (store / "manifest.json").read_bytes() == before
+    ref = reference_of(setup, ["near", "far"])
+    assert complete(url, "near", "def hello(") == ref("def hello(", "near")
+    requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "near"}, timeout=30)
+    r = load(url, "near", "other-0000")  # the name holds other weights in the store: refused, not overwritten
+    assert r.status_code == 400 and "delete it first" in r.json()["error"]["message"], r.text
+    assert (store / "manifest.json").read_bytes() == before
+    assert cli(["-q", "remove", str(store), "near"]) == 0  # deleting is explicit
     # the name again, another adapter: the workers must serve the new one, not their old Σ row
     r = load(url, "near", "other-0000")
     assert r.status_code == 200, r.text
     ref = reference_of(setup, ["near"])
     assert complete(url, "near", "def hello(") == ref("def hello(", "near")
     assert requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "near"}, timeout=30).status_code == 200
+    assert cli(["-q", "remove", str(store), "near"]) == 0
     stop_server(setup["proc"])
     proc, url2 = start_server(setup["model"], store, setup["root"], setup["tmp"] / "server2.log")
     setup["proc"] = proc

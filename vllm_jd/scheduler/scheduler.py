@@ -36,6 +36,7 @@ from vllm_jd.compress.store import read_manifest
 from vllm_jd.envs import max_resident_clusters, max_wait, scheduler_policy, store_path
 from vllm_jd.scheduler.policy import BASE, Request, plan_fcfs, plan_step
 from vllm_jd.serving.patch import check_vllm_version
+from vllm_jd.serving.servable import store_of
 from vllm_jd.serving.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class ClusterIndex:
 
     def reload(self) -> None:
         manifest = read_manifest(self.store)
+        self.version = manifest.generation[:12]
         self._names = {n: a.cluster for n, a in manifest.adapters.items()}
         self.num_clusters = len(manifest.clusters)
 
@@ -117,8 +119,11 @@ class JDScheduler(Scheduler):
         (``lora_path``); the first such request switches the cluster index and empties the table
         (the workers emptied theirs when they switched)."""
         for r in (*self.waiting, *self.running):
-            path = r.lora_request.lora_path if r.lora_request is not None else None
-            if path and path != self.jd_index.store and Path(path).resolve() != Path(self.jd_index.store).resolve():
+            if r.lora_request is None or not r.lora_request.lora_path:
+                continue
+            path, version = store_of(r.lora_request.lora_path)
+            same_store = path == self.jd_index.store or Path(path).resolve() == Path(self.jd_index.store).resolve()
+            if not same_store or (version and version != self.jd_index.version):
                 try:
                     index = ClusterIndex(path)
                 except (OSError, ValueError):

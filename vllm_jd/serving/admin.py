@@ -30,6 +30,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from vllm_jd.compress.store import read_manifest
+from vllm_jd.serving.servable import servable, store_of
 from vllm_jd.envs import VLLM_JD_STORE, store_path
 
 logger = logging.getLogger(__name__)
@@ -52,15 +53,18 @@ class StoreSwitch:
         """Called for every request before it reaches the engine; returns its LoRA request for
         the store now served (resolved again by name when a switch happened meanwhile)."""
         await self._open.wait()
-        if lora_request is not None and lora_request.lora_path != store_path():
+        if lora_request is not None and store_of(lora_request.lora_path) != self._served():
             current = self.models.lora_requests.get(lora_request.lora_name)
-            if current is None or current.lora_path != store_path():
+            if current is None or store_of(current.lora_path) != self._served():
                 raise ValueError(f"adapter {lora_request.lora_name!r} is not in the store now served "
                                   f"({store_path()})")
             lora_request = current
         self._in_flight += 1
         self._idle.clear()
         return lora_request
+
+    def _served(self) -> tuple[str, str]:
+        return store_path(), (getattr(self.models, "jd_generation", "") or "")[:12]
 
     def exit(self) -> None:
         self._in_flight -= 1
@@ -71,7 +75,7 @@ class StoreSwitch:
         """Switch to the store at ``path``; ValueError for a bad store, TimeoutError if requests in
         flight do not finish within ``timeout_s``."""
         async with self._lock:
-            new = check_new_store(path, store_path())
+            new = check_new_store(path, store_path(), getattr(self.models, "jd_generation", None))
             t0 = time.perf_counter()
             self._open.clear()
             try:
@@ -80,7 +84,7 @@ class StoreSwitch:
                 results = await self.engine_client.collective_rpc("jd_switch_store", args=(str(new),))
                 old = store_path()
                 os.environ[VLLM_JD_STORE] = str(new)
-                for name in [n for n, r in self.models.lora_requests.items() if r.lora_path == old]:
+                for name in [n for n, r in self.models.lora_requests.items() if store_of(r.lora_path)[0] == old]:
                     del self.models.lora_requests[name]
                 from vllm_jd.serving.metrics import metrics
                 from vllm_jd.serving.patch import register_store_adapters
@@ -94,17 +98,18 @@ class StoreSwitch:
             return {**results[0], "drain_s": round(drained, 3), "switch_s": round(time.perf_counter() - t0 - drained, 3)}
 
 
-def check_new_store(path: str, current: str) -> Path:
+def check_new_store(path: str, current: str, served_generation: str | None = None) -> Path:
     """The store at ``path`` as a resolved path; ValueError unless it lies in the served store's
-    folder, is a readable store and fits the model modules the server was started for."""
+    folder (or is the served store recompressed in place: another version than ``served_generation``),
+    can be served (``servable``) and fits the model modules the server was started for."""
     if not path:
         raise ValueError("give the new store's path: {\"store\": PATH}")
     new, cur = Path(path).resolve(), Path(current).resolve()
-    if new.parent != cur.parent:
+    if new.parent != cur.parent and new != cur:
         raise PermissionError(f"{path}: a new store version must lie in {cur.parent} (next to the served store)")
-    if new == cur:
-        raise ValueError(f"{path} is the store already served")
-    manifest, served = read_manifest(new), read_manifest(cur)
+    manifest, served = servable(new)[0], read_manifest(cur)
+    if new == cur and manifest.generation == served_generation:
+        raise ValueError(f"{path} is the store already served (same version)")
     leaves = {m.name.rsplit(".", 1)[-1] for m in served.modules}
     dims = {m.name: (m.d_in, m.d_out) for m in served.modules}
     for m in manifest.modules:

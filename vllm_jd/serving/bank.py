@@ -21,6 +21,8 @@ import torch
 
 from vllm_jd.compress.errors import StoreError
 from vllm_jd.compress.store import Manifest, TensorReader, read_manifest, sigma_key, u_key, v_key
+from vllm_jd.compress.transaction import locked
+from vllm_jd.compress.validate import bad_rows, bad_value, check_store
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,18 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
               modules: list[str] | None = None) -> Bank:
     """Load ``store`` (all modules, or only ``modules``) into dense tensors on ``device``."""
     store = Path(store)
+    with locked(store, shared=True):  # no shard is collected under us
+        return _load(store, device, dtype, modules)
+
+
+def _load(store: Path, device, dtype: torch.dtype, modules: list[str] | None) -> Bank:
     manifest = read_manifest(store)
+    found = check_store(store, manifest, values=False)  # values are checked below, as they are loaded
+    if found.store:
+        raise StoreError(f"{store} cannot be served: {'; '.join(found.store)} (see `vllm-jd fsck`)")
+    for name, why in found.adapters.items():
+        if name in manifest.adapters:
+            manifest.set_aside(name, why)
     reader = TensorReader(store, manifest)
     names = list(manifest.adapters)
     rows = {n: i for i, n in enumerate(names)}
@@ -86,10 +99,15 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
     V = {m.name: torch.zeros(C, m.d_in, R, dtype=dtype) for m in mods}
     # clusters outer, modules inner: a ComPEFT-coded cluster is one payload for all its modules,
     # which the reader then decodes once instead of once per module
+    bad: dict[str, str] = {}  # adapters whose values cannot be served: their Σ rows stay zero
     for c in manifest.clusters:
         for m in mods:
             if reader.has(u_key(c.id, m.name)):
                 u, v = reader.get(u_key(c.id, m.name)), reader.get(v_key(c.id, m.name))
+                if (why := bad_value(u) or bad_value(v)) is not None:
+                    bad.update({n: f"basis of cluster {c.id} for {m.name} {why}" for n in names
+                                if manifest.adapters[n].cluster == c.id})
+                    continue
                 U[m.name][c.id, :, : u.shape[1]] = u
                 V[m.name][c.id, :, : v.shape[1]] = v
     for m in mods:
@@ -99,6 +117,9 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
             if not reader.has(key):
                 continue
             s = reader.get(key)
+            poisoned = set(bad_rows(s).tolist())
+            bad.update({names[i]: f"Σ row {r} of {key} has NaN, Inf or huge entries" for r, i in members
+                        if r in poisoned})
             src = torch.tensor([r for r, _ in members])
             dst = torch.tensor([i for _, i in members])
             if bank.diag:
@@ -109,5 +130,14 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
         bank.sigma[m.name] = sig.to(device)
     if wanted is not None and (missing := wanted - set(bank.U)):
         raise StoreError(f"{store}: no module {sorted(missing)[0]} in the store")
+    for name, why in bad.items():  # served as nothing rather than as NaN for whoever shares a batch
+        i = rows.pop(name)
+        for sig in bank.sigma.values():
+            sig[i] = 0
+        bank.cluster[i] = 0
+        manifest.set_aside(name, why)
+    if manifest.broken:
+        logger.warning("%d adapters of %s are not served (see `vllm-jd fsck`): %s", len(manifest.broken), store,
+                       "; ".join(f"{n}: {w}" for n, w in sorted(manifest.broken.items())[:5]))
     logger.info("loaded store %s: %d adapters, %d clusters, rank %d, %d modules", store, N, C, R, len(bank.U))
     return bank

@@ -32,10 +32,11 @@ def _pad(x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, rank - x.shape[-1])) if x.shape[-1] < rank else x
 
 
-def _shard_clusters(module, names: list[str], w: JDLayerWeights, reader, fresh
+def cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The clusters ``fresh``'s bases for one layer, cut for this TP rank and padded to the served
-    rank: V [S, n, d_in, R] and S tensors U [n, d_s, R], in ``w``'s dtype on ``w``'s device."""
+    rank: V [S, n, d_in, R] and S tensors U [n, d_s, R], in ``w``'s dtype on ``w``'s device.
+    Reads only: ``append_bases`` applies them."""
     S, R = len(w.UT), w.rank
     d_in = w.V_all.shape[0]
     V_new, U_new = [[] for _ in range(S)], [[] for _ in range(S)]
@@ -57,23 +58,19 @@ def new_cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh
                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The clusters ``fresh``'s bases laid out like ``residency.HostBases``: V [n, d_in, S·R] and
     S tensors UT [n, R, d_s] (on the host)."""
-    V, U = _shard_clusters(module, names, w, reader, fresh)
+    V, U = cluster_bases(module, names, w, reader, fresh)
     S, n, d_in, R = V.shape
     return V.permute(1, 2, 0, 3).reshape(n, d_in, S * R).cpu(), [u.transpose(1, 2).cpu() for u in U]
 
 
-def append_clusters(module, names: list[str], w: JDLayerWeights, reader, fresh) -> None:
-    """Append the bases of the clusters ``fresh`` (store ``reader``) to one layer's weights ``w``.
-
-    module: the JD layer (its ``jd_shard`` cuts each basis for this TP rank); names: the store
-    module of each of its slices. V_all / UT are re-laid out with the new clusters last; the
-    object stays the same, so the registered op sees the new tensors.
-    """
+def append_bases(w: JDLayerWeights, V_new: torch.Tensor, U_new: list[torch.Tensor]) -> None:
+    """Append new clusters' bases (``cluster_bases``: V [S, n, d_in, R], S tensors U [n, d_s, R]) to
+    one layer's weights ``w``. V_all / UT are re-laid out with the new clusters last; the object
+    stays the same, so the registered op sees the new tensors."""
     S, C, R = len(w.UT), w.num_clusters, w.rank
     d_in = w.V_all.shape[0]
     V_old = w.V_all.view(d_in, C, S, R).permute(2, 1, 0, 3)  # [S, C, d_in, R]
     U_old = [ut.view(C, R, -1).transpose(1, 2) for ut in w.UT]  # [C, d_s, R]
-    V_new, U_new = _shard_clusters(module, names, w, reader, fresh)
     V = torch.cat([V_old, V_new], 1)
     U = [torch.cat([U_old[s], U_new[s]], 0) for s in range(S)]
     grown = JDLayerWeights.from_bases(V, U, w.sigma.transpose(0, 1))

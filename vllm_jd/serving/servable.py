@@ -1,0 +1,61 @@
+"""Which adapters of a store a server serves: those ``validate.check_store`` finds nothing wrong with.
+
+No vLLM import here. Checked in the API server process, every value read, once per store version
+(``vllm-jd serve`` before vLLM starts, then again only if the manifest changed): a store-wide
+problem refuses the store (``vllm-jd serve`` exits 2 with the reason); an adapter with a problem
+is left out of the model names, with a warning naming it, and the others are served. The workers
+check what they load the same way (``bank``), so neither side serves what the other refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vllm_jd.compress.errors import StoreError
+from vllm_jd.compress.store import MANIFEST, Manifest, read_manifest
+from vllm_jd.compress.validate import Findings, check_store
+
+logger = logging.getLogger(__name__)
+_checked: dict[tuple, tuple[Manifest, Findings]] = {}
+
+
+def servable(store: str | Path) -> tuple[Manifest, Findings]:
+    """(the manifest with every adapter that has a problem set aside, what was found); StoreError
+    if the store cannot be served at all."""
+    path = Path(store)
+    if not (path / MANIFEST).is_file():
+        read_manifest(path)  # raises the StoreError that names what is wrong
+    st = (path / MANIFEST).stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, st.st_ino)
+    if key not in _checked:
+        manifest = read_manifest(path)
+        found = check_store(path, manifest)
+        if found.store:
+            raise StoreError(f"{store} cannot be served: {'; '.join(found.store)} (see `vllm-jd fsck {store}`)")
+        for name, why in found.adapters.items():
+            if name in manifest.adapters:
+                manifest.set_aside(name, why)
+        if found.adapters:
+            logger.warning("%d adapters of %s are not served (`vllm-jd fsck %s` lists them, --repair quarantines "
+                           "them): %s", len(found.adapters), store, store,
+                           "; ".join(f"{n}: {w}" for n, w in sorted(found.adapters.items())[:5]))
+        _checked.clear()
+        _checked[key] = manifest, found
+    return _checked[key]
+
+
+def lora_path(store: str | Path, generation: str, cluster: int, block: int, row: int) -> str:
+    """The ``lora_path`` of a store adapter's LoRA request: ``STORE#version.cluster.block.row``.
+
+    The workers read adapters from the store by name and ignore it; vLLM's prefix cache keys
+    blocks by (name, path), so the path must change whenever what a name serves changes (a name
+    deleted and registered again with other weights, a new store version) or cached KV computed
+    with the old weights would be reused for the new ones."""
+    return f"{store}#{generation[:12]}.{cluster}.{block}.{row}"
+
+
+def store_of(path: str) -> tuple[str, str]:
+    """(store, version) of a ``lora_path`` made by ``lora_path`` (a bare path: version "")."""
+    store, _, rest = path.partition("#")
+    return store, rest.split(".", 1)[0]
