@@ -24,6 +24,7 @@ demo: setup
 	bash scripts/demo.sh $(DEMO)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench-compress: setup
