@@ -28,14 +28,7 @@ as vLLM's unload)."""
 
 
 def registration_timeout() -> float:
-    value = os.environ.get(VLLM_JD_REGISTRATION_TIMEOUT) or "120"
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{VLLM_JD_REGISTRATION_TIMEOUT}={value!r}: expected seconds > 0")
-    return seconds
+    return _seconds(VLLM_JD_REGISTRATION_TIMEOUT, "120")
 
 
 def unload_deletes() -> bool:
@@ -75,14 +68,22 @@ def max_wait() -> float:
     # of ~0.4 s) the cluster policy's p99 TTFT against vLLM's rule at 40/60 requests/s was 0.71-0.80/
     # 0.65-0.72x at 0.5 s, 0.77-0.82/0.64-0.72x at 1 s, 1.03-1.05/1.05-1.07x at 5 s (the old default);
     # on the server (bench/scheduling.py) requests/s was 1.01-1.04x at 0.5 s, 0.99-1.03x at 1 s
-    value = os.environ.get(VLLM_JD_MAX_WAIT) or "0.5"
+    return _seconds(VLLM_JD_MAX_WAIT, "0.5")
+
+
+def positive(value: str) -> bool:
+    """Whether ``value`` reads as a number > 0."""
     try:
-        seconds = float(value)
+        return float(value) > 0
     except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{VLLM_JD_MAX_WAIT}={value!r}: expected seconds > 0")
-    return seconds
+        return False
+
+
+def _seconds(name: str, default: str) -> float:
+    value = os.environ.get(name) or default
+    if not positive(value):
+        raise ValueError(f"{name}={value!r}: expected seconds > 0")
+    return float(value)
 
 
 def scheduler_policy() -> str:

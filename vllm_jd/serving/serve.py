@@ -43,7 +43,7 @@ from pathlib import Path
 
 from vllm_jd.envs import (SCHEDULER_POLICIES, VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_ERROR, VLLM_JD_MAX_RESIDENT_CLUSTERS,
                           VLLM_JD_MAX_WAIT, VLLM_JD_REGISTRATION_TIMEOUT, VLLM_JD_RUNTIME_DIR, VLLM_JD_SCHEDULER_POLICY,
-                          VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE, VLLM_JD_UNLOAD_DELETES)
+                          VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE, VLLM_JD_UNLOAD_DELETES, positive)
 from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
 from vllm_jd.serving.servable import servable
 
@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """vLLM 0.32's accepted ``--max-lora-rank`` values."""
 DEFAULT_MAX_NUM_SEQS = 256
+HTTP_KEEP_ALIVE_S = 75
+"""Idle keep-alive of the HTTP server (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE, which the user may set):
+longer than a load balancer's or client's, so the server never closes a connection they reuse."""
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -102,11 +105,7 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
         env[VLLM_JD_ADAPTER_ROOT] = str(Path(root).resolve())
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # vLLM's switch for /v1/load_lora_adapter
     if (e := ours.get("--jd-max-error")) is not None:
-        try:
-            ok = float(e) > 0
-        except ValueError:
-            ok = False
-        if not ok:
+        if not positive(e):
             raise ValueError(f"--jd-max-error {e!r}: expected a number > 0")
         env[VLLM_JD_MAX_ERROR] = e
     if "--jd-adapter-metrics" in ours:
@@ -114,11 +113,7 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
     if "--jd-unload-deletes" in ours:
         env[VLLM_JD_UNLOAD_DELETES] = "1"
     if (t := ours.get("--jd-registration-timeout")) is not None:
-        try:
-            ok = float(t) > 0
-        except ValueError:
-            ok = False
-        if not ok:
+        if not positive(t):
             raise ValueError(f"--jd-registration-timeout {t!r}: expected seconds > 0")
         env[VLLM_JD_REGISTRATION_TIMEOUT] = t
     if "--jd-admin" in ours:
@@ -135,11 +130,7 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
         if flag in ours and "--jd-max-resident-clusters" not in ours:
             raise ValueError(f"{flag} applies to a resident cluster budget; add --jd-max-resident-clusters K")
     if (w := ours.get("--jd-max-wait")) is not None:
-        try:
-            ok = float(w) > 0
-        except ValueError:
-            ok = False
-        if not ok:
+        if not positive(w):
             raise ValueError(f"--jd-max-wait {w!r}: expected seconds > 0")
         env[VLLM_JD_MAX_WAIT] = w
     if (p := ours.get("--jd-scheduler-policy")) is not None:
@@ -216,6 +207,10 @@ def serve(argv: list[str]) -> int:
     vllm_argv, store = build_vllm_args(argv)
     os.environ.update(jd_environment(split_jd_options(argv)[0]))
     os.environ[VLLM_JD_STORE] = str(store)
+    # vLLM closes an idle connection after 5 s, shorter than the keep-alive of load balancers (60 s) and
+    # HTTP clients (aiohttp: 15 s): on a loaded host the close raced the client's next request on it
+    # (bench/soak.py: 44-81 "server disconnected" in 26,000 requests at 5 s, 0 at 75 s; docs/reliability.md)
+    os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(HTTP_KEEP_ALIVE_S))
     if VLLM_JD_RUNTIME_DIR not in os.environ:  # figures for /metrics; ours, so removed when the server exits
         os.environ[VLLM_JD_RUNTIME_DIR] = runtime = tempfile.mkdtemp(prefix="vllm-jd-")
         atexit.register(shutil.rmtree, runtime, ignore_errors=True)
