@@ -14,6 +14,7 @@ import torch
 from vllm_jd.compress.errors import StoreError
 from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
 from vllm_jd.compress.store import TensorReader, read_manifest, u_key, v_key
+from vllm_jd.compress.transaction import locked
 from vllm_jd.compress.validate import bad_value
 
 
@@ -38,15 +39,16 @@ def export(store: str | Path, name: str, out: str | Path) -> Path:
     ``out`` must not exist or be an empty folder, so nothing of the user's is overwritten.
     """
     store, out = Path(store), Path(out)
-    manifest = read_manifest(store)
-    if name in manifest.broken or name in manifest.quarantined:
-        why = manifest.broken.get(name) or manifest.quarantined[name].get("reason")
-        raise StoreError(f"adapter {name!r} of {store} cannot be exported: {why} (see `vllm-jd fsck`)")
-    if name not in manifest.adapters:
-        known = ", ".join(sorted(manifest.adapters)[:5])
-        raise StoreError(f"no adapter named {name!r} in {store} (it has {len(manifest.adapters)}: {known}, …)")
-    refuse_non_empty(out)
-    factors = reconstruct(TensorReader(store, manifest), name)
+    with locked(store, shared=True):  # the version read is not collected while it is read
+        manifest = read_manifest(store)
+        if name in manifest.broken or name in manifest.quarantined:
+            why = manifest.broken.get(name) or manifest.quarantined[name].get("reason")
+            raise StoreError(f"adapter {name!r} of {store} cannot be exported: {why} (see `vllm-jd fsck`)")
+        if name not in manifest.adapters:
+            known = ", ".join(sorted(manifest.adapters)[:5])
+            raise StoreError(f"no adapter named {name!r} in {store} (it has {len(manifest.adapters)}: {known}, …)")
+        refuse_non_empty(out)
+        factors = reconstruct(TensorReader(store, manifest), name)
     for m, (a, b) in factors.items():
         if (why := bad_value(a)) or (why := bad_value(b)):
             raise StoreError(f"adapter {name!r} of {store}: module {m} {why} (see `vllm-jd fsck`)")

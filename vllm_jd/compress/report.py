@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vllm_jd.compress.accounting import STORE_BYTES_PER_PARAM, account
 from vllm_jd.compress.store import Manifest, read_manifest, shard_path
+from vllm_jd.compress.transaction import locked
 from vllm_jd.compress.validate import check_store
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
@@ -37,7 +38,12 @@ def stored_bytes(store: Path, manifest: Manifest) -> dict[str, int]:
 
 
 def summarize(store: str | Path) -> dict:
-    """A JSON-ready summary of ``store``."""
+    """A JSON-ready summary of ``store`` (read under its shared lock: one consistent version)."""
+    with locked(store, shared=True):
+        return _summarize(store)
+
+
+def _summarize(store: str | Path) -> dict:
     manifest = read_manifest(store)
     found = check_store(store, manifest)
     for name, why in found.adapters.items():  # counted apart: their entries or tensors cannot be trusted
