@@ -166,3 +166,30 @@ def test_admin_flag_names_our_endpoint_plugin_without_turning_others_off():
     unset = admin_plugins(None).split(",")
     assert "vllm_jd" in unset and "vllm_jd_admin" in unset  # plus every installed general plugin
     assert "vllm_jd_admin" in jd_environment({"--jd-admin": "1"})["VLLM_PLUGINS"]
+
+
+def test_vllm_jd_runs_on_the_v1_model_runner(monkeypatch):
+    """vLLM 0.32 picks Model Runner V2 on CUDA; patch 6 hooks V1, so vllm-jd chooses V1 and refuses an
+    explicit V2 instead of silently losing its slot table."""
+    from vllm_jd.serving.patch import V2_RUNNER, choose_v1_runner
+
+    monkeypatch.delenv(V2_RUNNER, raising=False)
+    choose_v1_runner()
+    import vllm.envs as envs
+
+    assert envs.VLLM_USE_V2_MODEL_RUNNER is False
+    monkeypatch.setenv(V2_RUNNER, "1")
+    with pytest.raises(ValueError, match="V1 model runner only"):
+        choose_v1_runner()
+    monkeypatch.setenv(V2_RUNNER, "0")
+    choose_v1_runner()  # the user's own V1 choice is kept
+
+
+def test_serve_refuses_an_explicit_v2_runner(serving_store, tmp_path, capsys, monkeypatch):
+    from vllm_jd.cli import main as cli
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    for name in ("VLLM_JD_STORE", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"):  # serve() sets them: undone after the test
+        monkeypatch.setenv(name, "")
+    assert cli(["serve", str(tmp_path), "--jd-store", str(serving_store)]) == 2
+    assert "V1 model runner only" in capsys.readouterr().err

@@ -13,8 +13,8 @@ Eight patches, none undone (a process serves one store):
    store while serving (``registration``);
 5. ``AsyncLLM.generate`` counts requests and tokens per cluster for ``/metrics`` (``metrics``)
    and requests in flight per adapter (``inflight``);
-6. ``GPUModelRunner.execute_model`` (the CPU runner inherits it) hands the scheduler's cluster
-   slot table (``SchedulerOutput.jd_slots``, set by ``vllm_jd.scheduler``) to the worker's LoRA
+6. ``GPUModelRunner.execute_model`` of the V1 runner (the CPU runner inherits it; ``choose_v1_runner``
+   keeps vLLM off Model Runner V2, its CUDA default) hands the scheduler's cluster slot table (``SchedulerOutput.jd_slots``, set by ``vllm_jd.scheduler``) to the worker's LoRA
    manager before the step's inputs are prepared (``residency``);
 7. ``WorkerBase.jd_switch_store``, the worker method behind ``POST /v1/jd/store`` (``admin``),
    reached through vLLM's ``collective_rpc``. It also gates requests in ``AsyncLLM.generate``;
@@ -59,6 +59,7 @@ def install() -> None:
     if _installed:
         return
     check_vllm_version()
+    choose_v1_runner()
     import vllm.v1.worker.lora_model_runner_mixin as mixin
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
@@ -80,6 +81,24 @@ def install() -> None:
     _zero_new_kv_blocks()
     _installed = True
     logger.info("vllm-jd installed for store %s", store_path())
+
+
+V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def choose_v1_runner() -> None:
+    """Serve on vLLM's V1 model runner, which patch 6 hooks: on CUDA vLLM 0.32 otherwise picks Model
+    Runner V2 (``vllm/config/vllm.py``), where the scheduler's cluster slot table would never reach
+    the workers, and nothing of vllm-jd has run on V2. An explicit V2 is refused, never ignored."""
+    import os
+
+    value = os.environ.get(V2_RUNNER)
+    if value is None:
+        os.environ[V2_RUNNER] = "0"
+        logger.info("vllm-jd: vLLM's V1 model runner (%s=0; vllm-jd does not support Model Runner V2 yet)", V2_RUNNER)
+    elif value.strip().lower() in ("1", "true", "yes"):
+        raise ValueError(f"{V2_RUNNER}={value}: vllm-jd serves on vLLM's V1 model runner only (its slot table "
+                           f"hook and kernels are checked there); unset {V2_RUNNER} or set it to 0")
 
 
 def register_store_adapters(models) -> int:

@@ -211,6 +211,9 @@ def serve(argv: list[str]) -> int:
     # HTTP clients (aiohttp: 15 s): on a loaded host the close raced the client's next request on it
     # (bench/soak.py: 44-81 "server disconnected" in 26,000 requests at 5 s, 0 at 75 s; docs/reliability.md)
     os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(HTTP_KEEP_ALIVE_S))
+    from vllm_jd.serving.patch import choose_v1_runner
+
+    choose_v1_runner()  # before vLLM reads it (an explicit V2 is a ValueError: exit 2 with the reason)
     if VLLM_JD_RUNTIME_DIR not in os.environ:  # figures for /metrics; ours, so removed when the server exits
         os.environ[VLLM_JD_RUNTIME_DIR] = runtime = tempfile.mkdtemp(prefix="vllm-jd-")
         atexit.register(shutil.rmtree, runtime, ignore_errors=True)
