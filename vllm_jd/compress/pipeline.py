@@ -138,7 +138,8 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
     if len(bases) > 1:
         logger.warning("adapters name different base models: %s", sorted(map(str, bases)))
     ref_names = reference_modules(modules)
-    refs = load_references(adapters, ref_names, config.device)
+    fixed = config.method != "svd" and config.rank is not None and config.clusters == 1  # nothing to choose
+    refs = [] if fixed else load_references(adapters, ref_names, config.device)
     if config.method == "svd":
         choice = _choose_svd_rank(refs, n, config, max_rank)
         labels = torch.arange(n)

@@ -49,8 +49,12 @@ def choose(method: str, refs: list[Reference], n: int, rank: int | None, cluster
         logger.info("auto: rank %d, %d clusters → mean reference error %.4f", r, k, err)
         return result
 
-    if rank is not None and clusters is not None:
-        return Choice(rank, clusters, run(rank, clusters), tried)
+    if rank is not None and clusters == 1:  # nothing to choose: the module pass fits the one cluster
+        return Choice(rank, 1, Clustering(torch.zeros(n, dtype=torch.long), torch.full((n,), float("nan")), 0), tried)
+    if rank is not None and clusters is not None:  # only the assignment to clusters is computed here
+        result = cluster(method, refs, n, rank, clusters, iters, tol, torch.Generator().manual_seed(seed), max_rounds,
+                         on_iter)
+        return Choice(rank, clusters, result, tried)
     if clusters is not None:
         r = min(RECIPE_RANK, max_rank)
         while True:
