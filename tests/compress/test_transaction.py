@@ -146,3 +146,81 @@ def test_sources_are_recorded_absolute(grown, monkeypatch):
     assert cli(["-q", "add", str(store), "b/late-0001"]) == 0
     src = read_manifest(store).adapters["late-0001"].source
     assert Path(src).is_absolute() and Path(src) == tmp / "b" / "late-0001"
+
+
+def test_an_adapter_set_aside_then_added_again_meanwhile_is_carried_over(grown, monkeypatch):
+    import json
+
+    tmp, store = grown
+    raw = json.loads((store / "manifest.json").read_text())
+    raw["adapters"]["adapter-0003"]["error"] = None  # broken at the snapshot: set aside
+    (store / "manifest.json").write_text(json.dumps(raw))
+    real_publish = pipeline.publish
+
+    def publish_after_others_wrote(staging, manifest, merge=None):
+        from vllm_jd.compress.transaction import remove_adapters
+
+        remove_adapters(store, ["adapter-0003"])  # meanwhile it is deleted and added again, healthy
+        add_named(store, [("adapter-0003", tmp / "a" / "adapter-0003")])
+        return real_publish(staging, manifest, merge)
+
+    monkeypatch.setattr(pipeline, "publish", publish_after_others_wrote)
+    assert cli(["-q", "compress", "--from-store", str(store), "--out", str(store), "--rank", "4",
+                "--clusters", "1"]) == 0
+    m = read_manifest(store)
+    assert "adapter-0003" in m.adapters and "adapter-0003" not in m.quarantined  # the acknowledged add is kept
+    assert check_store(store, m).ok
+
+
+def test_a_fifo_as_a_recorded_source_falls_back_to_the_stored_copy(grown):
+    tmp, store = grown
+    src = tmp / "b" / "late-0000" / "adapter_model.safetensors"
+    src.unlink()
+    os.mkfifo(src)  # reading it would block for ever (under the lock, in the carry-over)
+    r = run_cli(["compress", "--from-store", str(store), "--out", str(store), "--rank", "4", "--clusters", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "late-0000" in read_manifest(store).adapters
+
+
+def test_quarantined_names_can_be_removed_and_used_again(grown):
+    import json
+
+    tmp, store = grown
+    raw = json.loads((store / "manifest.json").read_text())
+    raw["adapters"]["late-0000"]["row"] = -1
+    (store / "manifest.json").write_text(json.dumps(raw))
+    assert cli(["-q", "fsck", str(store), "--repair"]) == 0
+    assert "late-0000" in read_manifest(store).quarantined
+    assert cli(["-q", "remove", str(store), "late-0000"]) == 0
+    assert cli(["-q", "add", str(store), str(tmp / "b" / "late-0000")]) == 0
+    m = read_manifest(store)
+    assert "late-0000" in m.adapters and not m.quarantined
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "not a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "cannot read"),
+    ('{"format": "vllm-jd-store", "adapters": {}, "adapters": {}}', "appears twice"),
+    ('{"format": "vllm-jd-store", "format_version": 2, "rank": 1e999, "adapters": {}}', "non-finite number at rank"),
+])
+def test_malformed_manifests_are_one_line_errors(grown, capsys, text, message):
+    _, store = grown
+    (store / "manifest.json").write_text(text)
+    for command in (["inspect", str(store)], ["fsck", str(store)], ["remove", str(store), "x"]):
+        capsys.readouterr()
+        assert cli(["-q", *command]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_fields_survive_a_write(grown):
+    import json
+
+    tmp, store = grown
+    raw = json.loads((store / "manifest.json").read_text())
+    raw["from_a_newer_version"] = {"x": 1}
+    raw["adapters"]["late-0000"]["note"] = "kept"
+    (store / "manifest.json").write_text(json.dumps(raw))
+    assert cli(["-q", "add", str(store), str(tmp / "b" / "late-0001")]) == 0
+    raw = json.loads((store / "manifest.json").read_text())
+    assert raw["from_a_newer_version"] == {"x": 1} and raw["adapters"]["late-0000"]["note"] == "kept"

@@ -99,6 +99,13 @@ def _identity(info) -> tuple:
     return info.cluster, info.block, info.row, info.checksum
 
 
+def _raw_identity(entry: object) -> tuple | None:
+    """``_identity`` of a manifest entry as found on disk (None if it has none)."""
+    if not isinstance(entry, dict):
+        return None
+    return tuple(entry.get(k) for k in ("cluster", "block", "row", "checksum"))
+
+
 def carry_over(store: Path, snapshot: Manifest, max_error: float):
     """``transaction.publish``'s merge for ``compress --from-store S --out S``.
 
@@ -111,7 +118,9 @@ def carry_over(store: Path, snapshot: Manifest, max_error: float):
 
     def merge(current: Manifest, new: Manifest, staging) -> Manifest:
         before = {n: _identity(a) for n, a in snapshot.adapters.items()}
-        before.update({n: _identity(current.adapters[n]) for n in snapshot.broken if n in current.adapters})
+        # set aside in the snapshot: unchanged only if its entry still says the same (removed and
+        # added again meanwhile, it is a new adapter to carry over)
+        before.update({n: _raw_identity(entry) for n, (entry, _) in snapshot._broken.items()})
         gone = [n for n in before if n not in current.adapters]
         changed = [n for n, a in current.adapters.items() if before.get(n) != _identity(a)]
         for n in gone + changed:

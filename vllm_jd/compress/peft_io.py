@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,16 +169,29 @@ def _refuse_weights_without_config(p: Path) -> None:
 
 def open_adapter(name: str, path: Path) -> PeftAdapter:
     """Read the config and tensor headers of one adapter and validate them (no weights read)."""
+    _refuse_special(name, path, path / CONFIG_NAME)
     config = _read_config(name, path)
     weights = path / SAFETENSORS_NAME
     if not weights.exists():
         weights = path / BIN_NAME
         if not weights.exists():
             raise AdapterError(name, f"missing {SAFETENSORS_NAME} (or {BIN_NAME})", path)
+    _refuse_special(name, path, weights)
     adapter = PeftAdapter(name=name, path=path, config=config, weights=weights)
     shapes = _read_shapes(adapter)
     adapter.modules = _module_specs(adapter, shapes)
     return adapter
+
+
+def _refuse_special(name: str, path: Path, f: Path) -> None:
+    """AdapterError if ``f`` exists and is not a regular file: reading a FIFO or a device would
+    block or never end (a recorded source can be swapped for one between compressions)."""
+    try:
+        mode = f.stat().st_mode
+    except OSError:
+        return  # absent: the reader says so
+    if not stat.S_ISREG(mode):
+        raise AdapterError(name, f"{f.name} is not a regular file (a FIFO, device or folder cannot be read)", path)
 
 
 def _read_config(name: str, path: Path) -> dict:

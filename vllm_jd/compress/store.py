@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from safetensors import safe_open
 
 from vllm_jd.compress.errors import StoreError
@@ -48,6 +48,8 @@ MANIFEST = "manifest.json"
 
 
 class ModuleInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields of a newer vllm-jd survive our writes
+
     name: str = Field(description="Module path without the PEFT prefix, e.g. model.layers.0.self_attn.q_proj")
     d_in: int
     d_out: int
@@ -55,6 +57,8 @@ class ModuleInfo(BaseModel):
 
 class CompeftInfo(BaseModel):
     """How a ``compeft`` singleton's U_c = B′, V_c = A′ᵀ are encoded in tensor ``compeft.<cluster>``."""
+
+    model_config = ConfigDict(extra="allow")
 
     encoding: Literal["golomb", "masks"]
     density: float
@@ -65,6 +69,8 @@ class CompeftInfo(BaseModel):
 
 
 class ClusterInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     id: int
     rank: int = Field(description="Rank r_c of this cluster's U_c, V_c and Σ_i")
     kind: Literal["shared", "exact", "svd", "compeft"] = Field(
@@ -74,6 +80,8 @@ class ClusterInfo(BaseModel):
 
 
 class AdapterInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     cluster: int
     block: int = Field(description="Σ block this adapter's row lives in (0 = written by compress)")
     row: int
@@ -110,6 +118,8 @@ class AdapterInfo(BaseModel):
 
 
 class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     method: Literal["jd-full", "jd-diag", "svd", "compeft"]
@@ -168,9 +178,13 @@ def read_manifest(store: Path) -> Manifest:
     if not path.exists():
         raise StoreError(f"{store} is not a vllm-jd store: no {MANIFEST}")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"cannot read {path}: {e}") from None
+        raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise StoreError(f"cannot read {path}: {str(e)[:300]}") from None
+    if not isinstance(raw, dict):
+        raise StoreError(f"{path}: malformed manifest: not a JSON object")
+    if (where := _non_finite({k: v for k, v in raw.items() if k != "adapters"})) is not None:
+        raise StoreError(f"{path}: malformed manifest: a non-finite number at {where}")
     if raw.get("format") != FORMAT:
         raise StoreError(f"{path}: not a vllm-jd store (format={raw.get('format')!r})")
     if raw.get("format_version") not in READABLE_VERSIONS:
@@ -181,14 +195,41 @@ def read_manifest(store: Path) -> Manifest:
         raise StoreError(f"{path}: malformed manifest: 'adapters' is not an object")
     try:
         manifest = Manifest.model_validate({**raw, "adapters": {}})
-    except ValueError as e:
-        raise StoreError(f"{path}: malformed manifest: {e}") from None
+    except ValidationError as e:
+        raise StoreError(f"{path}: malformed manifest: {_one_line(e)}") from None
     for name, entry in adapters.items():  # one bad entry sets that adapter aside, never the store
         try:
             manifest.adapters[name] = _checked_entry(manifest, name, entry)
+        except ValidationError as e:
+            manifest._broken[name] = (_json_safe(entry), _one_line(e))
         except ValueError as e:
-            manifest._broken[name] = (_json_safe(entry), str(e).replace("\n", " "))
+            manifest._broken[name] = (_json_safe(entry), str(e))
     return manifest
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a key given twice is an error (json keeps the last one silently)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k[:80]!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
+def _non_finite(x, where: str = "") -> str | None:
+    """The path of the first NaN/Inf in ``x`` (json.loads accepts bare NaN), or None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return where or "the top level"
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        if (found := _non_finite(v, f"{where}.{k}" if where else str(k))) is not None:
+            return found
+    return None
+
+
+def _one_line(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'entry'}: {err['msg']}" for err in e.errors())[:500]
 
 
 def _json_safe(x):

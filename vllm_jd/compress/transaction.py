@@ -222,6 +222,8 @@ def remove_adapters(store: str | Path, names: list[str], lock_timeout: float | N
                 del manifest.adapters[name]
             elif name in manifest._broken:
                 del manifest._broken[name]
+            elif name in manifest.quarantined:  # deleting is how a quarantined name becomes free again
+                del manifest.quarantined[name]
             else:
                 raise StoreError(f"no adapter named {name!r} in {store}")
         write_manifest(store, manifest)
