@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 VLLM_JD_STORE = "VLLM_JD_STORE"
@@ -72,9 +73,9 @@ def max_wait() -> float:
 
 
 def positive(value: str) -> bool:
-    """Whether ``value`` reads as a number > 0."""
+    """Whether ``value`` reads as a finite number > 0 ("inf" and "nan" do not)."""
     try:
-        return float(value) > 0
+        return math.isfinite(float(value)) and float(value) > 0
     except ValueError:
         return False
 

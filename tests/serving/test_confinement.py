@@ -70,3 +70,30 @@ def test_paths_outside_the_root_are_refused(root):
     for path in ("../outside/secret-0000", str(root / "outside" / "secret-0000"), "/etc"):
         with pytest.raises(PermissionError, match="outside the adapter root"):
             resolve_under_root(path, str(base))
+
+
+def test_oversized_and_hard_linked_files_are_refused(root):
+    from vllm_jd.serving.registration import weights_limit
+
+    base = root / "root"
+    adapter = base / "team" / "good-0000"
+
+    class Store:  # the module table of a store for TINY_MODULES
+        modules = [type("M", (), {"d_in": d_in, "d_out": d_out}) for d_in, d_out in TINY_MODULES.values()]
+
+    limit = weights_limit(Store, adapter / "adapter_config.json")
+    assert (adapter / "adapter_model.safetensors").stat().st_size < limit < 1 << 24
+    big = root / "big"
+    big.mkdir()
+    (big / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    with open(big / "adapter_model.safetensors", "wb") as f:
+        f.truncate(6 << 30)  # a sparse 6 GiB file: refused before a byte is copied
+    os.rename(big, base / "big")
+    (root / "into").mkdir()
+    with pytest.raises(ValueError, match="more than an adapter of its rank"):
+        copy_under_root(resolve_under_root("big", str(base)), str(base), root / "into", Store)
+    os.link(root / "outside" / "secret-0000" / "adapter_model.safetensors", adapter / "linked.safetensors")
+    os.replace(adapter / "linked.safetensors", adapter / "adapter_model.safetensors")
+    (root / "into2").mkdir()
+    with pytest.raises(PermissionError, match="hard links"):
+        copy_under_root(resolve_under_root("team/good-0000", str(base)), str(base), root / "into2", Store)

@@ -21,7 +21,9 @@ from vllm_jd.tiny_model import llama_lora_modules
 
 
 def start_server(model: Path, store: Path, root: Path, log: Path):
-    return start_vllm_jd(model, store, log, "--jd-adapter-root", str(root), "--jd-max-error", "0.3", max_num_seqs=16)
+    # 2 spare Σ rows: "near" and "far" take them, so registering "near" again needs a row given back
+    return start_vllm_jd(model, store, log, "--jd-adapter-root", str(root), "--jd-max-error", "0.3",
+                         "--jd-spare-adapters", "2", max_num_seqs=16)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,23 @@ def test_paths_outside_the_root_are_refused(setup, path):
     assert r.status_code == 403, r.text
     assert "outside the adapter root" in r.json()["error"]["message"]
     assert "evil" not in read_manifest(setup["store"]).adapters
+
+
+def test_a_held_store_lock_does_not_stall_loads_of_stored_adapters(setup):
+    import fcntl
+    import os
+
+    url, store = setup["url"], setup["store"]
+    assert requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "far"}, timeout=30).status_code == 200
+    fd = os.open(store, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer holds the store
+    try:
+        t0 = time.perf_counter()
+        assert load(setup["url"], "far", "far-0000").status_code == 200  # in the store already: no lock needed
+        assert len(complete(url, "far", "x = 1")) == MAX_TOKENS
+        assert time.perf_counter() - t0 < 20  # the workers' step loop never waits on the store's lock
+    finally:
+        os.close(fd)
 
 
 def test_unload_is_memory_only_and_delete_is_explicit(setup):

@@ -176,6 +176,56 @@ def test_unload_deletes_after_the_adapters_requests_finish(setup):
     assert name not in read_manifest(store).adapters
 
 
+def test_load_inplace_after_a_delete_serves_the_new_weights(setup):
+    url, store = setup["url"], setup["store"]
+    assert load(url, "inplace", "cycle-0001").status_code == 200
+    assert cli(["-q", "remove", str(store), "inplace"]) == 0  # deleted behind the server's back
+    r = requests.post(f"{url}/v1/load_lora_adapter", timeout=60,
+                      json={"lora_name": "inplace", "lora_path": "cycle-0002", "load_inplace": True})
+    assert r.status_code == 200, r.text  # vLLM keeps the id: the workers must still look again
+    out = setup["tmp"] / "exported-inplace"
+    assert cli(["-q", "export", str(store), "inplace", "--out", str(out / "inplace")]) == 0
+    ref = merged_reference(setup["model"], out)
+    assert complete(url, "inplace").json()["choices"][0]["token_ids"] == ref("def hello(", "inplace")
+
+
+def test_an_unload_that_cannot_delete_says_so_and_can_be_repeated(setup):
+    url, store = setup["url"], setup["store"]
+    assert load(url, "busy", "cycle-0003").status_code == 200
+    fd = os.open(store, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held longer than the 3 s timeout
+    try:
+        r = unload(url, "busy")
+    finally:
+        os.close(fd)
+    assert r.status_code == 503 and "not deleted from the store" in r.json()["error"]["message"], r.text
+    assert "busy" in read_manifest(store).adapters
+    assert unload(url, "busy").status_code == 200  # not loaded any more: the delete alone is done
+    assert "busy" not in read_manifest(store).adapters
+
+
+def test_a_load_waits_for_an_unload_of_the_same_name(setup):
+    url, store = setup["url"], setup["store"]
+    assert load(url, "race", "cycle-0001").status_code == 200
+    fd = os.open(store, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    results = {}
+    unloading = threading.Thread(target=lambda: results.setdefault("unload", unload(url, "race")))
+    loading = threading.Thread(target=lambda: results.setdefault("load", load(url, "race", "cycle-0001")))
+    try:
+        unloading.start()
+        time.sleep(0.5)  # the unload (delete) now waits for the store's lock
+        loading.start()
+        time.sleep(1.0)
+    finally:
+        os.close(fd)  # released within the 3 s timeout: the delete goes through, then the load
+    unloading.join(60)
+    loading.join(60)
+    assert results["unload"].status_code == 200 and results["load"].status_code == 200, results
+    assert "race" in read_manifest(store).adapters  # loaded last, so in the store (once: deleted, then lost)
+    assert complete(url, "race").status_code == 200
+
+
 def test_a_store_recompressed_in_place_is_switched_to_not_added_to(setup):
     url, store = setup["url"], setup["store"]
     assert cli(["-q", "compress", "--from-store", str(store), "--out", str(store), "--rank", "8",

@@ -32,17 +32,19 @@ def _pad(x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, rank - x.shape[-1])) if x.shape[-1] < rank else x
 
 
-def cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh
-                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh, placeholders: frozenset = frozenset()
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The clusters ``fresh``'s bases for one layer, cut for this TP rank and padded to the served
-    rank: V [S, n, d_in, R] and S tensors U [n, d_s, R], in ``w``'s dtype on ``w``'s device.
+    rank: V [S, n, d_in, R] and S tensors U [n, d_s, R], in ``w``'s dtype on ``w``'s device; zeros
+    for the ids in ``placeholders`` (clusters no adapter uses: only their place is kept).
     Reads only: ``append_bases`` applies them."""
     S, R = len(w.UT), w.rank
     d_in = w.V_all.shape[0]
     V_new, U_new = [[] for _ in range(S)], [[] for _ in range(S)]
     for c in fresh:
-        full_U = [reader.get(u_key(c.id, n)) if reader.has(u_key(c.id, n)) else None for n in names]
-        full_V = [reader.get(v_key(c.id, n)) if reader.has(v_key(c.id, n)) else None for n in names]
+        read = c.id not in placeholders
+        full_U = [reader.get(u_key(c.id, n)) if read and reader.has(u_key(c.id, n)) else None for n in names]
+        full_V = [reader.get(v_key(c.id, n)) if read and reader.has(v_key(c.id, n)) else None for n in names]
         us, vs = module.jd_shard([None if u is None else _pad(u, R)[None] for u in full_U],
                                  [None if v is None else _pad(v, R)[None] for v in full_V])
         for s in range(S):
@@ -54,11 +56,11 @@ def cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh
             [torch.stack(u).to(dev, dt) for u in U_new])
 
 
-def new_cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh
-                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def new_cluster_bases(module, names: list[str], w: JDLayerWeights, reader, fresh,
+                      placeholders: frozenset = frozenset()) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The clusters ``fresh``'s bases laid out like ``residency.HostBases``: V [n, d_in, S·R] and
     S tensors UT [n, R, d_s] (on the host)."""
-    V, U = cluster_bases(module, names, w, reader, fresh)
+    V, U = cluster_bases(module, names, w, reader, fresh, placeholders)
     S, n, d_in, R = V.shape
     return V.permute(1, 2, 0, 3).reshape(n, d_in, S * R).cpu(), [u.transpose(1, 2).cpu() for u in U]
 

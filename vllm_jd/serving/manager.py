@@ -22,7 +22,6 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from vllm_jd.compress.errors import StoreError
 from vllm_jd.compress.store import TensorReader, read_manifest
-from vllm_jd.compress.transaction import locked
 from vllm_jd.compress.validate import bad_rows, bad_value
 from vllm_jd.envs import VLLM_JD_STORE, max_resident_clusters, store_path
 from vllm_jd.kernels.torch_ops import JDLayerWeights
@@ -38,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 _BANK_STATE = ("jd_bank", "jd_table", "jd_generation", "_jd_name_id", "jd_rank", "jd_none_row", "_jd_id_to_row",
-               "_jd_last_index_mapping")
+               "_jd_last_index_mapping", "_jd_placeholders")
 """What ``_jd_use_bank`` sets: restored as a whole when a store switch fails."""
 
 
@@ -114,6 +113,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         self.jd_none_row = bank.none_row
         self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
         self._jd_last_index_mapping: tuple | None = None
+        self._jd_placeholders: set[int] = set()  # clusters appended as zeros (no adapter used them)
 
     @property
     def jd_cluster_of_row(self) -> np.ndarray:
@@ -279,23 +279,28 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         read and checked before anything changes: on any error the worker is as it was.
         """
         store = store_path()
-        with locked(store, shared=True):  # no shard is collected while we read
-            manifest = read_manifest(store)
-            if manifest.generation != self.jd_generation:
-                raise StoreError(f"the store {store} was recompressed since this server loaded it (version "
-                                 f"{self.jd_generation[:8] or '-'} → {manifest.generation[:8]}); switch to it with "
-                                 "POST /v1/jd/store or restart the server to serve new adapters")
-            a = manifest.adapters.get(name)
-            if a is None:
-                why = manifest.broken.get(name)
-                raise StoreError(f"adapter {name!r} is not in the vllm-jd store {store}"
-                                 + (f": its entry is broken ({why})" if why else ""))
-            row = self.jd_table.current(name, _location(a))
-            if row is not None:
-                return row
-            reader = TensorReader(store, manifest)
-            fresh, bases = self._jd_new_clusters(manifest, reader)
-            sigmas = self._jd_read_sigma(name, manifest, reader)
+        # no store lock here: this runs in the engine's step loop, which must never wait on another
+        # process. Shards are only collected when a version replaces another, which the version check
+        # below turns into a clear error; one collected between that check and a read fails this load.
+        manifest = read_manifest(store)
+        if manifest.generation != self.jd_generation:
+            raise StoreError(f"the store {store} was recompressed since this server loaded it (version "
+                             f"{self.jd_generation[:8] or '-'} → {manifest.generation[:8]}); switch to it with "
+                             "POST /v1/jd/store or restart the server to serve new adapters")
+        a = manifest.adapters.get(name)
+        if a is None:
+            why = manifest.broken.get(name)
+            raise StoreError(f"adapter {name!r} is not in the vllm-jd store {store}"
+                             + (f": its entry is broken ({why})" if why else ""))
+        row = self.jd_table.current(name, _location(a))
+        if row is not None:
+            return row
+        if a.cluster in self._jd_placeholders:  # appended as zeros while no adapter used it
+            raise StoreError(f"adapter {name!r} is in cluster {a.cluster}, which this server holds no bases for; "
+                             "restart the server to serve it")
+        reader = TensorReader(store, manifest)
+        fresh, bases, placeholders = self._jd_new_clusters(manifest, reader)
+        sigmas = self._jd_read_sigma(name, manifest, reader)
         in_use = {lora.jd_row for lora in self._registered_adapters.values()}
         row, used_before = self.jd_table.take(name, set(manifest.adapters), in_use)
         for i, (module, names, w) in enumerate(self._jd_layers):
@@ -312,32 +317,39 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
                 else:
                     w.sigma[row, s, :r] = sig
         self.jd_table.assign(name, row, _location(a))
+        self._jd_placeholders |= placeholders
         self._jd_publish_clusters()
         self._jd_last_index_mapping = None
         logger.info("vllm-jd: serving %s (row %d%s)", name, row, f", {len(fresh)} new clusters" if fresh else "")
         return row
 
-    def _jd_new_clusters(self, manifest, reader) -> tuple[list, list]:
-        """The store's clusters this worker lacks, and each layer's bases for them (not yet applied)."""
+    def _jd_new_clusters(self, manifest, reader) -> tuple[list, list, frozenset]:
+        """The store's clusters this worker lacks, each layer's bases for them (not yet applied), and
+        the ids among them no adapter uses (appended as zeros)."""
         if self.jd_residency is not None:
             C_old = self.jd_residency.num_clusters
         else:
             C_old = int(self._jd_layers[0][2].num_clusters) if self._jd_layers else 0
         fresh = [c for c in manifest.clusters if c.id >= C_old]
         if not fresh:
-            return [], []
-        if any(c.rank > self.jd_rank for c in fresh):
-            raise StoreError(f"a new cluster has rank {max(c.rank for c in fresh)} > the served rank {self.jd_rank}; "
-                             "restart the server to serve it")
+            return [], [], frozenset()
+        # a cluster no adapter uses (its registration was rolled back, its adapters deleted) only
+        # holds its place: zeros, whatever its rank, so it never blocks the clusters after it
+        used = {a.cluster for a in manifest.adapters.values()}
+        placeholders = frozenset(c.id for c in fresh if c.id not in used)
+        if any(c.rank > self.jd_rank for c in fresh if c.id not in placeholders):
+            worst = max(c.rank for c in fresh if c.id not in placeholders)
+            raise StoreError(f"a new cluster has rank {worst} > the served rank {self.jd_rank}; restart the server "
+                             "to serve it")
         if self.jd_residency is None and torch.device(self.device).type == "cuda" and not self.jd_eager:
             raise StoreError("a new adapter needs its own cluster; with CUDA graphs that needs a restart "
                              "(or serve with --enforce-eager)")
         make = new_cluster_bases if self.jd_residency is not None else cluster_bases
-        bases = [make(module, names, w, reader, fresh) for module, names, w in self._jd_layers]
+        bases = [make(module, names, w, reader, fresh, placeholders) for module, names, w in self._jd_layers]
         for V, U in bases:
             if (why := bad_value(V) or next((b for u in U if (b := bad_value(u))), None)) is not None:
                 raise StoreError(f"a new cluster's basis {why}; not served (see `vllm-jd fsck`)")
-        return fresh, bases
+        return fresh, bases, placeholders
 
     def _jd_read_sigma(self, name: str, manifest, reader) -> list[list[tuple[int, torch.Tensor]]]:
         """Adapter ``name``'s Σ per layer: [(slice, Σ in the layer's dtype)]; StoreError on bad values."""
@@ -438,7 +450,8 @@ class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         # unloaded and registered again (vLLM gives it a new id), maybe for another adapter
         seen_id = manager._jd_name_id.get(name, lora_request.lora_int_id)
         row = manager.jd_table.rows.get(name)
-        if row is None or seen_id != lora_request.lora_int_id:
+        # load_inplace keeps the id, but the name may now hold other weights: always look again
+        if row is None or seen_id != lora_request.lora_int_id or lora_request.load_inplace:
             row = manager.jd_refresh(name)
         manager._jd_name_id[name] = lora_request.lora_int_id
         return JDLoRAModel(lora_request.lora_int_id, manager.jd_rank, row)

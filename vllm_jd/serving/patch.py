@@ -116,7 +116,7 @@ def register_store_adapters(models) -> int:
             raise ValueError(f"store adapter {name!r} has the name of the base model; rename it")
         path = lora_path(store, manifest.generation, a.cluster, a.block, a.row)
         models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=start + i + 1, lora_path=path)
-    models.jd_ids = {name: r.lora_int_id for name, r in models.lora_requests.items()}  # ids the workers know
+    models.jd_ids = {name: {r.lora_int_id} for name, r in models.lora_requests.items()}  # ids the workers may hold
     logger.info("vllm-jd: %d adapters of %s are model names", len(manifest.adapters), store)
     return len(manifest.adapters)
 
@@ -124,104 +124,173 @@ def register_store_adapters(models) -> int:
 def _runtime_registration(OpenAIServingModels) -> None:
     """``/v1/load_lora_adapter`` adds the adapter to the store first (``registration``), then lets
     vLLM load it by name from the store, and takes it out of the store again if that fails;
-    ``/v1/unload_lora_adapter`` unloads from memory as vLLM does, and deletes from the store only
-    with ``--jd-unload-deletes`` (after the adapter's requests in flight have finished).
+    ``/v1/unload_lora_adapter`` unloads from memory as vLLM does (and, once the adapter's requests
+    have finished, makes the workers drop its id so its Σ row can be reused), and deletes it from
+    the store only with ``--jd-unload-deletes``. Loads and unloads of one name run one at a time.
 
     Registrations run on their own small thread pool, never on the event loop's default executor,
     with a timeout and a bound on how many wait: a stuck one (a slow disk, a held lock) answers
     503 and leaves ``/health`` and completions alone."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
+    routes = _Registrations(OpenAIServingModels.load_lora_adapter, OpenAIServingModels.unload_lora_adapter)
+
+    async def load_lora_adapter(self, request, base_model_name=None):
+        async with routes.lock(request.lora_name):
+            return await routes.load(self, request, base_model_name)
+
+    async def unload_lora_adapter(self, request):
+        async with routes.lock(request.lora_name):
+            return await routes.unload(self, request)
+
+    OpenAIServingModels.load_lora_adapter = load_lora_adapter
+    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+
+
+class _Registrations:
+    """The bodies of the two routes (see ``_runtime_registration``), around vLLM's originals."""
+
+    def __init__(self, original_load, original_unload):
+        import asyncio
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.original_load, self.original_unload = original_load, original_unload
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vllm-jd-register")
+        self.waiting = 0  # registrations accepted and not finished (one event loop: no lock needed)
+        self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.forgetting: set = set()  # background tasks that drop unloaded ids (kept from the GC)
+
+    def lock(self, name):
+        return self.locks[str(name)]
+
+    async def in_pool(self, fn, *args):
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args))
+
+    async def load(self, models, request, base_model_name):
+        from vllm_jd.envs import adapter_root
+        from vllm_jd.serving.metrics import metrics
+        from vllm_jd.serving.registration import rollback
+        from vllm_jd.serving.servable import lora_path
+
+        name = request.lora_name
+        if (not name or not request.lora_path or models.is_base_model(name)
+                or (name in models.lora_requests and not request.load_inplace)):
+            return await self.original_load(models, request, base_model_name)  # vLLM's own 400s
+        if adapter_root() is None:
+            return _error("this server serves a vllm-jd store; start it with --jd-adapter-root DIR to register "
+                          "adapters from DIR while serving", 400)
+        added = await self._register(models, request)
+        if not hasattr(added, "cluster"):
+            return added  # an error response
+        if added.new and name not in models.lora_requests:
+            # the name's earlier adapter (unloaded, then deleted): once its requests are done the workers
+            # drop its ids, so its Σ row can take the new adapter
+            await self._forget(models, name)
+        path = lora_path(store_path(), models.jd_generation, added.cluster, added.block, added.row)
+        try:
+            result = await self.original_load(models, request.model_copy(update={"lora_path": path}), base_model_name)
+        except Exception:
+            if added.new:
+                await self.in_pool(rollback, store_path(), name)
+            raise
+        if not isinstance(result, str):  # vLLM's error response: the workers could not serve it
+            if added.new:
+                await self.in_pool(rollback, store_path(), name)
+            return result
+        if added.new:
+            metrics(store_path()).registered(name, added.cluster, added.error, added.kind != "shared")
+        _ids(models).setdefault(name, set()).add(models.lora_requests[name].lora_int_id)
+        return result
+
+    async def _register(self, models, request):
+        """``registration.register`` on the pool, bounded in time and in number: Added, or an error response."""
+        import asyncio
+
+        from vllm_jd.compress.errors import StoreBusy
+        from vllm_jd.envs import adapter_root, max_error, registration_timeout
+        from vllm_jd.serving.registration import Ticket, register
+
+        name = request.lora_name
+        if self.waiting >= MAX_WAITING_REGISTRATIONS:
+            return _error(f"{self.waiting} registrations are in progress; try again shortly", 503)
+        timeout, ticket = registration_timeout(), Ticket()
+        self.waiting += 1
+        job = asyncio.ensure_future(self.in_pool(register, store_path(), name, request.lora_path, adapter_root(),
+                                                 max_error(), timeout, ticket, getattr(models, "jd_generation", None)))
+        try:
+            return await asyncio.wait_for(asyncio.shield(job), timeout)
+        except asyncio.TimeoutError:
+            if ticket.cancel():
+                return _error(f"registering {name!r} took more than {timeout:g} s and was cancelled; the store is "
+                              "unchanged", 503)
+            return await job  # it was committing when the time ran out: a commit is short, take its result
+        except PermissionError as e:
+            return _error(str(e), 403)
+        except StoreBusy as e:
+            return _error(str(e), 503)
+        except (ValueError, OSError) as e:  # AdapterError / StoreError are ValueErrors
+            return _error(str(e), 400)
+        finally:
+            self.waiting -= 1
+
+    async def unload(self, models, request):
+        import asyncio
+
+        from vllm_jd.compress.errors import StoreBusy
+        from vllm_jd.envs import registration_timeout, unload_deletes
+        from vllm_jd.serving.metrics import metrics
+        from vllm_jd.serving.registration import unregister
+
+        name = request.lora_name
+        loaded = models.lora_requests.get(name)
+        result = await self.original_unload(models, request)  # vLLM's: the name only; the engine keeps its id
+        if not unload_deletes():
+            if isinstance(result, str) and loaded is not None:
+                task = asyncio.ensure_future(self._forget(models, name, wait=3600))
+                self.forgetting.add(task)
+                task.add_done_callback(self.forgetting.discard)
+            return result
+        if not await IN_FLIGHT.drained(name, registration_timeout()):
+            return _error(f"{name!r} is unloaded, but {IN_FLIGHT.count(name)} of its requests are still running, so "
+                          "it was not deleted from the store; unload it again later to delete it", 409)
+        try:
+            await self.in_pool(unregister, store_path(), name, registration_timeout())
+        except StoreBusy as e:
+            return _error(f"{name!r} is unloaded from memory but not deleted from the store: {e}", 503)
+        except ValueError:
+            return result  # not in the store (or already gone): vLLM's answer is all there is
+        metrics(store_path()).unregistered(name)
+        await self._forget(models, name, wait=0)  # drained above: the workers drop its ids, its Σ row is free
+        return result if isinstance(result, str) else f"Success: {name!r} deleted from the store."
+
+    async def _forget(self, models, name: str, wait: float | None = None) -> None:
+        """Once no request of ``name`` runs (waiting at most ``wait`` s, default the registration
+        timeout) and it is not loaded, the workers drop every id it had: a Σ row stays reserved
+        while any id points at it (vLLM re-adds a running request's adapter by id)."""
+        from vllm_jd.envs import registration_timeout
+
+        if not await IN_FLIGHT.drained(name, registration_timeout() if wait is None else wait):
+            return
+        if name in models.lora_requests:  # loaded again meanwhile: its ids are in use
+            return
+        for lora_id in sorted(_ids(models).pop(name, ())):
+            await models.engine_client.remove_lora(lora_id)
+
+
+def _ids(models) -> dict[str, set[int]]:
+    """name → the vLLM adapter ids the workers were given for it and still hold."""
+    return models.__dict__.setdefault("jd_ids", {})
+
+
+def _error(message: str, status: int):
+    """vLLM's error response for HTTP ``status``."""
     from http import HTTPStatus
 
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    from vllm_jd.compress.errors import StoreBusy
-    from vllm_jd.envs import adapter_root, max_error, registration_timeout, unload_deletes
-    from vllm_jd.serving.metrics import metrics
-    from vllm_jd.serving.registration import Ticket, register, rollback, unregister
-    from vllm_jd.serving.servable import lora_path
-
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vllm-jd-register")
-    waiting = [0]  # registrations accepted and not finished (one event loop: no lock needed)
-    original_load = OpenAIServingModels.load_lora_adapter
-    original_unload = OpenAIServingModels.unload_lora_adapter
-
-    async def in_pool(fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(pool, lambda: fn(*args, **kwargs))
-
-    async def load_lora_adapter(self, request, base_model_name=None):
-        name, path = request.lora_name, request.lora_path
-        if (not name or not path or self.is_base_model(name)
-                or (name in self.lora_requests and not request.load_inplace)):
-            return await original_load(self, request, base_model_name)  # vLLM's own 400s
-        root = adapter_root()
-        if root is None:
-            return create_error_response("this server serves a vllm-jd store; start it with --jd-adapter-root DIR "
-                                         "to register adapters from DIR while serving")
-        if waiting[0] >= MAX_WAITING_REGISTRATIONS:
-            return create_error_response(f"{waiting[0]} registrations are in progress; try again shortly",
-                                         "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
-        timeout, ticket = registration_timeout(), Ticket()
-        waiting[0] += 1
-        job = asyncio.ensure_future(in_pool(register, store_path(), name, path, root, max_error(), timeout, ticket,
-                                            getattr(self, "jd_generation", None)))
-        try:
-            added = await asyncio.wait_for(asyncio.shield(job), timeout)
-        except asyncio.TimeoutError:
-            if ticket.cancel():
-                return create_error_response(f"registering {name!r} took more than {timeout:g} s and was cancelled; "
-                                             "the store is unchanged", "ServiceUnavailableError",
-                                             HTTPStatus.SERVICE_UNAVAILABLE)
-            added = await job  # it was committing when the time ran out: a commit is short, take its result
-        except PermissionError as e:
-            return create_error_response(str(e), "ForbiddenError", HTTPStatus.FORBIDDEN)
-        except StoreBusy as e:
-            return create_error_response(str(e), "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
-        except (ValueError, OSError) as e:  # AdapterError / StoreError are ValueErrors
-            return create_error_response(str(e), "InvalidUserInput", HTTPStatus.BAD_REQUEST)
-        finally:
-            waiting[0] -= 1
-        try:
-            path = lora_path(store_path(), self.jd_generation, added.cluster, added.block, added.row)
-            result = await original_load(self, request.model_copy(update={"lora_path": path}), base_model_name)
-        except Exception:
-            if added.new:
-                await in_pool(rollback, store_path(), name)
-            raise
-        if not isinstance(result, str):  # vLLM's error response: the workers could not serve it
-            if added.new:
-                await in_pool(rollback, store_path(), name)
-            return result
-        if added.new:
-            metrics(store_path()).registered(name, added.cluster, added.error, added.kind != "shared")
-        ids = self.__dict__.setdefault("jd_ids", {})
-        old_id, ids[name] = ids.get(name), self.lora_requests[name].lora_int_id
-        if added.new and old_id not in (None, ids[name]):  # the name's earlier adapter: its Σ row may be reused
-            await self.engine_client.remove_lora(old_id)
-        return result
-
-    async def unload_lora_adapter(self, request):
-        name = request.lora_name
-        loaded = self.lora_requests.get(name)
-        result = await original_unload(self, request)  # vLLM's: the name only (the engine keeps its id)
-        if not (isinstance(result, str) and unload_deletes()):
-            return result
-        if not await IN_FLIGHT.drained(name, registration_timeout()):
-            return create_error_response(f"{name!r} is unloaded, but {IN_FLIGHT.count(name)} of its requests are "
-                                         "still running, so it was not deleted from the store; unload it again "
-                                         "later to delete it", "ConflictError", HTTPStatus.CONFLICT)
-        try:
-            await in_pool(unregister, store_path(), name, registration_timeout())
-            metrics(store_path()).unregistered(name)
-        except ValueError:
-            return result  # not a store adapter (or already gone): vLLM's unload is all there is
-        if loaded is not None:  # no request runs with it: the workers drop its id and may reuse its Σ row
-            await self.engine_client.remove_lora(loaded.lora_int_id)
-        return result
-
-    OpenAIServingModels.load_lora_adapter = load_lora_adapter
-    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+    kind = {400: "InvalidUserInput", 403: "ForbiddenError", 409: "ConflictError", 503: "ServiceUnavailableError"}
+    return create_error_response(message, kind[status], HTTPStatus(status))
 
 
 def _count_requests() -> None:

@@ -25,6 +25,7 @@ memory only, as vLLM's unload does (a restart serves it again); deleting it from
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -81,8 +82,10 @@ def _open_dir_under(root: Path, real: Path) -> int:
     return fd
 
 
-def _copy_file(dir_fd: int, name: str, dest: Path) -> bool:
-    """Copy regular file ``name`` of the folder ``dir_fd`` to ``dest``; False if it is absent."""
+def _copy_file(dir_fd: int, name: str, dest: Path, limit: int, ticket: "Ticket | None") -> bool:
+    """Copy regular file ``name`` of the folder ``dir_fd`` to ``dest``; False if it is absent.
+    Refused: anything but a regular file with one link, over ``limit`` bytes or more than the
+    temporary folder's free space; the copy stops as soon as the caller gave up (``ticket``)."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -93,24 +96,44 @@ def _copy_file(dir_fd: int, name: str, dest: Path) -> bool:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{name} is not a regular file (a FIFO, device or folder cannot be an adapter file)")
-        if st.st_size > MAX_FILE_BYTES:
-            raise ValueError(f"{name} is {st.st_size} bytes, more than the {MAX_FILE_BYTES} an adapter file may be")
+        if st.st_nlink > 1:  # a hard link into the root can name any file of its file system
+            raise PermissionError(f"{name} has {st.st_nlink} hard links; an adapter file under the root must have one")
+        if st.st_size > min(limit, shutil.disk_usage(dest.parent).free // 2):
+            raise ValueError(f"{name} is {st.st_size} bytes: more than an adapter of its rank for this store's "
+                             f"modules can be ({limit}), or than half the free space for its copy")
         with os.fdopen(os.dup(fd), "rb") as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+            while chunk := src.read(1 << 22):
+                if ticket is not None and ticket.state == "cancelled":
+                    raise ValueError("cancelled while copying")
+                out.write(chunk)
         return True
     finally:
         os.close(fd)
 
 
-def copy_under_root(real: Path, root: str, into: Path) -> Path:
+def weights_limit(manifest, config_file: Path) -> int:
+    """Largest weights file an adapter can need: its rank (``r``, ``rank_pattern``) on every module
+    of the store in float64, plus 1 MiB of header; ``MAX_FILE_BYTES`` if the config cannot say."""
+    try:
+        config = json.loads(config_file.read_text())
+        ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+        r = max(int(x) for x in ranks if isinstance(x, (int, float)) and not isinstance(x, bool))
+    except (OSError, ValueError, AttributeError):
+        return MAX_FILE_BYTES
+    return min(MAX_FILE_BYTES, sum(r * (m.d_in + m.d_out) * 8 for m in manifest.modules) + (1 << 20))
+
+
+def copy_under_root(real: Path, root: str, into: Path, manifest=None, ticket: "Ticket | None" = None) -> Path:
     """Copy the adapter at ``real`` (already resolved under ``root``) into folder ``into`` through
-    descriptors (module docstring, step 1); returns ``into``."""
+    descriptors (module docstring, step 1), its weights bounded by ``weights_limit`` for the
+    store's ``manifest``; returns ``into``."""
     dir_fd = _open_dir_under(Path(root).resolve(strict=True), real)
     try:
-        if not _copy_file(dir_fd, CONFIG_NAME, into / CONFIG_NAME):
+        if not _copy_file(dir_fd, CONFIG_NAME, into / CONFIG_NAME, 1 << 20, ticket):
             raise ValueError(f"{real}: missing {CONFIG_NAME}")
-        if not _copy_file(dir_fd, SAFETENSORS_NAME, into / SAFETENSORS_NAME):
-            if not _copy_file(dir_fd, BIN_NAME, into / BIN_NAME):
+        limit = MAX_FILE_BYTES if manifest is None else weights_limit(manifest, into / CONFIG_NAME)
+        if not _copy_file(dir_fd, SAFETENSORS_NAME, into / SAFETENSORS_NAME, limit, ticket):
+            if not _copy_file(dir_fd, BIN_NAME, into / BIN_NAME, limit, ticket):
                 raise ValueError(f"{real}: missing {SAFETENSORS_NAME} (or {BIN_NAME})")
     finally:
         os.close(dir_fd)
@@ -149,9 +172,10 @@ def register(store: str | Path, name: str, lora_path: str, root: str, max_error:
     new clusters are not the ones the workers hold)."""
     t0 = time.perf_counter()
     path = resolve_under_root(lora_path, root)
+    manifest = read_manifest(Path(store))
     with tempfile.TemporaryDirectory(prefix="vllm-jd-register-") as tmp:
-        copy_under_root(path, root, Path(tmp))
-        if (stored := already_stored(store, name, Path(tmp))) is not None:
+        copy_under_root(path, root, Path(tmp), manifest, ticket)
+        if (stored := already_stored(manifest, name, Path(tmp))) is not None:
             return stored
         still_wanted: Callable[[], bool] | None = ticket.go if ticket is not None else None
         [added] = add_named(store, [(name, Path(tmp))], max_error, lock_timeout=lock_timeout,
@@ -161,11 +185,10 @@ def register(store: str | Path, name: str, lora_path: str, root: str, max_error:
         return added
 
 
-def already_stored(store: str | Path, name: str, folder: Path) -> Added | None:
-    """The store's entry for ``name`` if it holds exactly the adapter in ``folder`` (an adapter
-    unloaded from memory and loaded again); None if the name is free; AdapterError if the name
-    holds other weights (delete it first: registering over it would change what it serves)."""
-    manifest = read_manifest(Path(store))
+def already_stored(manifest, name: str, folder: Path) -> Added | None:
+    """The store's (``manifest``'s) entry for ``name`` if it holds exactly the adapter in ``folder``
+    (an adapter unloaded from memory and loaded again); None if the name is free; AdapterError if
+    the name holds other weights (delete it first: registering over it would change what it serves)."""
     info = manifest.adapters.get(name)
     if info is None:
         return None
