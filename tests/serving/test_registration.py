@@ -135,20 +135,15 @@ def test_paths_outside_the_root_are_refused(setup, path):
 
 
 def test_a_held_store_lock_does_not_stall_loads_of_stored_adapters(setup):
-    import fcntl
-    import os
+    from vllm_jd.compress.transaction import locked
 
     url, store = setup["url"], setup["store"]
     assert requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "far"}, timeout=30).status_code == 200
-    fd = os.open(store, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer holds the store
-    try:
+    with locked(store):  # another writer holds the store
         t0 = time.perf_counter()
         assert load(setup["url"], "far", "far-0000").status_code == 200  # in the store already: no lock needed
         assert len(complete(url, "far", "x = 1")) == MAX_TOKENS
         assert time.perf_counter() - t0 < 20  # the workers' step loop never waits on the store's lock
-    finally:
-        os.close(fd)
 
 
 def test_unload_is_memory_only_and_delete_is_explicit(setup):

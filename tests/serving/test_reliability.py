@@ -13,7 +13,6 @@ registration timeout and the admin route:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from vllm_jd.cli import main as cli
 from vllm_jd.compress.store import read_manifest, sigma_key
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.compress.transaction import locked
 from vllm_jd.tiny_model import llama_lora_modules
 
 BROKEN = "adapter-0004"
@@ -109,9 +109,7 @@ def test_a_fifo_is_refused_at_once(setup):
 def test_a_stuck_registration_times_out_and_nothing_waits_for_it(setup):
     url, store = setup["url"], setup["store"]
     before = (store / "manifest.json").read_bytes()
-    fd = os.open(store, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer holds the store for longer than the timeout
-    try:
+    with locked(store):  # another writer holds the store for longer than the timeout
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("r", load(url, "cycle-0000", "cycle-0000")))
         t0 = time.monotonic()
@@ -125,8 +123,6 @@ def test_a_stuck_registration_times_out_and_nothing_waits_for_it(setup):
         msg = r.json()["error"]["message"]
         assert r.status_code == 503 and ("cancelled" in msg or "is busy" in msg), r.text
         assert time.monotonic() - t0 < 15
-    finally:
-        os.close(fd)
     assert (store / "manifest.json").read_bytes() == before  # nothing committed
     time.sleep(0.5)  # the cancelled registration's thread gets the lock, sees it was cancelled, gives up
     assert (store / "manifest.json").read_bytes() == before
@@ -192,12 +188,8 @@ def test_load_inplace_after_a_delete_serves_the_new_weights(setup):
 def test_an_unload_that_cannot_delete_says_so_and_can_be_repeated(setup):
     url, store = setup["url"], setup["store"]
     assert load(url, "busy", "cycle-0003").status_code == 200
-    fd = os.open(store, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held longer than the 3 s timeout
-    try:
+    with locked(store):  # held longer than the 3 s timeout
         r = unload(url, "busy")
-    finally:
-        os.close(fd)
     assert r.status_code == 503 and "not deleted from the store" in r.json()["error"]["message"], r.text
     assert "busy" in read_manifest(store).adapters
     assert unload(url, "busy").status_code == 200  # not loaded any more: the delete alone is done
@@ -207,18 +199,14 @@ def test_an_unload_that_cannot_delete_says_so_and_can_be_repeated(setup):
 def test_a_load_waits_for_an_unload_of_the_same_name(setup):
     url, store = setup["url"], setup["store"]
     assert load(url, "race", "cycle-0001").status_code == 200
-    fd = os.open(store, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
     results = {}
     unloading = threading.Thread(target=lambda: results.setdefault("unload", unload(url, "race")))
     loading = threading.Thread(target=lambda: results.setdefault("load", load(url, "race", "cycle-0001")))
-    try:
+    with locked(store):  # released within the 3 s timeout: the delete goes through, then the load
         unloading.start()
         time.sleep(0.5)  # the unload (delete) now waits for the store's lock
         loading.start()
         time.sleep(1.0)
-    finally:
-        os.close(fd)  # released within the 3 s timeout: the delete goes through, then the load
     unloading.join(60)
     loading.join(60)
     assert results["unload"].status_code == 200 and results["load"].status_code == 200, results
