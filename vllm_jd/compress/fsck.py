@@ -31,11 +31,9 @@ def fsck(store: str | Path, repair: bool = False) -> dict:
         with locked(store):
             manifest = read_manifest(store)  # again, under the lock: what we change is what is there
             found = check_store(store, manifest)
+            found.set_aside(manifest)
             for name, why in found.adapters.items():
-                if name in manifest.adapters:
-                    manifest.set_aside(name, why)
-                entry = manifest._broken.pop(name)[0]
-                manifest.quarantined[name] = {"entry": entry, "reason": why}
+                manifest.quarantined[name] = {"entry": manifest._broken.pop(name)[0], "reason": why}
             if found.adapters:
                 write_manifest(store, manifest)
             removed = collect_garbage(store, manifest)

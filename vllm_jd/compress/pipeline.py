@@ -97,9 +97,7 @@ def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, p
 
         names = {a.name for a in adapters}
         snapshot = read_manifest(from_store)
-        for name, why in check_store(from_store, snapshot).adapters.items():  # never fit a basis to NaN
-            if name in snapshot.adapters:
-                snapshot.set_aside(name, why)
+        check_store(from_store, snapshot).set_aside(snapshot)  # never fit a basis to NaN
         for a in store_adapters(from_store, snapshot):
             if a.name in names:
                 raise AdapterError(a.name, f"is both given and in --from-store {from_store}", a.path)

@@ -46,9 +46,7 @@ def summarize(store: str | Path) -> dict:
 def _summarize(store: str | Path) -> dict:
     manifest = read_manifest(store)
     found = check_store(store, manifest)
-    for name, why in found.adapters.items():  # counted apart: their entries or tensors cannot be trusted
-        if name in manifest.adapters:
-            manifest.set_aside(name, why)
+    found.set_aside(manifest)  # counted apart: their entries or tensors cannot be trusted
     acc = account(manifest)
     errors = [a.error for a in manifest.adapters.values()]
     sizes: dict[int, int] = {}

@@ -45,6 +45,17 @@ class Findings:
         for n in names:
             self.adapters.setdefault(n, problem)
 
+    def set_aside(self, manifest: Manifest) -> None:
+        """Take every adapter with a problem out of ``manifest.adapters`` (``Manifest.set_aside``)."""
+        for name, why in self.adapters.items():
+            if name in manifest.adapters:
+                manifest.set_aside(name, why)
+
+    def refuse_store(self, store: str | Path) -> None:
+        """StoreError naming the store-wide problems, if any (nothing of the store can be served)."""
+        if self.store:
+            raise StoreError(f"{store} cannot be served: {'; '.join(self.store)} (see `vllm-jd fsck {store}`)")
+
 
 def bad_rows(sigma: torch.Tensor) -> torch.Tensor:
     """Indices of the rows of a Σ tensor [k, ...] with a non-finite entry or one beyond ``MAX_VALUE``."""

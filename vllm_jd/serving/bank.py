@@ -75,11 +75,8 @@ def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torc
 def _load(store: Path, device, dtype: torch.dtype, modules: list[str] | None) -> Bank:
     manifest = read_manifest(store)
     found = check_store(store, manifest, values=False)  # values are checked below, as they are loaded
-    if found.store:
-        raise StoreError(f"{store} cannot be served: {'; '.join(found.store)} (see `vllm-jd fsck`)")
-    for name, why in found.adapters.items():
-        if name in manifest.adapters:
-            manifest.set_aside(name, why)
+    found.refuse_store(store)
+    found.set_aside(manifest)
     reader = TensorReader(store, manifest)
     names = list(manifest.adapters)
     rows = {n: i for i, n in enumerate(names)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from vllm_jd.compress.errors import StoreError
 from vllm_jd.compress.store import MANIFEST, Manifest, read_manifest
 from vllm_jd.compress.validate import Findings, check_store
 
@@ -31,11 +30,8 @@ def servable(store: str | Path) -> tuple[Manifest, Findings]:
     if key not in _checked:
         manifest = read_manifest(path)
         found = check_store(path, manifest)
-        if found.store:
-            raise StoreError(f"{store} cannot be served: {'; '.join(found.store)} (see `vllm-jd fsck {store}`)")
-        for name, why in found.adapters.items():
-            if name in manifest.adapters:
-                manifest.set_aside(name, why)
+        found.refuse_store(store)
+        found.set_aside(manifest)
         if found.adapters:
             logger.warning("%d adapters of %s are not served (`vllm-jd fsck %s` lists them, --repair quarantines "
                            "them): %s", len(found.adapters), store, store,
