@@ -28,7 +28,7 @@ from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
 from vllm_jd.compress.names import name_problem
 from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, TensorReader, compeft_key,
                                     read_manifest, sigma_key, u_key, v_key)
-from vllm_jd.compress.transaction import STAGING_PREFIX, TENSORS, commit, live_folder, locked
+from vllm_jd.compress.transaction import STAGING_PREFIX, TENSORS, commit, locked, staging_folder
 from vllm_jd.compress.validate import bad_value
 from vllm_jd.compress.svd import exact_diag, exact_full
 
@@ -99,8 +99,7 @@ def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float
             if a.name in manifest.adapters or a.name in manifest.broken or a.name in manifest.quarantined:
                 raise AdapterError(a.name, "an adapter of this name is already in the store", a.path)
             _check_modules(manifest, a)
-        with live_folder(store / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}") as staged:
-            (staged / TENSORS).mkdir()
+        with staging_folder(store / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}") as staged:
             placed = place(TensorReader(store, manifest), manifest, adapters, staged, max_error, compeft)
             if still_wanted is not None and not still_wanted():
                 raise StoreError("the registration was cancelled (it waited too long); the store is unchanged")

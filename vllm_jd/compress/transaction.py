@@ -85,6 +85,15 @@ def live_folder(path: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextmanager
+def staging_folder(path: Path) -> Iterator[Path]:
+    """A ``live_folder`` laid out as a store (its ``tensors`` subfolder made): where a writer puts
+    new shards before ``commit`` or ``publish``."""
+    with live_folder(path) as tmp:
+        (tmp / TENSORS).mkdir()
+        yield tmp
+
+
 def is_stale(path: Path) -> bool:
     """True if no live writer holds ``path`` (a staging or temporary folder). A folder younger
     than ``MIN_AGE_S`` is never stale: its writer may be between ``mkdir`` and ``flock``."""
@@ -182,8 +191,7 @@ def writing(out: str | Path) -> Iterator[Staging]:
             if is_stale(p):
                 shutil.rmtree(p, ignore_errors=True)
     place = out / f"{STAGING_PREFIX}{generation[:8]}" if replaces else out.parent / f".{out.name}.tmp-{generation[:8]}"
-    with live_folder(place) as tmp:
-        (tmp / TENSORS).mkdir()
+    with staging_folder(place) as tmp:
         yield Staging(tmp, out, generation, replaces)
 
 
