@@ -76,6 +76,17 @@ def complete(url, model, prompt="def hello(", max_tokens=MAX_TOKENS):
                                                         "return_token_ids": True}, timeout=120)
 
 
+def serves_as_exported(setup, names: list[str], tag: str) -> None:
+    """Each adapter of ``names`` answers with exactly the greedy tokens of its exported PEFT adapter
+    merged into the model (what the store holds for it now)."""
+    out = setup["tmp"] / f"exported-{tag}"
+    for n in names:
+        assert cli(["-q", "export", str(setup["store"]), n, "--out", str(out / n)]) == 0
+    ref = merged_reference(setup["model"], out)
+    for n in names:
+        assert complete(setup["url"], n).json()["choices"][0]["token_ids"] == ref("def hello(", n), n
+
+
 def test_an_adapter_broken_on_disk_is_left_out_and_the_rest_served(setup):
     url = setup["url"]
     ids = [d["id"] for d in requests.get(f"{url}/v1/models", timeout=10).json()["data"]]
@@ -138,10 +149,7 @@ def test_load_unload_cycles_reuse_rows(setup):
         if i < 4:
             assert unload(url, name).status_code == 200
             assert name not in read_manifest(store).adapters  # --jd-unload-deletes
-    out = setup["tmp"] / "exported-cycle"
-    assert cli(["-q", "export", str(store), "cycle-0004", "--out", str(out / "cycle-0004")]) == 0
-    ref = merged_reference(setup["model"], out)
-    assert complete(url, "cycle-0004").json()["choices"][0]["token_ids"] == ref("def hello(", "cycle-0004")
+    serves_as_exported(setup, ["cycle-0004"], "cycle")
 
 
 def test_an_adapter_the_workers_cannot_serve_is_taken_out_again(setup):
@@ -179,10 +187,7 @@ def test_load_inplace_after_a_delete_serves_the_new_weights(setup):
     r = requests.post(f"{url}/v1/load_lora_adapter", timeout=60,
                       json={"lora_name": "inplace", "lora_path": "cycle-0002", "load_inplace": True})
     assert r.status_code == 200, r.text  # vLLM keeps the id: the workers must still look again
-    out = setup["tmp"] / "exported-inplace"
-    assert cli(["-q", "export", str(store), "inplace", "--out", str(out / "inplace")]) == 0
-    ref = merged_reference(setup["model"], out)
-    assert complete(url, "inplace").json()["choices"][0]["token_ids"] == ref("def hello(", "inplace")
+    serves_as_exported(setup, ["inplace"], "inplace")
 
 
 def test_an_unload_that_cannot_delete_says_so_and_can_be_repeated(setup):
@@ -225,9 +230,4 @@ def test_a_store_recompressed_in_place_is_switched_to_not_added_to(setup):
     r = requests.post(f"{url}/v1/jd/store", json={"store": str(store)}, timeout=120)  # same path, new version
     assert r.status_code == 200, r.text
     assert load(url, "cycle-0001", "cycle-0001").status_code == 200
-    out = setup["tmp"] / "exported-v2"
-    for n in ("cycle-0001", "adapter-0002"):
-        assert cli(["-q", "export", str(store), n, "--out", str(out / n)]) == 0
-    ref = merged_reference(setup["model"], out)
-    for n in ("cycle-0001", "adapter-0002"):  # the new version's weights, not cached KV of the old ones
-        assert complete(url, n).json()["choices"][0]["token_ids"] == ref("def hello(", n), n
+    serves_as_exported(setup, ["cycle-0001", "adapter-0002"], "v2")  # the new version's, not cached KV of the old
