@@ -1,7 +1,10 @@
-"""Triton kernels under TRITON_INTERPRET=1 (no GPU here) against the float32 reference twins.
+"""The GPU kernels (``kernels/gpu/jd_triton.py``) under TRITON_INTERPRET=1 (no GPU here) against
+the float32 reference twins.
 
-Small odd shapes (d_in 123 and 2049, slices 40/24/24), fp32/bf16/fp16, ranks 8–128, the four
-popularity cases, and tokens without an adapter mixed in (their output must stay exact).
+Odd shapes (d_in 123 and 2049, slices 40/24/24), fp32/bf16/fp16, ranks 8–512, the four
+popularity cases, 1 to 25 clusters, tokens without an adapter mixed in (their output must stay
+exact), padded rows, a strided y, and a real step (256 sequences: a 2,048-token prefill among
+decodes). Under the interpreter bf16 dots are widened to fp32 (see jd_triton.py).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import pytest
 import torch
 from cases import POPULARITY, TOL, random_layer, token_rows
 
-from vllm_jd.kernels.metadata import adapter_segments, build_meta, with_segments
-from vllm_jd.kernels.reference import jd_lora_ref, jd_shrink_ref, jd_sigma_ref
+from vllm_jd.kernels.gpu import config, selfcheck
+from vllm_jd.kernels.gpu.buffers import TileBuffers
+from vllm_jd.kernels.gpu.tiles import build_tiles
+from vllm_jd.kernels.reference import jd_lora_ref
 from vllm_jd.kernels.torch_ops import JDLayerWeights
-
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 under_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_under_triton_interpreter in a "
@@ -37,78 +41,119 @@ def test_kernels_under_triton_interpreter():
 
 
 @pytest.fixture(scope="module")
-def triton_ops():
-    return importlib.import_module("vllm_jd.kernels.triton_ops")
+def gpu():
+    return importlib.import_module("vllm_jd.kernels.gpu.jd_triton")
 
 
-def setup(popularity, dtype, R, C=3, diag=False, d_in=123, d_out=(40, 24, 24), N=10, seed=0,
-          seq_lens=(1, 5, 1, 17, 1, 1, 9, 2)):
-    V, U, sigma, cluster = random_layer(len(d_out), C, N, R, d_in, list(d_out), diag, dtype, seed)
-    rows = token_rows(popularity, len(seq_lens), list(seq_lens), N, 0.25, seed)
-    meta = with_segments(build_meta(rows, cluster, N), cluster, N, max_segs=16)
+def run_case(gpu, rows, N, cluster, V, U, sigma, dtype, pad=0, y_stride_extra=0, seed=0):
+    """Run jd_lora_gpu on tokens ``rows`` (+ ``pad`` unmapped rows of x, y a view into a wider
+    tensor when ``y_stride_extra``); assert it matches the twin and leaves no-adapter rows exact."""
+    T = len(rows) + pad
+    all_rows = np.concatenate([rows, np.full(pad, N)])
     g = torch.Generator().manual_seed(seed + 7)
-    x = torch.randn(len(rows), d_in, generator=g).to(dtype)
-    y = torch.randn(len(rows), sum(d_out), generator=g).to(dtype)
-    return V, U, sigma, rows, meta, x, y, JDLayerWeights.from_bases(V, U, sigma)
+    x = torch.randn(T, V.shape[2], generator=g).to(dtype)
+    D = sum(u.shape[1] for u in U)
+    wide = torch.randn(T, D + y_stride_extra, generator=g).to(dtype)
+    y = wide[:, :D]
+    want = jd_lora_ref(x, y, V, U, sigma, torch.from_numpy(cluster[all_rows]), torch.from_numpy(all_rows))
+    before = wide.clone()
+    tiles = TileBuffers(max(len(rows), 1), 256, "cpu")
+    tiles.write(build_tiles(rows, cluster, N))
+    gpu.jd_lora_gpu(x, y, JDLayerWeights.from_bases(V, U, sigma), tiles)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.float(), want.float(), atol=atol, rtol=rtol)
+    none = torch.from_numpy(all_rows == N)
+    assert torch.equal(y[none], before[:, :D][none])  # tokens without an adapter: untouched
+    assert torch.equal(wide[:, D:], before[:, D:])  # columns beyond y: untouched
+
+
+def layer(dtype, R, C=3, diag=False, d_in=123, d_out=(40, 24, 24), N=10, seed=0):
+    return random_layer(len(d_out), C, N, R, d_in, list(d_out), diag, dtype, seed)
 
 
 @under_interpreter
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("R", [8, 16, 64, 128])
-def test_jd_lora_triton(triton_ops, popularity, dtype, R):
-    V, U, sigma, rows, meta, x, y, w = setup(popularity, dtype, R)
-    want = jd_lora_ref(x, y, V, U, sigma, meta.token_cluster, meta.token_row)
-    got = y.clone()
-    triton_ops.jd_lora_triton(x, got, w, meta)
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
-    assert torch.equal(got[rows == 10], y[rows == 10])  # tokens without an adapter: untouched
+def test_popularity_dtypes_ranks(gpu, popularity, dtype, R):
+    V, U, sigma, cluster = layer(dtype, R)
+    rows = token_rows(popularity, 8, [1, 5, 1, 17, 1, 1, 9, 2], 10, 0.25, 0)
+    run_case(gpu, rows, 10, cluster, V, U, sigma, dtype)
 
 
 @under_interpreter
 @pytest.mark.parametrize("diag", [False, True])
-def test_shrink_sigma_fused(triton_ops, diag):
-    V, U, sigma, rows, meta, x, y, w = setup("zipf", torch.float32, 16, diag=diag, d_in=2049)
-    segs = (meta.sorted_tokens, meta.row_start, meta.row_len, meta.row_id)
-    g = triton_ops.jd_shrink_sigma(x, w, segs, meta.cluster_of_row)  # [S, T, R]
-    want = jd_sigma_ref(jd_shrink_ref(x, V, meta.token_cluster), sigma, meta.token_row)  # [T, S, R]
-    torch.testing.assert_close(g.transpose(0, 1), want, atol=2e-4, rtol=2e-4)
+@pytest.mark.parametrize("R", [8, 512])
+def test_diag_and_largest_rank_wide_input(gpu, diag, R):
+    V, U, sigma, cluster = layer(torch.float32, R, diag=diag, d_in=2049 if R == 8 else 70, d_out=(40, 24, 24))
+    rows = token_rows("zipf", 6, [1, 20, 1, 3, 1, 1], 10, 0.2, 1)
+    run_case(gpu, rows, 10, cluster, V, U, sigma, torch.float32)
 
 
 @under_interpreter
-def test_registered_op_and_single_cluster(triton_ops):
-    V, U, sigma, rows, meta, x, y, w = setup("uniform", torch.float32, 32, C=1)
-    want = jd_lora_ref(x, y, V, U, sigma, meta.token_cluster, meta.token_row)
-    got = y.clone()
-    torch.ops.vllm_jd.jd_lora(x, got, w.V_all, w.UT, w.sigma, meta.sorted_tokens, meta.row_start, meta.row_len,
-                              meta.row_id, meta.cluster_of_row, w.num_clusters, w.rank)
-    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+@pytest.mark.parametrize("C", [1, 25])
+def test_one_and_many_clusters_padded_rows_strided_y(gpu, C):
+    N = 60
+    V, U, sigma, cluster = layer(torch.bfloat16, 16, C=C, N=N, d_out=(48, 16, 16))
+    rows = token_rows("uniform", 40, [1] * 36 + [9, 2, 33, 1], N, 0.1, 2)
+    run_case(gpu, rows, N, cluster, V, U, sigma, torch.bfloat16, pad=13, y_stride_extra=24)
 
 
 @under_interpreter
-def test_no_adapter_tokens_only(triton_ops):
-    V, U, sigma, rows, meta, x, y, w = setup("uniform", torch.float32, 16, seq_lens=(3, 4))
-    meta = with_segments(build_meta(np.full(7, 10), np.zeros(11, dtype=np.int64), 10), np.zeros(11, dtype=np.int64),
-                         10, max_segs=4)
-    got = y.clone()
-    triton_ops.jd_lora_triton(x, got, w, meta)
-    assert torch.equal(got, y)
-
-
-def test_adapter_segments():
-    order, start, length, row = adapter_segments(np.array([4, 9, 2, 4, 9, 9]), none_row=9, max_segs=4)
-    assert row.tolist() == [2, 4, 0, 0] and length.tolist() == [1, 2, 0, 0]
-    assert order[start[1] : start[1] + 2].tolist() == [0, 3]
-    with pytest.raises(ValueError, match="more than max_segs=1"):
-        adapter_segments(np.array([1, 2]), none_row=9, max_segs=1)
+@pytest.mark.parametrize("popularity", ["distinct", "zipf"])
+def test_real_step_size(gpu, popularity):
+    """max_num_seqs 256: one 2,048-token prefill and 255 decodes, 8 clusters of 128 adapters."""
+    N = 1024
+    V, U, sigma, cluster = random_layer(2, 8, N, 16, 64, [32, 16], False, torch.float16, 3)
+    cluster = np.append(np.arange(N) * 8 // N, 0)
+    rows = token_rows(popularity, 256, [2048] + [1] * 255, N, 0.1, 3)
+    run_case(gpu, rows, N, cluster, V, U, sigma, torch.float16, pad=5)
 
 
 @under_interpreter
-def test_shape_and_dtype_errors(triton_ops):
-    V, U, sigma, rows, meta, x, y, w = setup("uniform", torch.float32, 16)
-    segs = (meta.sorted_tokens, meta.row_start, meta.row_len, meta.row_id)
+def test_only_tokens_without_adapter_and_empty_step(gpu):
+    V, U, sigma, cluster = layer(torch.float32, 16)
+    run_case(gpu, np.full(7, 10), 10, cluster, V, U, sigma, torch.float32)
+    run_case(gpu, np.zeros(0, dtype=np.int64), 10, cluster, V, U, sigma, torch.float32, pad=3)
+
+
+@under_interpreter
+def test_shape_and_dtype_errors(gpu):
+    V, U, sigma, cluster = layer(torch.float32, 16)
+    w = JDLayerWeights.from_bases(V, U, sigma)
+    tiles = TileBuffers(8, 8, "cpu")
+    x, y = torch.randn(8, 123), torch.randn(8, 88)
     with pytest.raises(ValueError, match="x is torch.bfloat16"):
-        triton_ops.jd_shrink_sigma(x.bfloat16(), w, segs, meta.cluster_of_row)
-    with pytest.raises(ValueError, match="V_all has shape"):
-        triton_ops.jd_shrink_sigma(x[:, :100].contiguous(), w, segs, meta.cluster_of_row)
+        gpu.jd_lora_gpu(x.bfloat16(), y, w, tiles)
+    with pytest.raises(ValueError, match="does not match V_all"):
+        gpu.jd_lora_gpu(x[:, :100], y, w, tiles)
+    with pytest.raises(ValueError, match="y has shape"):
+        gpu.jd_lora_gpu(x, y[:, :80], w, tiles)
+
+
+@under_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_selfcheck_passes_and_catches_a_wrong_kernel(dtype, monkeypatch):
+    assert selfcheck.check_layer(96, [64, 32, 32], 16, 3, dtype, device="cpu") is None
+    real = selfcheck.build_tiles
+
+    def wrong_cluster(rows, cluster_of_row, none_row):  # every tile reads the next cluster's bases
+        tiles = real(rows, cluster_of_row, none_row)
+        tiles.cluster_tiles[:, 2] = (tiles.cluster_tiles[:, 2] + 1) % 3
+        return tiles
+
+    monkeypatch.setattr(selfcheck, "build_tiles", wrong_cluster)
+    why = selfcheck.check_layer(96, [64, 32, 32], 16, 3, dtype, device="cpu")
+    assert why is not None and "differ from the float32 twin" in why and "rank 16, 3 clusters" in why
+
+
+def test_config_split_k_and_limits():
+    small = config.choose(64, 12, 4096, 3, 16, 2)
+    assert small.split_k > 1 and small.k_per_split % small.shrink_k == 0
+    assert (small.split_k - 1) * small.k_per_split < 4096 <= small.split_k * small.k_per_split  # no empty split
+    assert config.choose(8192, 520, 4096, 3, 16, 2).split_k == 1
+    assert config.choose(1, 1, 70, 1, 512, 4).split_k <= 3
+    with pytest.raises(ValueError, match="rank 513 is outside"):
+        config.choose(64, 12, 4096, 3, 513, 2)
+    with pytest.raises(ValueError, match="5 output slices"):
+        config.choose(64, 12, 4096, 5, 16, 2)

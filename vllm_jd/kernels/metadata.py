@@ -126,16 +126,11 @@ class JDMeta:
     token_flat: torch.Tensor
     any_adapter: bool
     """False when no token has an adapter: layers skip the LoRA branch entirely."""
-    sorted_tokens: torch.Tensor | None = None
-    """GPU kernels: token ids grouped by Σ row (tokens with no adapter left out) [T]."""
-    row_start: torch.Tensor | None = None
-    """GPU kernels: per active Σ row, its first index into sorted_tokens [max_segs]."""
-    row_len: torch.Tensor | None = None
-    """GPU kernels: per active Σ row, its token count (0 = unused entry) [max_segs]."""
-    row_id: torch.Tensor | None = None
-    """GPU kernels: the active Σ rows [max_segs]."""
-    cluster_of_row: torch.Tensor | None = None
-    """GPU kernels: [N+1] cluster of every Σ row."""
+    lora_active: bool = True
+    """Some token is mapped to a LoRA id, maybe vLLM's dummy warm-up adapters (whose rows are the
+    "no adapter" row): a CUDA graph captured for such a step must contain the op."""
+    tiles: object | None = None
+    """GPU kernels: the step's tile lists in device buffers (``kernels.gpu.buffers.TileBuffers``)."""
     none_row: int = -1
     _grid: GridMeta | None = None
     _order: ClusterOrder | None = None
@@ -237,33 +232,3 @@ def build_meta(rows: np.ndarray, cluster_of_row: np.ndarray, none_row: int, devi
                   seg_index=as_t(seg_index), token_flat=as_t(token_flat), any_adapter=bool((rows != none_row).any()),
                   none_row=none_row)
 
-
-def adapter_segments(rows: np.ndarray, none_row: int, max_segs: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Group tokens by Σ row for the GPU kernels (one program column per active adapter).
-
-    Returns sorted_tokens [T] (adapter tokens first, grouped by row, stable), row_start,
-    row_len, row_id [max_segs] (padded with length 0). Tokens with ``none_row`` are excluded, so
-    the kernels never touch them and their output stays exactly the base output.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    keep = sorted_rows != none_row
-    uniq, starts, counts = np.unique(sorted_rows[keep], return_index=True, return_counts=True)
-    n = len(uniq) if max_segs is None else max_segs
-    if len(uniq) > n:
-        raise ValueError(f"{len(uniq)} distinct adapters in one step, more than max_segs={n}")
-    pad = lambda a: np.concatenate([a, np.zeros(n - len(a), dtype=np.int64)])  # noqa: E731
-    return order.astype(np.int64), pad(starts), pad(counts), pad(uniq)
-
-
-def with_segments(meta: JDMeta, cluster_of_row: np.ndarray, none_row: int, device: torch.device | str = "cpu",
-                  max_segs: int | None = None) -> JDMeta:
-    """Add the GPU kernels' adapter segments (and the row → cluster table) to ``meta``."""
-    rows = meta.token_row.cpu().numpy()
-    sorted_tokens, start, length, row = adapter_segments(rows, none_row, max_segs)
-    segs = (_long_tensor(a, device) for a in (sorted_tokens, start, length, row))
-    meta.sorted_tokens, meta.row_start, meta.row_len, meta.row_id = segs
-    meta.cluster_of_row = _long_tensor(cluster_of_row, device)
-    return meta

@@ -75,18 +75,44 @@ class JDLayerWeights:
             self._fused = jd_fused_cpu.FusedBases(self.V_all, self.UT, self.num_clusters, self.rank) if ok else False
         return self._fused or None
 
+    def expand_bases(self) -> torch.Tensor:
+        """UT of all slices side by side: [C·R, Σ d_s], row c·R + r, slice s's columns = U[s, c][:, r]
+        (the GPU expand's layout: one launch for all slices). Made once; on CUDA the UT list then
+        holds views of it, so the bases are not stored twice and writes into UT land in it."""
+        cat = getattr(self, "_ut_cat", None)
+        if cat is None:
+            cat = self._ut_cat = torch.cat(self.UT, 1)
+            if cat.is_cuda:
+                bounds = torch.tensor([0] + [u.shape[1] for u in self.UT]).cumsum(0).tolist()
+                self.UT = [cat[:, a:b] for a, b in zip(bounds, bounds[1:])]
+        return cat
+
+    def _expand_bases_current(self) -> bool:
+        """True when ``expand_bases()`` is a CUDA tensor the UT list still views (so still valid)."""
+        cat = getattr(self, "_ut_cat", None)
+        return (cat is not None and cat.is_cuda
+                and all(u.untyped_storage().data_ptr() == cat.untyped_storage().data_ptr() for u in self.UT))
+
     def refresh_slot(self, slot: int) -> None:
         """Bring the derived layouts of cluster block ``slot`` up to date after V_all / UT changed there."""
         for derived in (getattr(self, "_amx", None), getattr(self, "_fused", None)):
             if derived:
                 derived.refresh(self.V_all, self.UT, slot)
+        if not self._expand_bases_current():
+            self._ut_cat = None  # a CPU copy (tests): made again when next asked for
 
     def reset_caches(self, rebuild: bool = False) -> None:
-        """Forget the derived layouts (``V_grid``, ``amx_bases``, ``fused_bases``) after V_all / UT
-        were replaced; ``rebuild`` makes the kernels' ones again now."""
+        """Forget the derived layouts (``V_grid``, ``amx_bases``, ``fused_bases``, ``expand_bases``)
+        after V_all / UT were replaced; ``rebuild`` makes the kernels' ones again now. On CUDA the
+        expand layout is made at once (never inside a graph capture), and kept while UT still
+        views it: captured graphs hold its pointer."""
         self._v_grid = None
         self._amx = None
         self._fused = None
+        if not self._expand_bases_current():
+            self._ut_cat = None
+            if self.V_all.is_cuda:
+                self.expand_bases()
         if rebuild:
             self.amx_bases()
             self.fused_bases()

@@ -19,6 +19,7 @@ import vllm.lora.utils as vllm_lora_utils
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from vllm_jd.compress.errors import StoreError
 from vllm_jd.compress.store import TensorReader, read_manifest
@@ -148,14 +149,26 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             w = self._jd_layer_weights(module_name, module, names)
             if self.jd_residency is not None:  # all clusters to host memory, K slots on the device
                 w = self.jd_residency.add_layer(w)
+            if w.V_all.is_cuda:
+                w.expand_bases()  # the GPU expand's layout, made before any graph is captured
             module.jd_bind(w, self.jd_state)
             self._jd_layers.append((module, names, w))
         self._jd_check_unused(used)
         self._jd_publish_clusters()
+        if torch.device(self.device).type == "cuda":
+            self._jd_check_kernels()
         logger.info("vllm-jd: %d layers bound to store %s (%d adapters, %d clusters, rank %d%s)",
                     sum(isinstance(m, JDLayerMixin) for m in self.modules.values()), bank.store,
                     len(bank.names), bank.num_clusters, bank.rank,
                     f", {self.jd_residency.slots} resident" if self.jd_residency is not None else "")
+
+    def _jd_check_kernels(self) -> None:
+        """Refuse to serve when the GPU kernels disagree with the float32 twin on this device."""
+        from vllm_jd.kernels.gpu.selfcheck import check_served
+
+        if (why := check_served([w for _, _, w in self._jd_layers])) is not None:
+            raise StoreError(f"vllm-jd refuses to serve: {why}")
+        logger.info("vllm-jd: GPU kernels agree with the float32 twin at every served layer shape")
 
     def _jd_check_unused(self, used: set[str]) -> None:
         bank = self.jd_bank
@@ -407,7 +420,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             if loaded:
                 self._jd_publish_clusters()  # loaded on demand: no table from the scheduler
             self._jd_snapshot.write(self.jd_load_stats(), force=loaded)
-        self.jd_state.update(rows)
+        self.jd_state.update(rows, lora_active=bool((ids > 0).any()))
         self._jd_last_index_mapping = mapping.index_mapping
 
     def remove_all_adapters(self):
@@ -458,7 +471,12 @@ class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def add_adapter(self, lora_request) -> bool:
         """vLLM's version copies the whole registry per call (``list_adapters()``), i.e. per adapter
-        per step: 1.1 s of a 4.8 s profiled run with 1,024 adapters. Same logic, O(1) lookups."""
+        per step: 1.1 s of a 4.8 s profiled run with 1,024 adapters. Same logic, O(1) lookups.
+        Like vLLM's, inside ``gpu_sync_allowed()``: a registration copies Σ rows to the device."""
+        with gpu_sync_allowed():
+            return self._jd_add_adapter(lora_request)
+
+    def _jd_add_adapter(self, lora_request) -> bool:
         manager = self._adapter_manager
         registered = manager._registered_adapters
         if lora_request.lora_int_id not in registered or lora_request.load_inplace:

@@ -34,9 +34,14 @@ def jd_lora_layer(x: torch.Tensor, y: torch.Tensor, layer_id: int) -> None:
     if meta is None:
         return
     if x.is_cuda:
-        from vllm_jd.kernels.triton_ops import jd_lora_triton
+        # vLLM captures one graph per size for steps with LoRA ids (warm-up adapters, whose rows
+        # are "none") and one for steps without: the first must hold the kernels (replays read
+        # the tile counts from device memory), the second need not. Eager steps launch only
+        # when some token has an adapter.
+        if meta.any_adapter or (meta.lora_active and torch.cuda.is_current_stream_capturing()):
+            from vllm_jd.kernels.gpu.jd_triton import jd_lora_gpu
 
-        jd_lora_triton(x, y, weights, meta)  # always launched: kernels exit early, graph-safe
+            jd_lora_gpu(x, y, weights, meta.tiles)
     elif meta.any_adapter:
         if meta.num_tokens != x.shape[0]:
             raise RuntimeError(f"vllm-jd: the step's adapter mapping covers {meta.num_tokens} tokens but the layer "
