@@ -7,7 +7,7 @@ EXTRA   := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 STAMP   := $(VENV)/.installed-$(EXTRA)-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO    := demo_out
 
-.PHONY: setup demo test bench-compress clean
+.PHONY: setup demo test gpu-check bench-compress clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: kernel parity, CUDA graphs, op time, served-token parity, requests/s (docs/gpu.md).
+gpu-check: setup
+	$(BIN)/vllm-jd gpu-check $(ARGS)
 
 bench-compress: setup
 	$(BIN)/python bench/compress.py

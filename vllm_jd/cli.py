@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | serve | serve-ray. Argument parsing only; the work is elsewhere."""
+"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | gpu-check | serve | serve-ray. Argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _int_or_auto(value: str) -> int | None:
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype U_c, V_c are stored in (int8: per-column scales; default fp32)")
     c.add_argument("--sigma-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
                    help="dtype Σ_i are stored in (int8: per-row scales; default fp32)")
+
+    g = sub.add_parser("gpu-check", help="prove the GPU path on this machine: kernel parity, CUDA graphs, op time, "
+                                         "served-token parity and requests/s (JSON lines; exit 1 on a parity failure)")
+    g.add_argument("--out", default=None, help="work folder for model, adapters and store (kept; default: a new "
+                                               "temporary folder); an existing one is reused")
+    g.add_argument("--scale", choices=["mistral", "tiny"], default=None,
+                   help="mistral: hidden 4096, 4 layers, 1,024 adapters (default with CUDA); tiny: test size "
+                        "(default without)")
+    g.add_argument("--no-engines", action="store_true", help="skip the engine runs (parity and requests/s)")
 
     a = sub.add_parser("add", help="project new adapters into an existing store")
     a.add_argument("store")
@@ -139,6 +149,10 @@ def _run(args: argparse.Namespace) -> int:
         for r in add(args.store, args.adapters, args.max_error, compeft=compeft):
             how = {"exact": "exact singleton", "compeft": "ComPEFT singleton"}.get(r.kind, f"projected ({r.kind})")
             print(f"added {r.name}: cluster {r.cluster}, {how}, error {r.error:.4f}")
+    elif args.command == "gpu-check":
+        from vllm_jd.serving.gpu_check.main import run
+
+        return run(args.out and Path(args.out), args.scale, engines_too=not args.no_engines)
     elif args.command == "export":
         from vllm_jd.compress.export import export
 

@@ -166,7 +166,9 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         """Refuse to serve when the GPU kernels disagree with the float32 twin on this device."""
         from vllm_jd.kernels.gpu.selfcheck import check_served
 
-        if (why := check_served([w for _, _, w in self._jd_layers])) is not None:
+        with gpu_sync_allowed():  # once, at start: it copies results back to compare them
+            why = check_served([w for _, _, w in self._jd_layers])
+        if why is not None:
             raise StoreError(f"vllm-jd refuses to serve: {why}")
         logger.info("vllm-jd: GPU kernels agree with the float32 twin at every served layer shape")
 
