@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import vllm.lora.model_manager as vllm_model_manager
 import vllm.lora.utils as vllm_lora_utils
+from vllm.lora.layers.utils import LoRAMappingType
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
@@ -87,6 +88,9 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
     """LRUCacheLoRAModelManager whose layers read shared bases and a resident Σ table."""
 
     def __init__(self, model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config):
+        if vllm_config is not None and vllm_config.parallel_config.use_ubatching:
+            # micro-batches hand each layer a slice of the step's tokens; our tiles index the whole step
+            raise StoreError("vllm-jd cannot serve with micro-batching (--enable-dbo / ubatch size > 1); turn it off")
         self.jd_dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else torch.float32
         self._jd_use_bank(load_bank(store_path(), device="cpu", dtype=self.jd_dtype))
         self._jd_layers: list[tuple[JDLayerMixin, list[str], JDLayerWeights]] = []
@@ -412,6 +416,8 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
 
     def set_adapter_mapping(self, mapping) -> None:
         """Token → lora id (0 = none) becomes token → (Σ row, cluster) for every layer."""
+        if getattr(mapping, "type", LoRAMappingType.LANGUAGE) != LoRAMappingType.LANGUAGE:
+            return  # a vision tower's or connector's tokens: our layers are the language model's
         if mapping.index_mapping == self._jd_last_index_mapping:
             return
         ids = np.fromiter(mapping.index_mapping, dtype=np.int64, count=len(mapping.index_mapping))

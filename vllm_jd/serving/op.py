@@ -34,11 +34,12 @@ def jd_lora_layer(x: torch.Tensor, y: torch.Tensor, layer_id: int) -> None:
     if meta is None:
         return
     if x.is_cuda:
-        # vLLM captures one graph per size for steps with LoRA ids (warm-up adapters, whose rows
-        # are "none") and one for steps without: the first must hold the kernels (replays read
-        # the tile counts from device memory), the second need not. Eager steps launch only
-        # when some token has an adapter.
-        if meta.any_adapter or (meta.lora_active and torch.cuda.is_current_stream_capturing()):
+        # Launched whenever the step has LoRA ids, even vLLM's warm-up adapters (whose rows are
+        # "none", so no tile): the warm-up runs before each graph capture then compile and load
+        # the kernels outside the capture, and the graph captured for steps with LoRA holds
+        # them (replays read the tile counts from device memory). Steps without LoRA ids, and
+        # vLLM's graph variant for them, skip the kernels: base traffic pays nothing.
+        if meta.lora_active:
             from vllm_jd.kernels.gpu.jd_triton import jd_lora_gpu
 
             jd_lora_gpu(x, y, weights, meta.tiles)
