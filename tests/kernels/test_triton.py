@@ -34,7 +34,8 @@ under_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_kern
 def test_kernels_under_triton_interpreter():
     """Triton fixes interpreter mode when it is imported (its standard library is decorated then),
     and this process imported it long ago; so the kernel tests run in a child process."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+    edges = os.path.join(os.path.dirname(__file__), "test_triton_edges.py")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, edges],
                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
@@ -129,6 +130,9 @@ def test_shape_and_dtype_errors(gpu):
         gpu.jd_lora_gpu(x[:, :100], y, w, tiles)
     with pytest.raises(ValueError, match="y has shape"):
         gpu.jd_lora_gpu(x, y[:, :80], w, tiles)
+    tiles.write(build_tiles(np.zeros(8, dtype=np.int64), cluster, 10), num_rows=9)
+    with pytest.raises(ValueError, match="mapping covers 9 tokens but x has 8 rows"):
+        gpu.jd_lora_gpu(x, y, w, tiles)
 
 
 @under_interpreter

@@ -99,7 +99,9 @@ class JDLayerWeights:
             if derived:
                 derived.refresh(self.V_all, self.UT, slot)
         if not self._expand_bases_current():
-            self._ut_cat = None  # a CPU copy (tests): made again when next asked for
+            self._ut_cat = None  # a CPU copy, or UT replaced: made again now on CUDA (never inside a capture)
+            if self.V_all.is_cuda:
+                self.expand_bases()
 
     def reset_caches(self, rebuild: bool = False) -> None:
         """Forget the derived layouts (``V_grid``, ``amx_bases``, ``fused_bases``, ``expand_bases``)

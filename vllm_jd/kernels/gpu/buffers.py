@@ -20,6 +20,7 @@ class TileBuffers:
     def __init__(self, max_tokens: int, max_rows: int, device: torch.device | str = "cuda"):
         self.device = torch.device(device)
         self.max_tokens, self.max_rows = max_tokens, max_rows
+        self.num_rows = 0
         cap = max(max_cluster_tiles(max_tokens, max_tokens), max_sigma_tiles(max_tokens, max_rows), 1)
         pinned = self.device.type == "cuda"
         host = lambda *shape: torch.zeros(*shape, dtype=torch.int32, pin_memory=pinned)  # noqa: E731
@@ -27,9 +28,13 @@ class TileBuffers:
         self.order, self.cluster_tiles, self.sigma_tiles, self.counts = (t.to(self.device) for t in self._host)
         self._copied = torch.cuda.Event() if pinned else None  # the pinned buffers are reused
 
-    def write(self, tiles: StepTiles) -> None:
+    def write(self, tiles: StepTiles, num_rows: int | None = None) -> None:
         """Make the buffers hold ``tiles``: contiguous prefixes of pinned buffers, so the copies are
-    truly asynchronous (queued on the current stream)."""
+    truly asynchronous (queued on the current stream). ``num_rows``: the step's token count
+    (default: the highest mapped token + 1), which x must not fall short of."""
+        if num_rows is None:
+            num_rows = int(tiles.order.max()) + 1 if len(tiles.order) else 0
+        self.num_rows = num_rows
         n, nc, ns = tiles.num_adapter_tokens, tiles.cluster_tiles.shape[0], tiles.sigma_tiles.shape[0]
         if n > self.max_tokens:
             raise ValueError(f"{n} adapter tokens in one step, more than the {self.max_tokens} the buffers hold")

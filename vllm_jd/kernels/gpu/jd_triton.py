@@ -154,7 +154,7 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, widths: list[int]) -> None:
+def _check(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, widths: list[int], tiles: TileBuffers) -> None:
     S, C, R = len(w.UT), w.num_clusters, w.rank
     if x.dim() != 2 or w.V_all.shape != (x.shape[1], C * S * R):
         raise ValueError(f"x {tuple(x.shape)} does not match V_all {tuple(w.V_all.shape)} (d_in, C·S·R = {C}·{S}·{R})")
@@ -162,6 +162,10 @@ def _check(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, widths: list[int
         raise ValueError(f"x is {x.dtype} and y {y.dtype} but the weights are {w.V_all.dtype}")
     if y.shape != (x.shape[0], sum(widths)):
         raise ValueError(f"y has shape {tuple(y.shape)}, expected {(x.shape[0], sum(widths))}")
+    if w.V_all.stride(1) != 1 or w.expand_bases().stride(1) != 1:  # the kernels step columns by 1
+        raise ValueError("V_all and expand_bases() must have contiguous rows")
+    if tiles.num_rows > x.shape[0]:  # the grids are sized for x's rows: more mapped tokens would go unserved
+        raise ValueError(f"the step's mapping covers {tiles.num_rows} tokens but x has {x.shape[0]} rows")
 
 
 def jd_lora_gpu(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, tiles: TileBuffers) -> None:
@@ -169,7 +173,7 @@ def jd_lora_gpu(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, tiles: Tile
     without an adapter keep y exactly. ``tiles`` holds the step's tile lists (``TileBuffers.write``).
     ValueError on a shape or dtype mismatch."""
     widths = [u.shape[1] for u in w.UT]
-    _check(x, y, w, widths)
+    _check(x, y, w, widths, tiles)
     T, d_in = x.shape
     S, C, R = len(widths), w.num_clusters, w.rank
     n_ctiles = max_cluster_tiles(T, C)
