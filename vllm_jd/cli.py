@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -136,7 +137,12 @@ def _run(args: argparse.Namespace) -> int:
         m = s.manifest
         errs = sorted(a.error for a in m.adapters.values())
         print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "
-              f"{len(m.clusters)} clusters, error median {errs[len(errs) // 2]:.4f} max {errs[-1]:.4f}, {s.seconds:.1f} s")
+              f"{len(m.clusters)} clusters, error median {statistics.median(errs):.4f} max {errs[-1]:.4f}, "
+              f"{s.seconds:.1f} s")
+        if (above := sum(e > args.max_error for e in errs)) and args.method != "compeft":
+            print(f"warning: {above} of {len(errs)} adapters have error above --max-error {args.max_error} (worst "
+                  f"{errs[-1]:.4f}); `vllm-jd inspect {args.out}` lists them. A higher --rank or more --clusters "
+                  "(or auto) lowers it", file=sys.stderr)
     elif args.command == "add":
         from vllm_jd.compress.project import add
 

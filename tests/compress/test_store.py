@@ -171,3 +171,21 @@ def test_inspect_piped_into_head_is_not_an_error(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "error" not in p.stderr
+
+
+def test_summary_median_warning_above_max_error_and_negative_saving_in_words(tmp_path, capsys):
+    """A fixed rank too small for unrelated adapters: the summary's median is inspect's, a warning
+    names how many adapters are above --max-error, and inspect says why nothing is saved."""
+    far = make_adapters(tmp_path / "a", 3, TINY_MODULES, rank=6, structure="random", seed=5)
+    assert run("compress", *far, "--out", tmp_path / "s", "--rank", 2, "--clusters", 3) == 0
+    out, err = capsys.readouterr()
+    assert run("inspect", tmp_path / "s", "--json") == 0
+    s = json.loads(capsys.readouterr().out)
+    assert f"error median {s['error']['median']:.4f}" in out
+    assert f"warning: 3 of 3 adapters have error above --max-error 0.5 (worst {s['error']['max']:.4f})" in err
+    assert "too few adapters share" not in (run("inspect", tmp_path / "s"), capsys.readouterr().out)[1]
+    assert run("compress", *far, "--out", tmp_path / "s6", "--rank", 6, "--clusters", 3) == 0  # lossless singletons
+    assert "warning" not in capsys.readouterr().err
+    assert run("inspect", tmp_path / "s6") == 0
+    out = capsys.readouterr().out
+    assert "/ total -0.06  (the store holds 1.06× the adapters' LoRA parameters: too few adapters share each" in out

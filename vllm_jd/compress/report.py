@@ -105,6 +105,16 @@ def _mib(x: float) -> str:
     return f"{x / 2**20:,.2f} MiB" if x >= 2**20 else f"{x / 1024:,.1f} KiB"
 
 
+def _saved_line(saved: dict) -> str:
+    """The paper's "Para. Saved" (1 − stored / LoRA parameters), and in words when negative: a store
+    larger than its adapters (few adapters per basis, or exact singletons) saves nothing."""
+    line = f"params saved per adapter {saved['per_adapter']:.2f} / total {saved['total']:.2f}"
+    if saved["total"] < 0:
+        line += (f"  (the store holds {1 - saved['total']:.2f}× the adapters' LoRA parameters: too few adapters share "
+                 "each basis to save memory)")
+    return line
+
+
 def format_summary(s: dict, max_rows: int = 20) -> str:
     """Human-readable text of ``summarize``'s result."""
     e = s["error"]
@@ -122,7 +132,7 @@ def format_summary(s: dict, max_rows: int = 20) -> str:
            if (q := s["error_added_by_dtypes"]) else ""),
         *([f"ComPEFT      {c['adapters']} adapters, {c['bits_per_param']:.3f} bits/param "
            f"({c['ratio_vs_fp16']:.1f}× smaller than fp16), {'/'.join(c['encodings'])}"] if (c := s["compeft"]) else []),
-        f"params saved per adapter {s['params_saved']['per_adapter']:.2f} / total {s['params_saved']['total']:.2f}",
+        _saved_line(s["params_saved"]),
         "",
         f"{'adapter':<32} {'cluster':>7} {'error':>8}",
     ]
