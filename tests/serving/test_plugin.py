@@ -113,8 +113,10 @@ def test_ten_thousand_model_names(tmp_path, monkeypatch):
     assert len(ids) == 10_000 and min(ids) == 4 and models.lora_id_counter.inc(0) == 10_003
 
 
-def test_jd_options_become_environment(serving_store, tmp_path):
+def test_jd_options_become_environment(serving_store, tmp_path, monkeypatch):
     from vllm_jd.serving.serve import jd_environment, split_jd_options
+
+    monkeypatch.setenv("VLLM_PLUGINS", "vllm_jd")  # set by the user: left alone
 
     ours, rest = split_jd_options(["/m", "--jd-store", str(serving_store), f"--jd-adapter-root={tmp_path}",
                                    "--jd-max-error", "0.3", "--jd-adapter-metrics", "--port", "9000"])
@@ -144,8 +146,10 @@ def test_jd_option_errors(opts, message):
         jd_environment(opts)
 
 
-def test_resident_budget_sets_the_scheduler(serving_store):
+def test_resident_budget_sets_the_scheduler(serving_store, monkeypatch):
     from vllm_jd.serving.serve import JD_SCHEDULER_CLS, jd_environment, split_jd_options
+
+    monkeypatch.setenv("VLLM_PLUGINS", "vllm_jd")
 
     argv = ["/m", "--jd-store", str(serving_store), "--jd-max-resident-clusters", "2", "--jd-max-wait=1.5",
             "--jd-scheduler-policy", "fcfs"]
@@ -166,6 +170,27 @@ def test_admin_flag_names_our_endpoint_plugin_without_turning_others_off():
     unset = admin_plugins(None).split(",")
     assert "vllm_jd" in unset and "vllm_jd_admin" in unset  # plus every installed general plugin
     assert "vllm_jd_admin" in jd_environment({"--jd-admin": "1"})["VLLM_PLUGINS"]
+
+
+def test_no_start_up_noise_about_plugins_or_our_variables(monkeypatch):
+    """Unset VLLM_PLUGINS made vLLM warn on every start that it found endpoint plugins it won't
+    load; our VLLM_JD_* variables made it warn "Unknown vLLM environment variable"."""
+    import vllm.envs as vllm_envs
+    from vllm.platforms.interface import Platform
+
+    from vllm_jd.serving.patch import register_env_names
+    from vllm_jd.serving.serve import general_plugins, jd_environment
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    plugins = jd_environment({})["VLLM_PLUGINS"].split(",")
+    assert plugins == general_plugins() and "vllm_jd" in plugins and "vllm_jd_admin" not in plugins
+    register_env_names()  # whatever this process set before
+    monkeypatch.setenv("VLLM_JD_ONLY_IN_THIS_TEST", "2")
+    with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_JD_ONLY_IN_THIS_TEST"):
+        Platform.validate_environ(hard_fail=True)
+    register_env_names()
+    Platform.validate_environ(hard_fail=True)
+    assert vllm_envs.environment_variables["VLLM_JD_ONLY_IN_THIS_TEST"]() == "2"
 
 
 def test_vllm_jd_runs_on_the_v1_model_runner(monkeypatch):

@@ -60,6 +60,7 @@ def install() -> None:
         return
     check_vllm_version()
     choose_v1_runner()
+    register_env_names()
     import vllm.v1.worker.lora_model_runner_mixin as mixin
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
@@ -81,6 +82,18 @@ def install() -> None:
     _zero_new_kv_blocks()
     _installed = True
     logger.info("vllm-jd installed for store %s", store_path())
+
+
+def register_env_names() -> None:
+    """Make vLLM know this process's ``VLLM_JD_*`` variables: its engine-argument check warns
+    "Unknown vLLM environment variable detected" for any ``VLLM_*`` name it does not list, which
+    reads like a misconfiguration on every start."""
+    import os
+
+    import vllm.envs as vllm_envs
+
+    for name in [n for n in os.environ if n.startswith("VLLM_JD_")]:
+        vllm_envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
 
 
 V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"

