@@ -194,7 +194,8 @@ def _run(args: argparse.Namespace) -> int:
 
 SERVE_HELP = """usage: vllm-jd serve MODEL --jd-store STORE [any vllm serve argument]
 
-Start vLLM's OpenAI-compatible server with every adapter of STORE served as a model name.
+Start vLLM's OpenAI-compatible server with every adapter of STORE served as a model name
+(without --jd-store: the base model alone, as `vllm serve` would).
 LoRA settings (--enable-lora, --max-lora-rank, --max-loras, --max-cpu-loras) are derived from
 the store; pass any other `vllm serve` argument as usual (--host, --port, --dtype, ...)."""
 

@@ -64,8 +64,13 @@ def test_serve_args(serving_store, adapter_names):
     assert argv[argv.index("--max-loras") + 1] == "8" and argv.count("--max-num-seqs") == 1
 
 
+def test_serve_without_a_store_serves_the_base_model():
+    assert build_vllm_args(["/m", "--port", "9000"]) == (["serve", "/m", "--port", "9000"], None)
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["/m"], "--jd-store STORE is required"),
+    (["/m", "--jd-admin"], "--jd-admin needs --jd-store STORE"),
+    (["/m", "--jd-max-error", "0.3"], "--jd-max-error needs --jd-store STORE"),
     (["--jd-store", "X"], "usage: vllm-jd serve MODEL"),
     (["/m", "--jd-store", "/nonexistent"], "not a vllm-jd store"),
 ])

