@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("store")
     e.add_argument("name")
     e.add_argument("--out", required=True)
+    e.add_argument("--rank", type=int, default=None,
+                   help="write at this rank (a lossy cut, its error reported); default: the adapter's own rank, "
+                        "where its singular values end")
 
     g = sub.add_parser("merge", help="merge adapters of a store into ONE PEFT LoRA (Compress-then-Merge)")
     g.add_argument("store")
@@ -162,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from vllm_jd.compress.export import export
 
-        print(f"wrote {export(args.store, args.name, args.out)}")
+        print(f"wrote {export(args.store, args.name, args.out, rank=args.rank)}")
     elif args.command == "merge":
         from vllm_jd.compress.merge import merge_to_peft
 

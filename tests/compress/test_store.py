@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -189,3 +190,35 @@ def test_summary_median_warning_above_max_error_and_negative_saving_in_words(tmp
     assert run("inspect", tmp_path / "s6") == 0
     out = capsys.readouterr().out
     assert "/ total -0.06  (the store holds 1.06× the adapters' LoRA parameters: too few adapters share each" in out
+
+
+def test_export_at_the_adapters_own_rank_or_a_chosen_cut_and_only_its_modules(tmp_path, caplog):
+    """Rank-4 adapters in a lossless rank-16 store export at r = 4 (not 16), exactly; ``--rank 2``
+    cuts and says by how much; an adapter of layer 0 only loads in PEFT with no missing keys."""
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "src"
+    paths = make_adapters(src, 3, TINY_MODULES, rank=4, structure="random", seed=5)
+    layer0 = {m: d for m, d in TINY_MODULES.items() if ".layers.0." in m}
+    _, mods = next(iter(factors(layer0, 1, 4, "random", 9)))
+    write_adapter(src / "only-layer-0", mods, 4, alpha=8)  # as PEFT writes layers_to_transform=[0]
+    assert run("compress", src, "--out", tmp_path / "s", "--rank", 16, "--clusters", 1) == 0  # lossless: 4 × 4
+    assert run("export", tmp_path / "s", paths[1].name, "--out", tmp_path / "e4") == 0
+    cfg = json.loads((tmp_path / "e4" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["rank_pattern"] == {} and cfg["target_modules"] == sorted(TINY_MODULES)
+    for module in TINY_MODULES:
+        want = dense_update(paths[1], module)
+        assert torch.allclose(dense_update(tmp_path / "e4", module), want, atol=1e-5 * float(want.abs().max()))
+    assert run("export", tmp_path / "s", paths[1].name, "--out", tmp_path / "e2", "--rank", 2) == 0
+    assert json.loads((tmp_path / "e2" / "adapter_config.json").read_text())["r"] == 2
+    assert f"{paths[1].name} cut to rank 2: relative error up to 0." in caplog.text
+    assert run("export", tmp_path / "s", "only-layer-0", "--out", tmp_path / "l0") == 0
+    assert json.loads((tmp_path / "l0" / "adapter_config.json").read_text())["target_modules"] == sorted(layer0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(LlamaForCausalLM(cfg), str(tmp_path / "l0"))
+    assert not [w for w in seen if "missing adapter keys" in str(w.message)], [str(w.message) for w in seen]
+    assert not hasattr(model.base_model.model.model.layers[1].self_attn.q_proj, "lora_A")  # layer 1 untouched

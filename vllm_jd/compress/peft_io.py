@@ -292,7 +292,8 @@ def write_adapter(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     """Write a standard PEFT LoRA adapter with scale 1 (``lora_alpha = r``).
 
     factors: module → ``(A [r_m, d_in], B [d_out, r_m])``; modules may have different ranks
-    (recorded in ``rank_pattern``); ``rank`` is the default ``r``.
+    (recorded in ``rank_pattern``); ``rank`` is the default ``r``. ``target_modules`` names every
+    module in full, so PEFT adds LoRA to exactly these (no zero LoRA on layers the source skipped).
     """
     out.mkdir(parents=True, exist_ok=True)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
@@ -302,11 +303,10 @@ def write_adapter(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor
         if a.shape[0] != rank:
             rank_pattern[module] = int(a.shape[0])
             alpha_pattern[module] = int(a.shape[0])
-    leaves = sorted({m.rsplit(".", 1)[-1] for m in factors})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": rank, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "target_modules": leaves, "modules_to_save": None,
+        "fan_in_fan_out": False, "target_modules": sorted(factors), "modules_to_save": None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": True,
     }
     save_file(tensors, str(out / SAFETENSORS_NAME))
