@@ -45,6 +45,7 @@ from vllm_jd.envs import (SCHEDULER_POLICIES, VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_
                           VLLM_JD_MAX_WAIT, VLLM_JD_REGISTRATION_TIMEOUT, VLLM_JD_RUNTIME_DIR, VLLM_JD_SCHEDULER_POLICY,
                           VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE, VLLM_JD_UNLOAD_DELETES, positive)
 from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
+from vllm_jd.serving import preflight
 from vllm_jd.serving.servable import servable
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def build_vllm_args(argv: list[str]) -> tuple[list[str], Path | None]:
         return ["serve", *rest], None
     store_path = Path(store).resolve()
     manifest, _ = servable(store_path)  # refuses a store with store-wide problems (exit 2, the reason)
+    preflight.check(rest[0], {m.name: (m.d_in, m.d_out) for m in manifest.modules})  # before any engine
     rank = max(c.rank for c in manifest.clusters)
     if rank > VLLM_LORA_RANKS[-1]:
         raise ValueError(f"the store's rank {rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
