@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 _BANK_STATE = ("jd_bank", "jd_table", "jd_generation", "_jd_name_id", "jd_rank", "jd_none_row", "_jd_id_to_row",
-               "_jd_last_index_mapping", "_jd_placeholders")
+               "_jd_last_index_mapping", "_jd_placeholders", "_jd_name_map")
 """What ``_jd_use_bank`` sets: restored as a whole when a store switch fails."""
 
 
@@ -119,6 +119,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         self._jd_id_to_row = np.full(1024, self.jd_none_row, dtype=np.int64)
         self._jd_last_index_mapping: tuple | None = None
         self._jd_placeholders: set[int] = set()  # clusters appended as zeros (no adapter used them)
+        self._jd_name_map: dict[str, str] | None = None  # vLLM → store module names (_jd_vllm_to_store)
 
     @property
     def jd_cluster_of_row(self) -> np.ndarray:
@@ -129,12 +130,26 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         return self.jd_table.capacity
 
     # ---- which modules, and their weights -------------------------------------------------
+    def _jd_vllm_to_store(self) -> dict[str, str]:
+        """vLLM module name → the store's (checkpoint) name, where the model renames them: vLLM
+        maps a LoRA checkpoint's names through the model's ``hf_to_vllm_mapper`` (its Transformers
+        backend, e.g., turns ``gpt_neox.`` into ``model.``), so the store, which keeps the
+        checkpoint's names (exports load in PEFT), is looked up the same way. Once per store."""
+        if self._jd_name_map is None:
+            mapper = getattr(self.model, "hf_to_vllm_mapper", None)
+            mapper = mapper.get_rename_mapper() if mapper is not None else None
+            renamed = {n: mapper._map_name(n) for n in self.jd_bank.module_dims()} if mapper is not None else {}
+            self._jd_name_map = {v: n for n, v in renamed.items() if v is not None and v != n}
+        return self._jd_name_map
+
     def _jd_store_names(self, module_name: str, n_slices: int | None = None) -> list[str]:
+        """The store's names of vLLM module ``module_name``'s slices (packed layers have several)."""
         parent, _, leaf = module_name.rpartition(".")
         children = self.packed_modules_mapping.get(leaf)
+        to_store = self._jd_vllm_to_store()
         if children and (n_slices is None or n_slices == len(children)):
-            return [f"{parent}.{c}" if parent else c for c in children]
-        return [module_name]
+            return [to_store.get(n, n) for n in (f"{parent}.{c}" if parent else c for c in children)]
+        return [to_store.get(module_name, module_name)]
 
     def _match_target_modules(self, module_name: str) -> bool:
         return any(n in self.jd_bank.U for n in self._jd_store_names(module_name))
