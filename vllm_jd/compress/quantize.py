@@ -10,7 +10,7 @@ entries share one magnitude scale; 4 bytes per column is < 0.1% of a 4096-row co
 row of Σ_i ([k, r, r] full → scales [k, r, 1]; [k, r] diag → one scale per adapter [k, 1]).
 The scale of key ``K`` is stored as ``K.scale``. Readers get float32 back (``dequantize``);
 serving converts once at load to the model dtype, so the GPU kernels see ordinary tensors and
-the saving is on disk and in host→device transfer (see README, "Store dtypes").
+the saving is on disk and in host→device transfer (see docs/commands.md, "Store options: dtypes and ComPEFT").
 
 Because a quantised U_c is no longer exactly orthonormal, the error a store reports for such
 a store is computed with ``reconstruction_losses``, which assumes nothing about U and V.
