@@ -222,3 +222,23 @@ def test_export_at_the_adapters_own_rank_or_a_chosen_cut_and_only_its_modules(tm
         model = PeftModel.from_pretrained(LlamaForCausalLM(cfg), str(tmp_path / "l0"))
     assert not [w for w in seen if "missing adapter keys" in str(w.message)], [str(w.message) for w in seen]
     assert not hasattr(model.base_model.model.model.layers[1].self_attn.q_proj, "lora_A")  # layer 1 untouched
+
+
+@pytest.mark.parametrize("adapters, auto_args", [("shared_adapters", ["--max-error", 0.3]),
+                                                 ("planted_adapters", ["--rank", 4, "--max-error", 0.05])])
+def test_fixed_settings_write_the_store_auto_lands_on(adapters, auto_args, tmp_path, request):
+    """The speed work skips the selection pass when rank and clusters are given: a fixed compress at
+    the setting auto chose (one cluster, or several) writes the same bases, Σ, assignments and errors."""
+    src = request.getfixturevalue(adapters)
+    assert run("compress", src, "--out", tmp_path / "auto", *auto_args) == 0
+    auto = read_manifest(tmp_path / "auto")
+    rank, k = auto.settings["rank_chosen"], auto.settings["clusters_chosen"]
+    assert (k == 1) == (adapters == "shared_adapters")
+    assert run("compress", src, "--out", tmp_path / "fixed", "--rank", rank, "--clusters", k) == 0
+    fixed = read_manifest(tmp_path / "fixed")
+    assert {n: (a.cluster, a.row, a.error) for n, a in auto.adapters.items()} == \
+           {n: (a.cluster, a.row, a.error) for n, a in fixed.adapters.items()}
+    ra, rf = TensorReader(tmp_path / "auto", auto), TensorReader(tmp_path / "fixed", fixed)
+    assert sorted(auto.weight_map) == sorted(fixed.weight_map)
+    for key in auto.weight_map:
+        assert torch.equal(ra.get(key), rf.get(key)), key

@@ -115,11 +115,11 @@ def jd_full(f: ModuleFactors, rank: int, iters: int = 10, tol: float | None = No
         V_new = orthonormal(A2.T @ (bu @ sigma).view(n * r, rank))
         av = (A2 @ V_new).view(n, r, rank)
         sigma = bu.transpose(1, 2) @ av
-        losses.append(total - float((sigma.double() ** 2).sum()))
-        change = max(subspace_change(U, U_new), subspace_change(V, V_new))
+        losses.append(total - float(torch.linalg.vector_norm(sigma, dtype=torch.float64) ** 2))
+        converged = tol is not None and max(subspace_change(U, U_new), subspace_change(V, V_new)) < tol
         U, V = U_new, V_new
         if on_iter is not None:
             on_iter()
-        if tol is not None and change < tol:
+        if converged:
             break
     return JDResult(U, V, sigma, losses)

@@ -64,16 +64,17 @@ class PeftAdapter:
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
-    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, module: str, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(A, Bt)`` for ``module`` in float32 with the scale folded into ``Bt``.
 
         A: [r, d_in]; Bt: [r, d_out] with ``Bt = s · Bᵀ``, so ``P = Btᵀ A``.
-        Raises AdapterError on NaN/Inf values and on an update too large to serve (``check_update``).
+        Raises AdapterError on NaN/Inf values and on an update too large to serve (``check_update``);
+        ``check=False`` leaves that to the caller (``factors.load_module`` checks a whole module at once).
         """
-        a, b = self.raw_factors(module)
+        a, b = self.raw_factors(module, check)
         return a, (b.T * self.modules[module].scale).contiguous()
 
-    def raw_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw_factors(self, module: str, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lora_A [r, d_in], lora_B [d_out, r])`` as stored (scale not applied), float32.
 
         Raises AdapterError on NaN/Inf values and on an update too large to serve (``check_update``).
@@ -87,6 +88,8 @@ class PeftAdapter:
             with safe_open(str(self.weights), framework="pt") as f:
                 a, b = f.get_tensor(spec.a_key), f.get_tensor(spec.b_key)
         a, b = a.to(torch.float32), b.to(torch.float32)
+        if not check:
+            return a, b
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(self.name, f"module '{module}' has NaN or Inf weights", self.path)
         check_update(self.name, module, a, b.T * spec.scale, self.path)
@@ -145,7 +148,8 @@ def discover(paths: list[str | Path]) -> list[tuple[str, Path]]:
             continue
         _refuse_weights_without_config(p)
         subs = sorted(q for q in p.iterdir() if q.is_dir() and (q / CONFIG_NAME).exists())
-        for q in sorted(q for q in p.iterdir() if q.is_dir() and q not in subs):
+        adapters = set(subs)  # a set: `in` over the list was quadratic (0.3 s at 1,000 adapters)
+        for q in sorted(q for q in p.iterdir() if q.is_dir() and q not in adapters):
             _refuse_weights_without_config(q)  # a broken adapter is an error, never silently skipped
         if not subs:
             raise AdapterError(p.name, f"no {CONFIG_NAME} in the folder or its subfolders", p)

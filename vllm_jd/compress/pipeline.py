@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class Summary:
     """Time to load the reference modules and choose rank, clusters and assignments."""
     module_seconds: list[float] | None = None
     """Time of each module's pass (load, fit every cluster, write its shard)."""
+    phase_seconds: dict[str, float] | None = None
+    """The module passes split: ``read`` (the adapters' factors), ``fit`` (every cluster's basis
+    and errors), ``write`` (store dtypes and the shard)."""
 
 
 def module_table(adapters: list[PeftAdapter]) -> list[ModuleInfo]:
@@ -131,7 +135,10 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
         raise ValueError("--clusters does not apply to --method svd (every adapter has its own basis)")
     if config.clusters is not None and config.clusters > n:
         raise ValueError(f"clusters {config.clusters} is more than the {n} adapters")
-    checksums = [a.checksum() for a in adapters]
+    # the checksums read every file whole: on a thread beside the fits (hashlib releases the GIL)
+    checksum_pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-jd-checksum")
+    checksums_later = checksum_pool.submit(lambda: [a.checksum() for a in adapters])
+    checksum_pool.shutdown(wait=False)
     bases = {a.base_model for a in adapters}
     if len(bases) > 1:
         logger.warning("adapters name different base models: %s", sorted(map(str, bases)))
@@ -167,18 +174,25 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
         if config.method == "svd":
             fits = len(modules)
         bar = tqdm(total=fits * per_fit, desc="compress", unit="it", disable=not progress)
+        phases = {"read": 0.0, "fit": 0.0, "write": 0.0}
         for mi, module in enumerate(modules):
             t_module = time.perf_counter()
             bar.set_postfix_str(module.name, refresh=False)
             f, present = load_module(adapters, module.name, config.device)  # read once, used by both
+            t_read = time.perf_counter()
             tensors = _compress_module(f, present, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
             sq_err_fp32[:, mi] = sq_err[:, mi]
+            t_fit = time.perf_counter()
             tensors = _store_dtypes(tensors, f, present, module, labels, rows, config, mi, sq_err)
             shard = staging.shard(f"m{mi:05d}")
             save_file(tensors, str(tmp / shard))
             weight_map.update({key: shard for key in tensors})
             module_seconds.append(time.perf_counter() - t_module)
+            phases["read"] += t_read - t_module
+            phases["fit"] += t_fit - t_read
+            phases["write"] += time.perf_counter() - t_fit
         bar.close()
+        checksums = checksums_later.result()
         agg = ((torch.nan_to_num(sq_err) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
         agg32 = ((torch.nan_to_num(sq_err_fp32) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
         quantised = (config.basis_dtype, config.sigma_dtype) != ("fp32", "fp32")
@@ -201,7 +215,7 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
         if exact:
             place(TensorReader(tmp, manifest), manifest, exact, tmp, config.max_error, force_exact=True)
         publish(staging, manifest, merge)
-    return Summary(manifest, time.perf_counter() - t0, choice.tried, t_select, module_seconds)
+    return Summary(manifest, time.perf_counter() - t0, choice.tried, t_select, module_seconds, phases)
 
 
 def _exact_only(exact: list, out: str | Path, config: CompressConfig, merge) -> Summary:
