@@ -132,7 +132,9 @@ def run_and_check(args, store, message, capsys):
 
 
 def test_rank_above_module_dimension(good, store, capsys):
-    run_and_check(["compress", good, "--out", store, "--rank", 33], store, "rank 33 is larger than the smallest module dimension 32", capsys)
+    run_and_check(["compress", good, "--out", store, "--rank", 33], store,
+                  "rank 33 is larger than module model.layers.0.self_attn.k_proj (64→32); use --rank 32 or less (at 32 "
+                  "that module is stored exactly), or --rank auto", capsys)
 
 
 def test_duplicate_names(good, store, tmp_path, capsys):

@@ -129,7 +129,11 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
     modules = module_table(adapters)
     max_rank = min(min(m.d_in, m.d_out) for m in modules)
     if config.rank is not None and config.rank > max_rank:
-        raise ValueError(f"rank {config.rank} is larger than the smallest module dimension {max_rank}")
+        # refused, not clamped per module: a clamped module would be padded back to the store's
+        # rank for serving (zeros held for every cluster) and the store would not be what was asked
+        small = min(modules, key=lambda m: min(m.d_in, m.d_out))
+        raise ValueError(f"rank {config.rank} is larger than module {small.name} ({small.d_in}→{small.d_out}); use "
+                         f"--rank {max_rank} or less (at {max_rank} that module is stored exactly), or --rank auto")
     n = len(adapters)
     if config.method == "svd" and config.clusters not in (None, n):
         raise ValueError("--clusters does not apply to --method svd (every adapter has its own basis)")
