@@ -25,7 +25,7 @@ import torch
 
 from vllm_jd.compress.compeft import compeft_adapter, decode_adapter
 from vllm_jd.compress.store import CompeftInfo
-from vllm_jd.compress.ternary_codec import (decode_golomb, decode_masks, encode_golomb, encode_masks, golomb_bits,
+from vllm_jd.compress.ternary_codec import (encode_golomb, encode_masks, golomb_bits,
                                             mask_bits)
 
 logger = logging.getLogger(__name__)
@@ -78,24 +78,6 @@ def encode_singleton(adapter, density: float, alpha: float, encoding: str = "gol
     return Singleton(payload, info, bases)
 
 
-def decode_bases(payload: torch.Tensor, info: CompeftInfo, dims: dict[str, tuple[int, int]],
-                 rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module → (U [d_out, rank], V [d_in, rank]) float32 of a coded singleton, zero-padded to the
-    cluster's rank. dims: module → (d_in, d_out) from the manifest."""
-    layout = []
-    for m, r in info.ranks.items():
-        d_in, d_out = dims[m]
-        layout += [(f"{m}.lora_A", (r, d_in)), (f"{m}.lora_B", (d_out, r))]
-    layout.sort()  # compeft.flatten concatenates in sorted key order
-    data = payload.numpy().tobytes()
-    t = decode_golomb(data, info.d) if info.encoding == "golomb" else decode_masks(data, info.d)
-    out = {}
-    for m, (a, b) in decode_adapter(t, layout).items():
-        pad = rank - a.shape[0]
-        out[m] = (torch.nn.functional.pad(b, (0, pad)), torch.nn.functional.pad(a.T, (0, pad)))
-    return out
-
-
 def sigma_of(scale: float, r: int, rank: int, full: bool) -> torch.Tensor:
     """Σ_i of a singleton: s·I_r padded to [rank, rank] (full) or s·1_r padded to [rank] (diag)."""
     d = torch.zeros(rank)
@@ -116,7 +98,7 @@ def compress_compeft(adapters, out, config, progress: bool = True, merge=None):
     from tqdm.auto import tqdm
 
     from vllm_jd.compress.factors import ModuleFactors
-    from vllm_jd.compress.pipeline import Summary, module_table
+    from vllm_jd.compress.summary import Summary, module_table
     from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
     from vllm_jd.compress.peft_io import recorded_source
     from vllm_jd.compress.store import AdapterInfo, ClusterInfo, Manifest, compeft_key, sigma_key

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from vllm_jd.compress.errors import StoreError
 from vllm_jd.compress.names import name_problem
 from vllm_jd.compress.quantize import SCALE_SUFFIX, StoreDtype, decode
+from vllm_jd.compress.ternary_codec import decode_bases
 
 FORMAT = "vllm-jd-store"
 FORMAT_VERSION = 2
@@ -297,8 +298,6 @@ class TensorReader:
         if key not in self.manifest.weight_map and (cb := self._compeft_basis(key)) is not None:
             cid, which, module = cb
             if self._decoded is None or self._decoded[0] != cid:
-                from vllm_jd.compress.compeft_store import decode_bases  # compeft_store imports this module
-
                 dims = {m.name: (m.d_in, m.d_out) for m in self.manifest.modules}
                 c = self.manifest.clusters[cid]
                 self._decoded = cid, decode_bases(self._raw(compeft_key(cid)), c.compeft, dims, c.rank)

@@ -23,7 +23,7 @@ import struct
 import numpy as np
 import torch
 
-from vllm_jd.compress.compeft import Ternary, golomb_parameter
+from vllm_jd.compress.compeft import Ternary, decode_adapter, golomb_parameter
 
 __all__ = ["mask_bits", "encode_masks", "decode_masks", "golomb_parameter", "golomb_bits",
            "encode_golomb", "decode_golomb", "ternary_dot", "hamming", "GOLOMB_EXTRA_HEADER_BITS"]
@@ -154,3 +154,22 @@ def hamming(a: bytes, b: bytes, d: int) -> int:
     _, ap, an = _split_masks(a, d)
     _, bp, bn = _split_masks(b, d)
     return _popcount(ap ^ bp) + _popcount(an ^ bn)
+
+
+def decode_bases(payload: torch.Tensor, info, dims: dict[str, tuple[int, int]],
+                 rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module → (U [d_out, rank], V [d_in, rank]) float32 of a coded singleton, zero-padded to the
+    cluster's rank. info: the cluster's ``store.CompeftInfo`` (ranks, d, encoding; not imported:
+    the store format imports this module); dims: module → (d_in, d_out) from the manifest."""
+    layout = []
+    for m, r in info.ranks.items():
+        d_in, d_out = dims[m]
+        layout += [(f"{m}.lora_A", (r, d_in)), (f"{m}.lora_B", (d_out, r))]
+    layout.sort()  # compeft.flatten concatenates in sorted key order
+    data = payload.numpy().tobytes()
+    t = decode_golomb(data, info.d) if info.encoding == "golomb" else decode_masks(data, info.d)
+    out = {}
+    for m, (a, b) in decode_adapter(t, layout).items():
+        pad = rank - a.shape[0]
+        out[m] = (torch.nn.functional.pad(b, (0, pad)), torch.nn.functional.pad(a.T, (0, pad)))
+    return out

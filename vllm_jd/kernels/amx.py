@@ -21,7 +21,7 @@ the rest decode tokens):
 ``MAX_ROWS`` grid rows. ``bmm_cpu`` needs N and K multiples of 32 (one AMX tile row; its
 packing refuses K = 16, 48 or 123) and a reduced-precision dtype; ``usable`` says whether a
 layer qualifies. This is the only module that calls a vLLM custom op; it refuses any vLLM but
-the pinned one (``patch.check_vllm_version``) and checks the op against ``torch.bmm`` once
+the pinned one (``vllm_version.check_vllm_version``) and checks the op against ``torch.bmm`` once
 before first use.
 """
 
@@ -50,7 +50,7 @@ def _op():
         return None
     if not (hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_supported()):
         return None
-    from vllm_jd.serving.patch import check_vllm_version
+    from vllm_jd.vllm_version import check_vllm_version
 
     check_vllm_version()
     import vllm._custom_ops  # noqa: F401  (loads vLLM's _C library, which registers the ops)

@@ -87,7 +87,7 @@ class StoreSwitch:
                 for name in [n for n, r in self.models.lora_requests.items() if store_of(r.lora_path)[0] == old]:
                     del self.models.lora_requests[name]
                 from vllm_jd.serving.metrics import metrics
-                from vllm_jd.serving.patch import register_store_adapters
+                from vllm_jd.serving.servable import register_store_adapters
 
                 register_store_adapters(self.models)
                 metrics(str(new)).switch(str(new))

@@ -32,25 +32,14 @@ import logging
 
 from vllm_jd.envs import store_path
 from vllm_jd.serving.inflight import IN_FLIGHT
+from vllm_jd.serving.servable import register_store_adapters
+from vllm_jd.vllm_version import SUPPORTED_VLLM, check_vllm_version  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = "0.32.0"
 MAX_WAITING_REGISTRATIONS = 8
 """Registrations in progress at once (2 run, the rest wait); beyond it a registration gets 503."""
 _installed = False
-
-
-def check_vllm_version(version: str | None = None) -> None:
-    """Raise RuntimeError unless ``version`` (default: the installed vLLM's) is the pinned one."""
-    if version is None:
-        import vllm
-
-        version = vllm.__version__
-    if version.split("+")[0] != SUPPORTED_VLLM:
-        raise RuntimeError(f"vllm-jd {SUPPORTED_VLLM} patches vLLM internals and supports only vllm=={SUPPORTED_VLLM}, "
-                           f"found vllm {version}; install vllm-jd's pinned vLLM (pip install 'vllm-jd[cpu]' or "
-                           f"'vllm-jd[gpu]')")
 
 
 def install() -> None:
@@ -112,26 +101,6 @@ def choose_v1_runner() -> None:
     elif value.strip().lower() in ("1", "true", "yes"):
         raise ValueError(f"{V2_RUNNER}={value}: vllm-jd serves on vLLM's V1 model runner only (its slot table "
                            f"hook and kernels are checked there); unset {V2_RUNNER} or set it to 0")
-
-
-def register_store_adapters(models) -> int:
-    """Add every adapter of the store to ``models.lora_requests`` (``OpenAIServingModels``)."""
-    from vllm.lora.request import LoRARequest
-
-    from vllm_jd.serving.servable import lora_path, servable
-
-    store = store_path()
-    manifest, _ = servable(store)  # adapters with a problem are left out (a warning names them)
-    start = models.lora_id_counter.inc(len(manifest.adapters)) - len(manifest.adapters)
-    models.jd_generation = manifest.generation  # registrations add to this version only
-    for i, (name, a) in enumerate(manifest.adapters.items()):
-        if models.is_base_model(name):
-            raise ValueError(f"store adapter {name!r} has the name of the base model; rename it")
-        path = lora_path(store, manifest.generation, a.cluster, a.block, a.row)
-        models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=start + i + 1, lora_path=path)
-    models.jd_ids = {name: {r.lora_int_id} for name, r in models.lora_requests.items()}  # ids the workers may hold
-    logger.info("vllm-jd: %d adapters of %s are model names", len(manifest.adapters), store)
-    return len(manifest.adapters)
 
 
 def _runtime_registration(OpenAIServingModels) -> None:

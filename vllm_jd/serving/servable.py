@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vllm_jd.compress.store import MANIFEST, Manifest, read_manifest
 from vllm_jd.compress.validate import Findings, check_store
+from vllm_jd.envs import store_path
 
 logger = logging.getLogger(__name__)
 _checked: dict[tuple, tuple[Manifest, Findings]] = {}
@@ -55,3 +56,22 @@ def store_of(path: str) -> tuple[str, str]:
     """(store, version) of a ``lora_path`` made by ``lora_path`` (a bare path: version "")."""
     store, _, rest = path.partition("#")
     return store, rest.split(".", 1)[0]
+
+
+def register_store_adapters(models) -> int:
+    """Add every adapter of the store to ``models.lora_requests`` (``OpenAIServingModels``): at
+    start (``patch``) and after a store switch (``admin``)."""
+    from vllm.lora.request import LoRARequest
+
+    store = store_path()
+    manifest, _ = servable(store)  # adapters with a problem are left out (a warning names them)
+    start = models.lora_id_counter.inc(len(manifest.adapters)) - len(manifest.adapters)
+    models.jd_generation = manifest.generation  # registrations add to this version only
+    for i, (name, a) in enumerate(manifest.adapters.items()):
+        if models.is_base_model(name):
+            raise ValueError(f"store adapter {name!r} has the name of the base model; rename it")
+        path = lora_path(store, manifest.generation, a.cluster, a.block, a.row)
+        models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=start + i + 1, lora_path=path)
+    models.jd_ids = {name: {r.lora_int_id} for name, r in models.lora_requests.items()}  # ids the workers may hold
+    logger.info("vllm-jd: %d adapters of %s are model names", len(manifest.adapters), store)
+    return len(manifest.adapters)

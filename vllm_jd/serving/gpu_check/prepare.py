@@ -54,8 +54,9 @@ def stdout_to_stderr():
 def prepare(root: Path, scale: Scale, device: str, report) -> dict[str, Path]:
     """Write model/, adapters/ and store/ under ``root`` (kept when already there); ``report``
     receives one dict per phase. Returns the three paths."""
-    from vllm_jd.cli import main as cli
+    from vllm_jd.compress.pipeline import compress
     from vllm_jd.compress.synthetic import make_adapters
+    from vllm_jd.config import CompressConfig
     from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
 
     paths = {name: root / name for name in ("model", "adapters", "store")}
@@ -74,11 +75,8 @@ def prepare(root: Path, scale: Scale, device: str, report) -> dict[str, Path]:
     report({"check": "prepare_adapters", "adapters": scale.adapters, "seconds": round(time.perf_counter() - t, 1)})
     t = time.perf_counter()
     if not (paths["store"] / "manifest.json").exists():
-        with stdout_to_stderr():
-            code = cli(["-q", "compress", str(paths["adapters"]), "--out", str(paths["store"]), "--rank", str(scale.rank),
-                        "--clusters", str(scale.clusters), "--device", device])
-        if code != 0:
-            raise RuntimeError(f"vllm-jd compress exited {code}")
+        compress([paths["adapters"]], paths["store"], CompressConfig(rank=scale.rank, clusters=scale.clusters,
+                                                                     device=device), progress=False)
     report({"check": "compress", "device": device, "rank": scale.rank, "clusters": scale.clusters,
             "seconds": round(time.perf_counter() - t, 1)})
     return paths
