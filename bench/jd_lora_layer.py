@@ -97,9 +97,11 @@ def main() -> None:
             return run
 
         calls = args.steps * args.layers
-        base_ms, fused, amx_ms, torch_ms = (
-            ms / calls for ms in best_interleaved([base, jd("fused"), jd("ops"), jd("torch")], args.repeats))
-        print(json.dumps({"bench": "jd_lora_layer", "mix": mix, "tokens": len(steps[0]), "clusters": args.clusters,
+        has_fused = layers[0].fused_bases() is not None  # not where the kernel cannot run (no AMX, rank % 32)
+        paths = [base, *([jd("fused")] if has_fused else []), jd("ops"), jd("torch")]
+        times = [ms / calls for ms in best_interleaved(paths, args.repeats)]
+        base_ms, fused, amx_ms, torch_ms = times if has_fused else (times[0], float("nan"), *times[1:])
+        print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in {"bench": "jd_lora_layer", "mix": mix, "tokens": len(steps[0]), "clusters": args.clusters,
                           "rank": args.rank, "sigma": "diag" if args.diag else "full", "threads": args.threads,
                           "base_gemm_ms": round(base_ms, 3), "jd_fused_ms": round(fused, 3),
                           "jd_ops_amx_ms": round(amx_ms, 3), "jd_ops_torch_ms": round(torch_ms, 3),
@@ -107,7 +109,8 @@ def main() -> None:
                           "amx_speedup": round(torch_ms / amx_ms, 3),
                           "grid_rows": int(np.mean([build_meta(r, cluster, args.adapters).cluster_grid(args.clusters).L
                                                     for r in steps])),
-                          "distinct_adapters": int(np.mean([len(np.unique(r)) for r in steps]))}), flush=True)
+                          "distinct_adapters": int(np.mean([len(np.unique(r)) for r in steps])),
+                          "cpu_path": "fused" if has_fused else "torch ops"}.items()}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import importlib.metadata
 import json
 import textwrap
@@ -190,6 +192,8 @@ def test_no_start_up_noise_about_plugins_or_our_variables(monkeypatch):
     plugins = jd_environment({})["VLLM_PLUGINS"].split(",")
     assert plugins == general_plugins() and "vllm_jd" in plugins and "vllm_jd_admin" not in plugins
     register_env_names()  # whatever this process set before
+    for name in [n for n in os.environ if n.startswith("VLLM_") and n not in vllm_envs.environment_variables]:
+        monkeypatch.delenv(name)  # other tests' unknown variables (VLLM_DIST_IDENT, …) are not ours to judge
     monkeypatch.setenv("VLLM_JD_ONLY_IN_THIS_TEST", "2")
     with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_JD_ONLY_IN_THIS_TEST"):
         Platform.validate_environ(hard_fail=True)
