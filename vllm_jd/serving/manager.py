@@ -26,6 +26,7 @@ from vllm_jd.compress.errors import StoreError
 from vllm_jd.compress.store import TensorReader, read_manifest
 from vllm_jd.compress.validate import bad_rows, bad_value
 from vllm_jd.envs import VLLM_JD_STORE, max_resident_clusters, store_path
+from vllm_jd.kernels import jd_fused_cpu
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 from vllm_jd.serving.bank import Bank, load_bank
 from vllm_jd.serving.growth import append_bases, cluster_bases, new_cluster_bases, spare_adapters
@@ -92,7 +93,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             # micro-batches hand each layer a slice of the step's tokens; our tiles index the whole step
             raise StoreError("vllm-jd cannot serve with micro-batching (--enable-dbo / ubatch size > 1); turn it off")
         self.jd_dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) else torch.float32
-        self._jd_use_bank(load_bank(store_path(), device="cpu", dtype=self.jd_dtype))
+        self._jd_use_bank(load_bank(store_path(), device="cpu", dtype=self.jd_dtype, rank_policy=self._jd_rank_policy(device)))
         self._jd_layers: list[tuple[JDLayerMixin, list[str], JDLayerWeights]] = []
         self.jd_state = JDState(self.jd_cluster_of_row, self.jd_none_row, device, max_tokens=max_num_batched_tokens,
                                 max_segs=max_num_seqs + 1)
@@ -106,6 +107,13 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config)
         self._jd_bind_layers()
         self.jd_bank.U.clear(), self.jd_bank.V.clear(), self.jd_bank.sigma.clear()  # the layers own them now
+
+    def _jd_rank_policy(self, device):
+        """``jd_fused_cpu.served_rank`` on a CPU (a store whose rank keeps the fused kernel from
+        running is served zero-padded to one it takes), nothing on a GPU."""
+        if torch.device(device).type != "cpu":
+            return None
+        return lambda rank, dims: jd_fused_cpu.served_rank(rank, self.jd_dtype, dims)
 
     def _jd_use_bank(self, bank: Bank, min_capacity: int = 0) -> None:
         """Row bookkeeping for ``bank`` (its Σ rows, then spare rows for adapters registered later)."""
@@ -262,7 +270,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         op looks them up by layer id); tensors of unchanged shape are overwritten in place, so
         CUDA graphs stay valid, and any other shape is refused under CUDA graphs. vLLM's adapter
         ids are forgotten: the API server registers the new store's names under new ids."""
-        bank = load_bank(store, device="cpu", dtype=self.jd_dtype)
+        bank = load_bank(store, device="cpu", dtype=self.jd_dtype, rank_policy=self._jd_rank_policy(self.device))
         cuda_graphs = torch.device(self.device).type == "cuda" and not self.jd_eager
         old_bank, old_capacity = self.jd_bank, self._jd_row_capacity
         saved = {k: getattr(self, k) for k in _BANK_STATE}
