@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name")
     e.add_argument("--out", required=True)
     e.add_argument("--rank", type=int, default=None,
-                   help="write at this rank (a lossy cut, its error reported); default: the adapter's own rank, "
+                   help="write at most this rank (a lossy cut, its error logged); default: the adapter's own rank, "
                         "where its singular values end")
 
     g = sub.add_parser("merge", help="merge adapters of a store into ONE PEFT LoRA (Compress-then-Merge)")

@@ -213,6 +213,10 @@ def test_export_at_the_adapters_own_rank_or_a_chosen_cut_and_only_its_modules(tm
     assert run("export", tmp_path / "s", paths[1].name, "--out", tmp_path / "e2", "--rank", 2) == 0
     assert json.loads((tmp_path / "e2" / "adapter_config.json").read_text())["r"] == 2
     assert f"{paths[1].name} cut to rank 2: relative error up to 0." in caplog.text
+    assert run("export", tmp_path / "s", paths[1].name, "--out", tmp_path / "e9", "--rank", 100_000) == 0
+    assert json.loads((tmp_path / "e9" / "adapter_config.json").read_text())["r"] == 4  # no zero rows written
+    assert run("export", tmp_path / "s", paths[1].name, "--out", tmp_path / "e0", "--rank", 0) == 2
+    assert not (tmp_path / "e0").exists()
     assert run("export", tmp_path / "s", "only-layer-0", "--out", tmp_path / "l0") == 0
     assert json.loads((tmp_path / "l0" / "adapter_config.json").read_text())["target_modules"] == sorted(layer0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

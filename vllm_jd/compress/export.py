@@ -60,7 +60,7 @@ def compact(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int | N
     stored = max((a.shape[0] for a, _ in factors.values()), default=1)
     if rank is None and needed >= stored:  # nothing to gain: keep the stored factors (ComPEFT's stay ternary)
         return factors, stored, 0.0
-    k = needed if rank is None else rank
+    k = needed if rank is None else min(rank, needed)  # above the adapter's own rank there is nothing to cut
     out = {}
     for m, (left, sv, right) in svds.items():
         kk = min(k, sv.numel())
