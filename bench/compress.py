@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine
 
 from vllm_jd.compress.peft_io import ModuleSpec
 from vllm_jd.compress.pipeline import compress_adapters
@@ -67,14 +68,6 @@ def mistral_adapters(layers: int, n: int, noise: float = 0.5 / 64, rank: int = 1
     common = {m: (torch.linalg.qr(torch.randn(d_out, 32, generator=g)).Q, torch.linalg.qr(torch.randn(d_in, 32, generator=g)).Q)
               for m, (d_in, d_out) in modules.items()}
     return modules, [SyntheticAdapter(i, modules, common, rank, noise) for i in range(n)]
-
-
-def _cpu_name() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def bare_loop(folder: Path, out: Path, rank: int = 64, iters: int = 10) -> None:
@@ -185,7 +178,7 @@ def main() -> None:
         "bench": "compress", "adapters": args.adapters, "rank": args.rank, "clusters": args.clusters,
         "iters": args.iters, "modules_run": len(modules), "select_seconds": round(s.select_seconds, 1),
         **{f"{k}_seconds": round(v, 1) for k, v in (s.phase_seconds or {}).items()},
-        "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+        **machine(), "threads": torch.get_num_threads(),
         "seconds_per_module_q": round(sum(q) / len(q), 2), "seconds_per_module_kv": round(sum(kv) / len(kv), 2),
         "generation_seconds": round(GEN_SECONDS[0], 1), "total_seconds": round(s.seconds, 1),
         "extrapolated_seconds_96_modules": round(extrapolated, 1), "goal_seconds": 360,

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import string
 import subprocess
 import sys
@@ -34,18 +33,11 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from machine import machine
 from servers import start, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text()
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
-    return {"cpu": name.group(1) if name else "unknown", "amx": "amx_bf16" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "cores": os.cpu_count()}
 
 
 def build(work: Path, n: int) -> None:

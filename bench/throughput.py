@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine
 from servers import WORDS, drive, start, stop
 
 from vllm_jd.cli import main as cli
@@ -137,16 +138,14 @@ def main() -> None:
 def cpu_paths(rank: int, modules: dict[str, tuple[int, int]]) -> dict:
     """Which CPU path each vllm-jd system served on: "jd" the fused AMX kernel where it can run
     (at the rank ``jd_fused_cpu.served_rank`` pads to, for a one-thread worker as here), else torch
-    ops; "jd-amx" torch ops with AMX GEMMs; "jd-torch" torch ops only. Plus the CPU's name."""
+    ops; "jd-amx" torch ops with AMX GEMMs; "jd-torch" torch ops only. Plus the machine."""
     import torch
 
     from vllm_jd.kernels import jd_fused_cpu
 
     kernel = jd_fused_cpu._lib() is not None
     served = jd_fused_cpu.served_rank(rank, torch.bfloat16, list(modules.values()), threads=1)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown")
-    return {"cpu": cpu, "amx": jd_fused_cpu._cpu_has_amx(), "served_rank": served,
+    return {**machine(), "served_rank": served,
             "jd_path": f"fused kernel, rank {served}" if kernel and served % 32 == 0 else f"torch ops, rank {rank}",
             "jd-amx_path": "torch ops + AMX GEMMs", "jd-torch_path": "torch ops"}
 
