@@ -18,7 +18,9 @@ TOLERANCE = {torch.float32: (1e-3, 1e-3), torch.bfloat16: (5e-2, 2e-2), torch.fl
 rounding (a bf16 ulp is 2⁻⁷ of the value)."""
 
 
-def _random_weights(d_in: int, widths: list[int], R: int, C: int, N: int, diag: bool, dtype, device, gen):
+def random_weights(d_in: int, widths: list[int], R: int, C: int, N: int, diag: bool, dtype, device, gen):
+    """Random bases and Σ of one layer (row N the zero "no adapter" row): (V, U, Σ) on the host for
+    the twin, and the ``JDLayerWeights`` on ``device`` for the kernels."""
     V = torch.randn(len(widths), C, d_in, R, generator=gen) / d_in**0.5
     U = [torch.randn(C, d, R, generator=gen) / R**0.5 for d in widths]
     sigma = torch.randn((len(widths), N + 1, R) if diag else (len(widths), N + 1, R, R), generator=gen)
@@ -44,7 +46,7 @@ def check_layer(d_in: int, widths: list[int], rank: int, clusters: int, dtype: t
 
     gen = torch.Generator().manual_seed(seed)
     N = max(2 * clusters, 48)
-    V, U, sigma, w = _random_weights(d_in, widths, rank, clusters, N, diag, dtype, device, gen)
+    V, U, sigma, w = random_weights(d_in, widths, rank, clusters, N, diag, dtype, device, gen)
     cluster_of_row = np.append(np.arange(N) % clusters, 0)
     rows = step_rows(N, clusters, np.random.default_rng(seed))
     padded = np.concatenate([rows, [N] * 8])

@@ -8,11 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vllm_jd.kernels.gpu import selfcheck
 from vllm_jd.kernels.gpu.buffers import TileBuffers
 from vllm_jd.kernels.gpu.decode_model import step_rows
-from vllm_jd.kernels.gpu.selfcheck import check_layer
 from vllm_jd.kernels.gpu.tiles import build_tiles
-from vllm_jd.kernels.torch_ops import JDLayerWeights
 
 QKV = (4096, [4096, 1024, 1024])
 O_PROJ = (4096, [4096])
@@ -24,19 +23,16 @@ def parity(device: str = "cuda"):
     cases = [(shape, dt, R, C, False) for shape in (QKV, O_PROJ) for dt in DTYPES for R, C in ((16, 8), (64, 1))]
     cases += [(QKV, torch.bfloat16, 16, 25, True), (QKV, torch.bfloat16, 512, 2, False)]
     for (d_in, widths), dtype, R, C, diag in cases:
-        why = check_layer(d_in, widths, R, C, dtype, diag, device=device)
+        why = selfcheck.check_layer(d_in, widths, R, C, dtype, diag, device=device)
         yield {"check": "kernel_parity", "d_in": d_in, "widths": widths, "rank": R, "clusters": C,
                "dtype": str(dtype).removeprefix("torch."), "diag": diag, "ok": why is None, "detail": why}
 
 
 def random_weights(R: int = 16, C: int = 8, N: int = 1024, dtype=torch.bfloat16, device: str = "cuda"):
+    """A random q/k/v layer of Mistral's shapes on ``device`` (``selfcheck.random_weights``), its
+    expand layout made before any capture."""
     d_in, widths = QKV
-    g = torch.Generator().manual_seed(0)
-    V = (torch.randn(3, C, d_in, R, generator=g) / d_in**0.5).to(dtype)
-    U = [(torch.randn(C, d, R, generator=g) / R**0.5).to(dtype) for d in widths]
-    sigma = torch.randn(3, N + 1, R, R, generator=g) / R**0.5
-    sigma[:, N] = 0
-    w = JDLayerWeights.from_bases(V.to(device), [u.to(device) for u in U], sigma.to(device))
+    w = selfcheck.random_weights(d_in, widths, R, C, N, False, dtype, device, torch.Generator().manual_seed(0))[3]
     w.expand_bases()
     return w
 
