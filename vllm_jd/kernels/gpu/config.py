@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_jd.kernels.gpu.tiles import max_cluster_tiles, max_sigma_tiles
+
 MAX_SLICES = 4
 """Most output slices one layer may have (q/k/v packs 3, gate/up 2): the expand kernel finds a
 column block's slice from up to four widths passed as scalars."""
@@ -62,3 +64,26 @@ def choose(num_rows: int, cluster_tiles: int, d_in: int, S: int, R: int, elem_by
     rank_block = _clamp(_pow2(R), 16, 64)
     return KernelConfig(shrink_n, shrink_k, split, k_per_split, rank_block, rank_block,
                         128 if elem_bytes == 2 else 64, rank_block)
+
+
+@dataclass(frozen=True)
+class Launches:
+    """What ``jd_lora_gpu`` launches for one call: its block sizes and the three grids (static
+    bounds: programs past the step's tiles return at once). ``plan.py`` counts these same grids."""
+
+    cfg: KernelConfig
+    shrink: tuple[int, int, int]  # cluster tiles × column blocks of S·R × split_k
+    sigma: tuple[int, int, int]  # Σ tiles × slices × blocks of R
+    expand: tuple[int, int]  # cluster tiles × column blocks of every slice
+
+
+def launches(num_rows: int, num_clusters: int, max_rows: int, d_in: int, widths: list[int], R: int,
+             elem_bytes: int) -> Launches:
+    """``Launches`` for x with ``num_rows`` rows, a layer of ``num_clusters`` clusters, input width
+    ``d_in``, output slices ``widths``, rank R; ``max_rows`` bounds a step's distinct Σ rows."""
+    S = len(widths)
+    ctiles = max_cluster_tiles(num_rows, num_clusters)
+    cfg = choose(num_rows, ctiles, d_in, S, R, elem_bytes)
+    return Launches(cfg, (ctiles, -(-S * R // cfg.shrink_n), cfg.split_k),
+                    (max_sigma_tiles(num_rows, max_rows), S, -(-R // cfg.sigma_q)),
+                    (ctiles, sum(-(-d // cfg.expand_n) for d in widths)))

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from vllm_jd.kernels.gpu import config
 from vllm_jd.kernels.gpu.buffers import TileBuffers
-from vllm_jd.kernels.gpu.tiles import TILE_M, max_cluster_tiles, max_sigma_tiles
+from vllm_jd.kernels.gpu.tiles import TILE_M
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 
 
@@ -176,29 +176,27 @@ def jd_lora_gpu(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, tiles: Tile
     _check(x, y, w, widths, tiles)
     T, d_in = x.shape
     S, C, R = len(widths), w.num_clusters, w.rank
-    n_ctiles = max_cluster_tiles(T, C)
-    n_stiles = max_sigma_tiles(T, tiles.max_rows)
     if T == 0:
         return
     fp32_dot = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreted())
-    cfg = config.choose(T, n_ctiles, d_in, S, R, x.element_size())
+    launch = config.launches(T, C, tiles.max_rows, d_in, widths, R, x.element_size())
+    cfg = launch.cfg
     u = w.expand_bases()
     sigma = w.sigma
     diag = sigma.dim() == 3
     h = torch.empty(cfg.split_k, T, S * R, dtype=torch.float32, device=x.device)
     g = torch.empty(T, S * R, dtype=torch.float32, device=x.device)
     ct, st, order, counts = tiles.cluster_tiles, tiles.sigma_tiles, tiles.order, tiles.counts
-    _shrink_kernel[(n_ctiles, triton.cdiv(S * R, cfg.shrink_n), cfg.split_k)](
+    _shrink_kernel[launch.shrink](
         x, w.V_all, h, order, ct, counts, T, d_in, S * R, cfg.k_per_split,
         x.stride(0), x.stride(1), w.V_all.stride(0), h.stride(0), h.stride(1),
         BLOCK_M=TILE_M, BLOCK_N=cfg.shrink_n, BLOCK_K=cfg.shrink_k, FP32_DOT=fp32_dot)
-    _sigma_kernel[(n_stiles, S, triton.cdiv(R, cfg.sigma_q))](
+    _sigma_kernel[launch.sigma](
         h, sigma, g, order, st, counts, T, R, S * R, cfg.split_k, h.stride(0), h.stride(1),
         sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2), sigma.stride(-1), g.stride(0),
         DIAG=diag, BLOCK_M=TILE_M, BLOCK_Q=cfg.sigma_q, BLOCK_R=cfg.sigma_r)
     d = widths + [0] * (config.MAX_SLICES - S)
-    col_blocks = sum(triton.cdiv(n, cfg.expand_n) for n in widths)
-    _expand_kernel[(n_ctiles, col_blocks)](
+    _expand_kernel[launch.expand](
         g, u, y, order, ct, counts, T, R, *d, g.stride(0), u.stride(0), y.stride(0), y.stride(1),
         BLOCK_M=TILE_M, BLOCK_N=cfg.expand_n, BLOCK_R=cfg.expand_r, FP32_DOT=fp32_dot)
 

@@ -10,12 +10,13 @@ kernels, which grouped tokens by adapter, for comparison.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from vllm_jd.kernels.gpu import config
-from vllm_jd.kernels.gpu.tiles import TILE_M, build_tiles, max_cluster_tiles, max_sigma_tiles
+from vllm_jd.kernels.gpu.tiles import TILE_M, build_tiles
 
 H100_BANDWIDTH = 3.35e12
 """H100 SXM HBM3, bytes/s."""
@@ -66,19 +67,19 @@ def plan_call(rows: np.ndarray, cluster_of_row: np.ndarray, none_row: int, shape
     tiles = build_tiles(rows, cluster_of_row, none_row)
     S, R, e, d_in = len(shape.widths), shape.rank, shape.elem_bytes, shape.d_in
     D, SR = sum(shape.widths), S * R
-    cfg = config.choose(T, max_cluster_tiles(T, shape.clusters), d_in, S, R, e)
+    launch = config.launches(T, shape.clusters, max_rows, d_in, list(shape.widths), R, e)  # the kernels' grids
+    split_k = launch.cfg.split_k
     n_tok, nc, ns = tiles.num_adapter_tokens, tiles.cluster_tiles.shape[0], tiles.sigma_tiles.shape[0]
-    shrink_cols = -(-SR // cfg.shrink_n)
-    per_split = cfg.split_k * shrink_cols
-    shrink = KernelCost("shrink", max_cluster_tiles(T, shape.clusters) * per_split, nc * per_split,
-                        nc * d_in * SR * e, 0, n_tok * d_in * e * shrink_cols + n_tok * SR * 4 * cfg.split_k)
-    q_blocks = -(-R // cfg.sigma_q)
+    _, shrink_cols, _ = launch.shrink
+    shrink = KernelCost("shrink", math.prod(launch.shrink), nc * shrink_cols * split_k, nc * d_in * SR * e, 0,
+                        n_tok * d_in * e * shrink_cols + n_tok * SR * 4 * split_k)
+    _, _, q_blocks = launch.sigma
     sigma_each = (R if shape.diag else R * R) * e
-    sigma = KernelCost("sigma", max_sigma_tiles(T, max_rows) * S * q_blocks, ns * S * q_blocks, 0,
-                       ns * S * sigma_each, n_tok * SR * 4 * (cfg.split_k * (1 if shape.diag else q_blocks) + 1))
-    expand_cols = sum(-(-d // cfg.expand_n) for d in shape.widths)
-    expand = KernelCost("expand", max_cluster_tiles(T, shape.clusters) * expand_cols, nc * expand_cols,
-                        nc * R * D * e, 0, n_tok * R * 4 * expand_cols + 2 * n_tok * D * e)
+    sigma = KernelCost("sigma", math.prod(launch.sigma), ns * S * q_blocks, 0, ns * S * sigma_each,
+                       n_tok * SR * 4 * (split_k * (1 if shape.diag else q_blocks) + 1))
+    _, expand_cols = launch.expand
+    expand = KernelCost("expand", math.prod(launch.expand), nc * expand_cols, nc * R * D * e, 0,
+                        n_tok * R * 4 * expand_cols + 2 * n_tok * D * e)
     return [shrink, sigma, expand]
 
 
