@@ -38,10 +38,10 @@ class JDState:
         if self.tiles is None:
             self.meta = build_meta(rows, self.cluster_of_row, self.none_row, self.device)
             return self.meta
-        rows = np.asarray(rows, dtype=np.int64)
-        self.tiles.write(build_tiles(rows, self.cluster_of_row, self.none_row), num_rows=len(rows))
+        tiles = build_tiles(rows, self.cluster_of_row, self.none_row)
+        self.tiles.write(tiles, num_rows=len(rows))
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.meta = JDMeta(token_row=empty, token_cluster=empty, seg_row=empty, seg_index=empty, token_flat=empty,
-                           any_adapter=bool((rows != self.none_row).any()), lora_active=lora_active, tiles=self.tiles,
+                           any_adapter=tiles.num_adapter_tokens > 0, lora_active=lora_active, tiles=self.tiles,
                            none_row=self.none_row)
         return self.meta

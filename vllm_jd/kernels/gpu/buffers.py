@@ -7,6 +7,7 @@ On a CPU device (tests under ``TRITON_INTERPRET=1``) the same class writes plain
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vllm_jd.kernels.gpu.tiles import StepTiles, max_cluster_tiles, max_sigma_tiles
@@ -38,7 +39,8 @@ class TileBuffers:
         n, nc, ns = tiles.num_adapter_tokens, tiles.cluster_tiles.shape[0], tiles.sigma_tiles.shape[0]
         if n > self.max_tokens:
             raise ValueError(f"{n} adapter tokens in one step, more than the {self.max_tokens} the buffers hold")
-        distinct = len(set(tiles.sigma_tiles[:, 2].tolist()))
+        keys = tiles.sigma_tiles[:, 2]  # sorted (by cluster, then row): a row's tiles are contiguous
+        distinct = int(np.count_nonzero(keys[1:] != keys[:-1])) + 1 if len(keys) else 0
         if distinct > self.max_rows:
             raise ValueError(f"{distinct} distinct adapters in one step, more than max_rows={self.max_rows}")
         if self._copied is not None:
