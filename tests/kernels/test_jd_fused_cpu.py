@@ -1,7 +1,8 @@
 """The fused CPU kernel (``kernels/jd_fused_cpu.c``: shrink → sigma → expand per tile of 16
-tokens of one cluster, on AMX) against the float32 reference over the popularity grid, full and
-diagonal Σ, and the cases around it: tokens without an adapter left exactly as they were, one
-cluster, resident slots, other AMX users in the same thread, the build cache, the switch."""
+tokens of one cluster), every variant this CPU runs (AMX, AVX-512-BF16, AVX-512, AVX2), against
+the float32 reference over the popularity grid, full and diagonal Σ, and the cases around it:
+tokens without an adapter left exactly as they were, one cluster, resident slots, other AMX
+users in the same thread, the build cache, the switches, which variant and rank a CPU gets."""
 
 import os
 import shutil
@@ -18,7 +19,23 @@ from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
 from vllm_jd.serving.residency import ResidentBases
 
 HAS_KERNEL = jd_fused_cpu._lib() is not None
-needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no AMX / AVX512-BF16 here, or no C compiler")
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no AVX2 / AVX-512 here, or no C compiler")
+
+
+def _runs(isa: str) -> bool:
+    return jd_fused_cpu._CPU_FLAGS[isa] <= jd_fused_cpu.cpu_flags() and jd_fused_cpu.load(isa) is not None
+
+
+EVERY_ISA = [pytest.param(isa, marks=pytest.mark.skipif(not _runs(isa), reason=f"this CPU cannot run {isa}"))
+             for isa in jd_fused_cpu.ISAS]
+
+
+def _fused(w: JDLayerWeights, x, y, meta, isa: str) -> torch.Tensor:
+    """y + the branch, computed by variant ``isa`` of the kernel."""
+    bases = jd_fused_cpu.FusedBases(w.V_all, w.UT, w.num_clusters, w.rank, isa)
+    got = y.clone()
+    jd_fused_cpu.jd_fused_cpu(x, got, bases, w.sigma, meta.cluster_order(w.num_clusters))
+    return got
 N = 40
 BF16 = TOL[torch.bfloat16]
 
@@ -43,26 +60,49 @@ def _case(popularity, lens, C=4, R=64, d_in=256, d_out=(128, 64, 64), diag=False
 MIXES = {"decode": [1] * 37, "mixed": [24, 1, 1, 7, 1, 24, 1, 1, 1, 2, 1, 1, 17, 1], "prefill": [40, 33, 17]}
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa, R, diag", [  # every rank the variant takes (AMX: multiples of 32)
+    pytest.param(*p.values, R, diag, marks=p.marks, id=f"{p.values[0]}-R{R}{'-diag' if diag else ''}")
+    for p in EVERY_ISA for R, diag in [(16, False), (32, False), (64, False), (128, False), (64, True)]
+    if R % jd_fused_cpu.RANK_MULTIPLE[p.values[0]] == 0])
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("mix", MIXES)
-@pytest.mark.parametrize("R, diag", [(32, False), (64, False), (128, False), (64, True)])
-def test_jd_fused_cpu_matches_reference(popularity, mix, R, diag):
+def test_jd_fused_cpu_matches_reference(isa, R, diag, popularity, mix):
     w, x, y, meta, rows, want = _case(popularity, MIXES[mix], R=R, diag=diag)
-    got = y.clone()
-    jd_lora_torch(x, got, w, meta, "fused")
+    got = _fused(w, x, y, meta, isa)
     torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
     assert torch.equal(got[rows == N], y[rows == N])  # no adapter: exactly the base output, bit for bit
 
 
-@needs_kernel
-def test_odd_shapes_one_cluster_and_big_tiles():
-    # one cluster, 123 tokens (7 full tiles + 11), slices of 48 and 16 columns, d_in 96
-    w, x, y, meta, rows, want = _case("zipf", [50, 1, 1, 71], C=1, R=32, d_in=96, d_out=(48, 16), none_frac=0.0)
-    got = y.clone()
-    jd_lora_torch(x, got, w, meta, "fused")
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_odd_shapes_one_cluster_and_big_tiles(isa):
+    # one cluster, 123 tokens (7 full tiles + 11), slices of 48 and 16 columns (and 80: one block
+    # of 64 and one of 16 on AVX-512), d_in 96
+    w, x, y, meta, rows, want = _case("zipf", [50, 1, 1, 71], C=1, R=32, d_in=96, d_out=(48, 16, 80), none_frac=0.0)
     assert len(rows) == 123
-    torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+    torch.testing.assert_close(_fused(w, x, y, meta, isa).float(), want.float(), atol=BF16[0], rtol=BF16[1])
+
+
+def test_vector_variants_take_any_even_d_in():
+    isa = next((i for i in jd_fused_cpu.ISAS[1:] if _runs(i)), None)
+    if isa is None:
+        pytest.skip("no vector variant runs here")
+    w, x, y, meta, rows, want = _case("uniform", MIXES["mixed"], R=16, d_in=98, d_out=(32, 16))
+    assert jd_fused_cpu.usable(torch.bfloat16, 98, 16, [32, 16], isa) and not jd_fused_cpu.usable(
+        torch.bfloat16, 98, 32, [32, 16], "amx")
+    torch.testing.assert_close(_fused(w, x, y, meta, isa).float(), want.float(), atol=BF16[0], rtol=BF16[1])
+
+
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_nan_and_inf_in_x_reach_only_their_own_rows(isa):
+    # a NaN token must not leak into its tile's other tokens (they share the tile's GEMMs)
+    w, x, y, meta, rows, want = _case("identical", [1] * 8, C=1, R=32, none_frac=0.0)
+    x[3, 5] = float("nan")
+    x[5, 7] = float("inf")
+    got = _fused(w, x, y, meta, isa)
+    assert got[3].isnan().any() and not got[5].isfinite().all()
+    keep = torch.ones(len(rows), dtype=torch.bool)
+    keep[[3, 5]] = False
+    torch.testing.assert_close(got[keep].float(), want[keep].float(), atol=BF16[0], rtol=BF16[1])
 
 
 @needs_kernel
@@ -88,13 +128,17 @@ def test_auto_takes_the_kernel_only_with_one_torch_thread(monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
 
 
-@pytest.mark.parametrize("dtype, R, d_in, d_out", [
-    (torch.float32, 64, 256, (128, 64, 64)),  # not bf16
-    (torch.bfloat16, 16, 256, (128, 64, 64)),  # a rank that is not a whole AMX tile row (32)
-    (torch.bfloat16, 64, 123, (128, 64, 64)),  # d_in neither
-    (torch.bfloat16, 64, 256, (128, 40, 40)),  # slice widths not multiples of 16
+@pytest.mark.parametrize("dtype, R, d_in, d_out, isa", [
+    (torch.float32, 64, 256, (128, 64, 64), "avx2"),  # not bf16
+    (torch.bfloat16, 16, 256, (128, 64, 64), "amx"),  # a rank that is not a whole AMX tile row (32)
+    (torch.bfloat16, 8, 256, (128, 64, 64), "avx512bf16"),  # nor the vector variants' 16 lanes
+    (torch.bfloat16, 64, 123, (128, 64, 64), "avx2"),  # d_in not even
+    (torch.bfloat16, 64, 96 + 2, (128, 64, 64), "amx"),  # nor a multiple of 32 on AMX
+    (torch.bfloat16, 64, 256, (128, 40, 40), "avx512"),  # slice widths not multiples of 16
 ])
-def test_layers_the_kernel_cannot_run_use_the_torch_path(dtype, R, d_in, d_out):
+def test_layers_the_kernel_cannot_run_use_the_torch_path(dtype, R, d_in, d_out, isa, monkeypatch):
+    assert not jd_fused_cpu.usable(dtype, d_in, R, list(d_out), isa)
+    monkeypatch.setattr(jd_fused_cpu, "kernel_isa", lambda: isa)
     V, U, sigma, cluster = random_layer(3, 4, N, R, d_in, list(d_out), False, dtype, 0)
     w = JDLayerWeights.from_bases(V, U, sigma)
     assert w.fused_bases() is None
@@ -153,10 +197,11 @@ def test_other_amx_users_in_the_same_thread_are_unaffected():
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CC", "cc")), reason="no C compiler")
 def test_build_is_cached_and_atomic(tmp_path):
-    first = jd_fused_cpu.build(tmp_path)
+    first = jd_fused_cpu.build("avx2", tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert jd_fused_cpu.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # built once
+    assert jd_fused_cpu.build("avx2", tmp_path) == first and first.stat().st_mtime_ns == stamp  # built once
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    assert jd_fused_cpu.build("avx512", tmp_path) != first  # one library per variant
 
 
 @pytest.mark.parametrize("variable, reader, cache, bases, path", [
@@ -181,20 +226,65 @@ def test_env_switches_turn_the_kernels_off(monkeypatch, variable, reader, cache,
         cache.cache_clear()  # the next caller reads the (restored) environment again
 
 
-@pytest.mark.parametrize("rank, dtype, dims, kernel, threads, want", [
-    (16, torch.bfloat16, [(512, 512), (512, 256)], True, 1, 32),  # the default rank-16 store: padded
-    (8, torch.bfloat16, [(512, 512)], True, 1, 32),  # exact rank-8 singletons only
-    (40, torch.bfloat16, [(512, 512)], True, 1, 64),
-    (64, torch.bfloat16, [(512, 512)], True, 1, 64),  # already a multiple of 32
-    (16, torch.float32, [(512, 512)], True, 1, 16),  # the kernel is bf16 only
-    (16, torch.bfloat16, [(512, 512)], False, 1, 16),  # no AMX (or VLLM_JD_CPU_FUSED=0): torch ops at 16
-    (16, torch.bfloat16, [(512, 512)], True, 2, 16),  # more torch threads: torch ops, where padding costs
-    (16, torch.bfloat16, [(500, 512)], True, 1, 16),  # a d_in the kernel cannot take
+@pytest.mark.parametrize("rank, dtype, dims, isa, threads, want", [
+    (16, torch.bfloat16, [(512, 512), (512, 256)], "amx", 1, 32),  # the default rank-16 store on AMX: padded
+    (8, torch.bfloat16, [(512, 512)], "amx", 1, 32),  # exact rank-8 singletons only
+    (40, torch.bfloat16, [(512, 512)], "amx", 1, 64),
+    (64, torch.bfloat16, [(512, 512)], "amx", 1, 64),  # already a multiple of 32
+    (16, torch.bfloat16, [(512, 512), (512, 256)], "avx512bf16", 1, 16),  # no AMX: rank 16 runs as it is
+    (8, torch.bfloat16, [(512, 512)], "avx512bf16", 1, 16),  # rank-8 singletons: padded to 16
+    (40, torch.bfloat16, [(512, 512)], "avx2", 1, 48),
+    (16, torch.float32, [(512, 512)], "amx", 1, 16),  # the kernel is bf16 only
+    (16, torch.bfloat16, [(512, 512)], None, 1, 16),  # no kernel (VLLM_JD_CPU_FUSED=0, no compiler): torch ops
+    (16, torch.bfloat16, [(512, 512)], "amx", 2, 16),  # more torch threads: torch ops, where padding costs
+    (16, torch.bfloat16, [(500, 512)], "amx", 1, 16),  # a d_in AMX cannot take
+    (8, torch.bfloat16, [(500, 512)], "avx2", 1, 16),  # which a vector variant can
 ])
-def test_served_rank_policy(rank, dtype, dims, kernel, threads, want, monkeypatch):
-    monkeypatch.setattr(jd_fused_cpu, "_lib", lambda: object() if kernel else None)
+def test_served_rank_policy(rank, dtype, dims, isa, threads, want, monkeypatch):
+    monkeypatch.setattr(jd_fused_cpu, "kernel_isa", lambda: isa)
     with torch_threads(threads):
         assert jd_fused_cpu.served_rank(rank, dtype, dims) == want
+
+
+ZEN4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"}  # AMD EPYC 9004: no AMX
+SKYLAKE_SP = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
+ZEN3 = {"avx2", "fma"}
+SAPPHIRE_RAPIDS = ZEN4 | {"amx_tile", "amx_bf16"}
+
+
+@pytest.mark.parametrize("flags, wanted, amx_allowed, want", [
+    (SAPPHIRE_RAPIDS, "auto", True, "amx"),
+    (SAPPHIRE_RAPIDS, "auto", False, "avx512bf16"),  # VLLM_JD_CPU_AMX=0
+    (ZEN4, "auto", True, "avx512bf16"),  # a machine without AMX
+    (SKYLAKE_SP, "auto", True, "avx512"),
+    (ZEN3, "auto", True, "avx2"),
+    ({"sse4_2"}, "auto", True, None),  # nothing the kernel is built for: torch ops
+    (SAPPHIRE_RAPIDS, "avx2", True, "avx2"),  # named
+    (SAPPHIRE_RAPIDS, "none", True, None),
+])
+def test_choose_isa(flags, wanted, amx_allowed, want):
+    assert jd_fused_cpu.choose_isa(flags, wanted, amx_allowed) == want
+
+
+def test_a_named_isa_the_cpu_lacks_is_refused_by_name():
+    with pytest.raises(ValueError, match="VLLM_JD_CPU_ISA=amx: this CPU lacks amx_bf16, amx_tile"):
+        jd_fused_cpu.choose_isa(ZEN4, "amx", True)
+
+
+def test_cpu_isa_variable_picks_the_variant(monkeypatch):
+    from vllm_jd import envs
+
+    monkeypatch.setenv("VLLM_JD_CPU_ISA", "avx9")
+    with pytest.raises(ValueError, match="VLLM_JD_CPU_ISA='avx9'"):
+        envs.cpu_isa()
+    runnable = [isa for isa in jd_fused_cpu.ISAS if _runs(isa)]
+    for isa in runnable + ["none"]:
+        monkeypatch.setenv("VLLM_JD_CPU_ISA", isa)
+        jd_fused_cpu._lib.cache_clear()
+        try:
+            assert jd_fused_cpu.kernel_isa() == (None if isa == "none" else isa)
+        finally:
+            jd_fused_cpu._lib.cache_clear()
 
 
 @needs_kernel
@@ -206,6 +296,8 @@ def test_a_rank_16_layer_padded_to_32_runs_the_kernel_and_serves_the_same(diag):
     pad = lambda t, dims: torch.nn.functional.pad(t, [0, 16] * dims)  # noqa: E731
     padded = JDLayerWeights.from_bases(pad(V, 1), [pad(u, 1) for u in U], pad(sigma, 1 if diag else 2))
     plain = JDLayerWeights.from_bases(V, U, sigma)
+    if jd_fused_cpu.RANK_MULTIPLE[jd_fused_cpu.kernel_isa()] == 16:
+        pytest.skip(f"{jd_fused_cpu.kernel_isa()} runs rank 16 unpadded")
     assert plain.fused_bases() is None and padded.fused_bases() is not None
     rows = token_rows("zipf", 12, [1] * 10 + [17, 9], N, 0.2, 4)
     meta = build_meta(rows, cluster, N)

