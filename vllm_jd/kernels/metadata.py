@@ -62,7 +62,7 @@ class SigmaSplit:
     """A step's same-Σ-row segments split in two: tokens alone in their run (decode tokens) get
     Σ applied one by one with an ``embedding_bag`` (``sigma_bags``); runs of several tokens
     (prefills) share one Σ per segment in a batched matmul. Mixing both in one padded matmul
-    cost 5.5× the rows at 6 prefills + 58 decodes (70 segments padded to 16 for 202 tokens).
+    pads every decode token's segment to the longest prefill's length.
 
     single_cells [n1] / single_rows [n1]: grid cells and Σ rows of lone tokens; multi_cells [n2]:
     the other real cells; multi_seg_row [G], multi_seg_index [G, Lg] (cells), multi_flat [n2]:
@@ -182,8 +182,8 @@ class JDMeta:
 def sigma_bags(rows: torch.Tensor, S: int, R: int) -> torch.Tensor:
     """Indices [n·S, R] for ``embedding_bag`` over Σᵀ viewed as a [(N+1)·S·R, R] table: bag
     (i, s) sums rows ((rows[i]·S + s)·R + r), r < R, weighted by h[i, s, r], which is
-    ``Σ[rows[i], s] h[i, s]``. One fused gather-and-sum: 0.08 ms for 64 decode tokens (R 64, 3
-    slices, bf16, one thread) against 0.45 ms to gather 64 Σ matrices and multiply."""
+    ``Σ[rows[i], s] h[i, s]``. One fused gather-and-sum, where gathering the Σ matrices and
+    multiplying copies each one first (5.6× slower, docs/measurements.md)."""
     base = (rows[:, None] * S + torch.arange(S, device=rows.device))[:, :, None] * R
     return (base + torch.arange(R, device=rows.device)).view(-1, R)
 

