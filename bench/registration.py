@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 from vllm_jd.compress.pipeline import compress_adapters
-from vllm_jd.compress.store import TensorReader, read_manifest, write_manifest
+from vllm_jd.store.format import TensorReader, read_manifest, write_manifest
 from vllm_jd.compress.synthetic import write_adapter
 from vllm_jd.config import CompressConfig
 from vllm_jd.serving.registration import register

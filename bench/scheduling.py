@@ -100,7 +100,7 @@ def cluster_loads(port: int) -> float | None:
 
 def build_store(work: Path, args) -> tuple[Path, Path, list[str], dict[str, int]]:
     from vllm_jd.cli import main as cli
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
     from vllm_jd.compress.synthetic import make_adapters
 
     model = _tiny_model(work / "model")

@@ -211,7 +211,7 @@ def main() -> None:
                    args.port, work / "server.log",
                    env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(args.server_keepalive)} if args.server_keepalive else None)
     try:
-        from vllm_jd.compress.store import read_manifest
+        from vllm_jd.store.format import read_manifest
 
         manifest = read_manifest(work / "store")
         names = list(manifest.adapters)

@@ -131,7 +131,7 @@ def main() -> None:
                               **res, "rounds_requests_per_s": [r["requests_per_s"] for r in rounds]}), flush=True)
     # over all cycles: the median round of each system
     results = {name: sorted(rs, key=lambda r: r["requests_per_s"])[len(rs) // 2] for name, rs in rounds_of.items()}
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     rank = read_manifest(store).rank
     summary = {"bench": "throughput_summary", "adapters": args.adapters, "rank": rank, "rank_arg": args.rank,

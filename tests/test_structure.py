@@ -74,3 +74,50 @@ def test_kernels_import_nothing_of_serving():
     bad = sorted((m, t) for m, ts in graph.items() if m.startswith("vllm_jd.kernels") for t in ts
                  if t.startswith(("vllm_jd.serving", "vllm_jd.scheduler", "vllm_jd.replicas")))
     assert bad == []
+
+
+def test_the_store_imports_nothing_else_of_ours():
+    # the on-disk format is the contract between compress, serving and users' tools: it must be
+    # readable without the methods, the kernels or vLLM
+    graph = import_graph()
+    bad = sorted((m, t) for m, ts in graph.items() if m.startswith("vllm_jd.store") for t in ts
+                 if not t.startswith("vllm_jd.store"))
+    assert bad == []
+    assert any(t.startswith("vllm_jd.store") for t in graph["vllm_jd.serving.bank"])  # the rule sees real edges
+
+
+def _readme_layout() -> dict[str, set[str]]:
+    """README's Layout block: folder → the names its lines list (after the first ":", if any;
+    items split at "," and " and ", each item's first word; parenthesised notes dropped)."""
+    text = (ROOT.parent / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    layout: dict[str, str] = {}
+    folder = None
+    for line in block.splitlines():
+        if line[:1] not in (" ", ""):
+            folder, line = line.split(None, 1)
+        if folder:
+            layout[folder] = layout.get(folder, "") + " " + line
+    names = {}
+    for folder, text in layout.items():
+        depth, out = 0, []
+        for ch in text:  # drop (parenthesised notes)
+            depth += ch == "("
+            if depth == 0:
+                out.append(ch)
+            depth -= ch == ")" and depth > 0
+        listed = "".join(out)
+        listed = listed.split(":", 1)[1] if ":" in listed else listed
+        items = listed.replace(" and ", ",").split(",")
+        names[folder] = {item.split()[0] for item in items if item.split()}
+    return names
+
+
+def test_readme_layout_lists_every_module_and_only_modules():
+    layout = _readme_layout()
+    for folder, listed in layout.items():
+        path = ROOT.parent / folder
+        files = {p.stem for p in path.iterdir() if p.suffix in (".py", ".sh") and p.stem != "__init__"}
+        subfolders = {f.split("/")[-1] for f in layout if f.startswith(folder + "/")}
+        assert files - subfolders == listed - subfolders, (
+            f"{folder}: missing from README's Layout {sorted(files - listed)}, listed but absent {sorted(listed - files)}")

@@ -184,13 +184,13 @@ def _run(args: argparse.Namespace) -> int:
         if s["problems"]["store"] or s["problems"]["adapters"]:
             return 2
     elif args.command == "fsck":
-        from vllm_jd.compress.fsck import format_report, fsck
+        from vllm_jd.store.fsck import format_report, fsck
 
         r = fsck(args.store, repair=args.repair)
         print(json.dumps(r, indent=1) if args.json else format_report(r))
         return 0 if r["clean"] else 1
     elif args.command == "remove":
-        from vllm_jd.compress.transaction import remove_adapters
+        from vllm_jd.store.transaction import remove_adapters
 
         remove_adapters(args.store, args.names)
         print(f"removed {len(args.names)} adapters from {args.store}")

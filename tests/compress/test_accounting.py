@@ -3,7 +3,7 @@
 import pytest
 
 from vllm_jd.compress.accounting import account
-from vllm_jd.compress.store import AdapterInfo, ClusterInfo, Manifest, ModuleInfo
+from vllm_jd.store.format import AdapterInfo, ClusterInfo, Manifest, ModuleInfo
 
 D, R_LORA = 4096, 16
 

@@ -9,7 +9,7 @@ from vllm_jd.compress.kmeans import kmeans
 from vllm_jd.compress.peft_io import discover, open_adapter
 from vllm_jd.compress.pipeline import load_references, reference_modules
 from vllm_jd.compress.selection import choose
-from vllm_jd.compress.store import ModuleInfo
+from vllm_jd.store.format import ModuleInfo
 
 
 def same_partition(labels: list[int], truth: list[int]) -> bool:

@@ -10,7 +10,7 @@ import torch
 from helpers import TINY_MODULES, dense_update
 
 from vllm_jd.cli import main as cli
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.store.format import read_manifest
 from vllm_jd.compress.synthetic import make_adapters
 
 
@@ -44,7 +44,7 @@ def test_rebuilds_from_the_store_when_sources_are_gone(grown_store, caplog):
     shutil.rmtree(tmp / "b")  # the added adapters' folders are gone; one of a's is changed
     make_adapters(tmp / "a", 1, TINY_MODULES, rank=4, structure="random", seed=99)
     from vllm_jd.compress.from_store import StoredAdapter
-    from vllm_jd.compress.store import TensorReader
+    from vllm_jd.store.format import TensorReader
 
     rebuilt = StoredAdapter(TensorReader(store, read_manifest(store)), "late-0000")
     for m, p in originals.items():  # an exact singleton is rebuilt exactly

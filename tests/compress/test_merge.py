@@ -18,7 +18,7 @@ from vllm_jd.compress.jd_full import jd_full
 from vllm_jd.compress.ctm import core_space, fit_subspace, merge_module, objective, reweight, to_core
 from vllm_jd.compress.merge import merge
 from vllm_jd.compress.merge_rules import dare_ties, task_arithmetic, ties, trim
-from vllm_jd.compress.store import TensorReader, read_manifest
+from vllm_jd.store.format import TensorReader, read_manifest
 from vllm_jd.compress.synthetic import llama_modules, make_adapters, write_adapter
 
 MODULES = llama_modules(layers=1, hidden=48, kv_dim=24)  # q 48→48, k/v 48→24

@@ -12,7 +12,7 @@ import torch
 
 from helpers import TINY_MODULES, dense_update
 from vllm_jd.cli import main
-from vllm_jd.compress.store import TensorReader, read_manifest
+from vllm_jd.store.format import TensorReader, read_manifest
 from vllm_jd.compress.synthetic import factors, make_adapters, write_adapter
 
 

@@ -15,12 +15,12 @@ from helpers import TINY_MODULES
 
 from vllm_jd.cli import main as cli
 from vllm_jd.compress import pipeline
-from vllm_jd.compress.errors import StoreError
+from vllm_jd.store.errors import StoreError
 from vllm_jd.compress.project import add_named
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.store.format import read_manifest
 from vllm_jd.compress.synthetic import make_adapters
-from vllm_jd.compress.transaction import MIN_AGE_S, leftovers, live_folder, locked
-from vllm_jd.compress.validate import check_store
+from vllm_jd.store.transaction import MIN_AGE_S, leftovers, live_folder, locked
+from vllm_jd.store.validate import check_store
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_in_place_recompression_carries_over_what_changed_meanwhile(grown, monke
     def publish_after_others_wrote(staging, manifest, merge=None):
         # between the recompression's snapshot and its commit, another writer adds one adapter and removes one
         add_named(store, [("late-0001", tmp / "b" / "late-0001")])
-        from vllm_jd.compress.transaction import remove_adapters
+        from vllm_jd.store.transaction import remove_adapters
 
         remove_adapters(store, ["adapter-0002"])
         return real_publish(staging, manifest, merge)
@@ -158,7 +158,7 @@ def test_an_adapter_set_aside_then_added_again_meanwhile_is_carried_over(grown, 
     real_publish = pipeline.publish
 
     def publish_after_others_wrote(staging, manifest, merge=None):
-        from vllm_jd.compress.transaction import remove_adapters
+        from vllm_jd.store.transaction import remove_adapters
 
         remove_adapters(store, ["adapter-0003"])  # meanwhile it is deleted and added again, healthy
         add_named(store, [("adapter-0003", tmp / "a" / "adapter-0003")])

@@ -14,9 +14,9 @@ from helpers import TINY_MODULES
 from safetensors.torch import load_file, save_file
 
 from vllm_jd.cli import main as cli
-from vllm_jd.compress.store import read_manifest, sigma_key, u_key
+from vllm_jd.store.format import read_manifest, sigma_key, u_key
 from vllm_jd.compress.synthetic import make_adapters
-from vllm_jd.compress.validate import check_store
+from vllm_jd.store.validate import check_store
 
 MOD = next(iter(TINY_MODULES))
 VICTIM = "adapter-0001"
@@ -151,7 +151,7 @@ def test_store_problems_refuse_the_store(pristine, tmp_path, capsys):
 
 
 def test_values_that_would_overflow_are_never_written(pristine, tmp_path):
-    from vllm_jd.compress.store import write_manifest
+    from vllm_jd.store.format import write_manifest
 
     m = read_manifest(pristine / "store")
     m.adapters[VICTIM].error = float("nan")  # assignment skips pydantic's check: write_manifest is the last guard
@@ -163,7 +163,7 @@ def test_values_that_would_overflow_are_never_written(pristine, tmp_path):
 
 @pytest.mark.parametrize("name", ["a\nb", "x" * 1000, "../evil", "/abs", "rtl\u202eoverride", "", "tab\tname"])
 def test_bad_names_are_refused(pristine, tmp_path, name):
-    from vllm_jd.compress.errors import AdapterError
+    from vllm_jd.store.errors import AdapterError
     from vllm_jd.compress.project import add_named
 
     store = tmp_path / "store"

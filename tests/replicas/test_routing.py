@@ -8,7 +8,7 @@ from vllm_jd.replicas.routing import Router
 
 
 def test_cluster_routing_groups_adapters_of_a_cluster(store):
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     cluster_of = {n: a.cluster for n, a in read_manifest(store).adapters.items()}
     router = Router(str(store))

@@ -40,7 +40,7 @@ def serving_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def adapter_names(serving_store) -> list[str]:
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     return list(read_manifest(serving_store).adapters)
 
@@ -84,7 +84,7 @@ def reference(tiny_model, exported):
 @pytest.fixture
 def reference_for(tiny_model, tmp_path):
     """reference_for(store) → the merged reference for the adapters of another store."""
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     def make(store: Path):
         out = tmp_path / "exported"

@@ -77,7 +77,7 @@ def _prompt_logprobs(engine, store, path, adapters, prompts):
 
 
 def test_served_model_runs_the_kernel_and_matches_the_torch_path(bf16_engine, monkeypatch):
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     engine, store, num_layers, isa = bf16_engine
     adapters = list(read_manifest(store).adapters)[:3] + [None]

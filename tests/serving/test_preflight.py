@@ -38,7 +38,7 @@ def test_a_model_without_lora_support_is_refused_at_once(gpt2, serving_store):
 
 
 def test_a_store_of_another_model_is_refused_at_once(tiny_model, serving_store):
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     preflight.check(str(tiny_model), {m.name: (m.d_in, m.d_out) for m in read_manifest(serving_store).modules})
     store = {"model.layers.0.self_attn.q_proj": (256, 128), "model.layers.9.self_attn.q_proj": (256, 256)}

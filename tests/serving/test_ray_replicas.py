@@ -65,7 +65,7 @@ def complete(url, model, prompt, timeout=300):
 
 
 def test_clusters_stick_to_replicas_and_outputs_are_exact(cluster_app, serving_store, adapter_names, reference):
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     assert requests.get(f"{cluster_app}/health", timeout=60).json() == {"replicas_running": 2, "replicas_target": 2}
     cluster_of = {n: a.cluster for n, a in read_manifest(serving_store).adapters.items()}

@@ -15,7 +15,7 @@ from conftest import MAX_TOKENS, PROMPTS, merged_reference, start_vllm_jd, stop_
 from helpers import TINY_MODULES
 
 from vllm_jd.cli import main as cli
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.store.format import read_manifest
 from vllm_jd.compress.synthetic import make_adapters
 from vllm_jd.tiny_model import llama_lora_modules
 
@@ -135,7 +135,7 @@ def test_paths_outside_the_root_are_refused(setup, path):
 
 
 def test_a_held_store_lock_does_not_stall_loads_of_stored_adapters(setup):
-    from vllm_jd.compress.transaction import locked
+    from vllm_jd.store.transaction import locked
 
     url, store = setup["url"], setup["store"]
     assert requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "far"}, timeout=30).status_code == 200

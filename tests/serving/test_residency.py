@@ -43,7 +43,7 @@ def _worker_manager(llm):
 
 
 def test_more_clusters_than_fit_match_reference(llm, serving_store, adapter_names, reference):
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     clusters = {n: a.cluster for n, a in read_manifest(serving_store).adapters.items()}
     assert len(set(clusters.values())) == 3

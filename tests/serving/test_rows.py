@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_jd.compress.errors import StoreError
+from vllm_jd.store.errors import StoreError
 from vllm_jd.serving.rows import RowTable
 
 

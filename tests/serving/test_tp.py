@@ -67,7 +67,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
 def _by_cluster(store) -> tuple[dict[int, list[str]], list[str]]:
     """(shared cluster → its adapters, the adapters of exact singleton clusters)."""
-    from vllm_jd.compress.store import read_manifest
+    from vllm_jd.store.format import read_manifest
 
     m = read_manifest(store)
     shared: dict[int, list[str]] = {}
@@ -225,7 +225,7 @@ def test_bases_of_another_models_size_are_refused_at_tp2(monkeypatch):
     (the wrong rows): ``jd_shard`` refuses them."""
     from vllm.model_executor.layers.linear import RowParallelLinear
 
-    from vllm_jd.compress.errors import StoreError
+    from vllm_jd.store.errors import StoreError
     from vllm_jd.serving.layers import JDRowParallelLinear
 
     _fake_tp(monkeypatch, 0, 2)

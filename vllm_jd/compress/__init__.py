@@ -14,6 +14,6 @@ In memory, a module's factors for n adapters are held as ``A`` [n, r_max, d_in] 
 ``Bt`` [n, r_max, d_out] (``Bt[i] = s_i B_iᵀ``, ranks zero-padded), see ``factors.py``.
 """
 
-from vllm_jd.compress.errors import AdapterError, StoreError
+from vllm_jd.store.errors import AdapterError, StoreError
 
 __all__ = ["AdapterError", "StoreError"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_jd.compress.store import Manifest
+from vllm_jd.store.format import Manifest
 
 
 @dataclass

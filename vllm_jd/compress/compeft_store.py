@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_jd.compress.compeft import compeft_adapter, decode_adapter
-from vllm_jd.compress.store import CompeftInfo
-from vllm_jd.compress.ternary_codec import (encode_golomb, encode_masks, golomb_bits,
+from vllm_jd.store.compeft import compeft_adapter, decode_adapter
+from vllm_jd.store.format import CompeftInfo
+from vllm_jd.store.ternary_codec import (encode_golomb, encode_masks, golomb_bits,
                                             mask_bits)
 
 logger = logging.getLogger(__name__)
@@ -99,10 +99,11 @@ def compress_compeft(adapters, out, config, progress: bool = True, merge=None):
 
     from vllm_jd.compress.factors import ModuleFactors
     from vllm_jd.compress.summary import Summary, module_table
-    from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
+    from vllm_jd.compress.factors import reconstruction_losses
+    from vllm_jd.store.dtypes import encode, roundtrip
     from vllm_jd.compress.peft_io import recorded_source
-    from vllm_jd.compress.store import AdapterInfo, ClusterInfo, Manifest, compeft_key, sigma_key
-    from vllm_jd.compress.transaction import publish, writing
+    from vllm_jd.store.format import AdapterInfo, ClusterInfo, Manifest, compeft_key, sigma_key
+    from vllm_jd.store.transaction import publish, writing
 
     t0 = time.perf_counter()
     if config.rank is not None or config.clusters is not None:

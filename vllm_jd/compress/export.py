@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.compress.errors import StoreError
+from vllm_jd.store.errors import StoreError
 from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
-from vllm_jd.compress.store import TensorReader, read_manifest, u_key, v_key
-from vllm_jd.compress.transaction import locked
-from vllm_jd.compress.validate import bad_value
+from vllm_jd.store.format import TensorReader, read_manifest, u_key, v_key
+from vllm_jd.store.transaction import locked
+from vllm_jd.store.validate import bad_value
 
 logger = logging.getLogger(__name__)
 

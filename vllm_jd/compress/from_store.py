@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.compress.errors import AdapterError
+from vllm_jd.store.errors import AdapterError
 from vllm_jd.compress.peft_io import ModuleSpec, PeftAdapter, check_update, open_adapter
-from vllm_jd.compress.store import Manifest, TensorReader, read_manifest, u_key, v_key
+from vllm_jd.store.format import Manifest, TensorReader, read_manifest, u_key, v_key
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.compress.errors import StoreError
+from vllm_jd.store.errors import StoreError
 from vllm_jd.compress.factors import ModuleFactors
 from vllm_jd.compress.ctm import (DEFAULT_BETA, DEFAULT_DROP, DEFAULT_ITERS, DEFAULT_TOL, DEFAULT_TOPK, ModuleMerge,
                                   Space, merge_module)
 from vllm_jd.compress.merge_rules import canonical_rule
 from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
-from vllm_jd.compress.store import Manifest, TensorReader, read_manifest, u_key, v_key
+from vllm_jd.store.format import Manifest, TensorReader, read_manifest, u_key, v_key
 
 logger = logging.getLogger(__name__)
 

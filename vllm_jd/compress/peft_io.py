@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_jd.compress.errors import AdapterError, StoreError
-from vllm_jd.compress.names import name_problem
+from vllm_jd.store.errors import AdapterError, StoreError
+from vllm_jd.store.names import name_problem
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

@@ -21,15 +21,16 @@ from safetensors.torch import save_file
 
 from vllm_jd.compress import solvers
 from vllm_jd.compress.compeft_store import Singleton, encode_singleton, sigma_of
-from vllm_jd.compress.errors import AdapterError, StoreError
+from vllm_jd.store.errors import AdapterError, StoreError
 from vllm_jd.compress.factors import ModuleFactors, load_module
 from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter, recorded_source
-from vllm_jd.compress.quantize import encode, reconstruction_losses, roundtrip
-from vllm_jd.compress.names import name_problem
-from vllm_jd.compress.store import (AdapterInfo, ClusterInfo, Manifest, TensorReader, compeft_key,
+from vllm_jd.compress.factors import reconstruction_losses
+from vllm_jd.store.dtypes import encode, roundtrip
+from vllm_jd.store.names import name_problem
+from vllm_jd.store.format import (AdapterInfo, ClusterInfo, Manifest, TensorReader, compeft_key,
                                     read_manifest, sigma_key, u_key, v_key)
-from vllm_jd.compress.transaction import STAGING_PREFIX, TENSORS, commit, locked, staging_folder
-from vllm_jd.compress.validate import bad_value
+from vllm_jd.store.transaction import STAGING_PREFIX, TENSORS, commit, locked, staging_folder
+from vllm_jd.store.validate import bad_value
 from vllm_jd.compress.svd import exact_diag, exact_full
 
 logger = logging.getLogger(__name__)

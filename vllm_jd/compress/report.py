@@ -6,9 +6,9 @@ import statistics
 from pathlib import Path
 
 from vllm_jd.compress.accounting import STORE_BYTES_PER_PARAM, account
-from vllm_jd.compress.store import Manifest, read_manifest, shard_path
-from vllm_jd.compress.transaction import locked
-from vllm_jd.compress.validate import check_store
+from vllm_jd.store.format import Manifest, read_manifest, shard_path
+from vllm_jd.store.transaction import locked
+from vllm_jd.store.validate import check_store
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
 

@@ -9,7 +9,7 @@ goes where its basis already is, so each replica keeps only some clusters' bases
 
 from __future__ import annotations
 
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.store.format import read_manifest
 
 ROUTINGS = ("cluster", "adapter")
 

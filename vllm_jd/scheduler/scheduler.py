@@ -32,7 +32,7 @@ import numpy as np
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.store.format import read_manifest
 from vllm_jd.envs import max_resident_clusters, max_wait, scheduler_policy, store_path
 from vllm_jd.scheduler.policy import BASE, Request, plan_fcfs, plan_step
 from vllm_jd.vllm_version import check_vllm_version

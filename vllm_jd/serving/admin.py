@@ -29,7 +29,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.store.format import read_manifest
 from vllm_jd.serving.servable import servable, store_of
 from vllm_jd.envs import VLLM_JD_STORE, store_path
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.compress.errors import StoreError
-from vllm_jd.compress.store import Manifest, TensorReader, read_manifest, sigma_key, u_key, v_key
-from vllm_jd.compress.transaction import locked
-from vllm_jd.compress.validate import bad_rows, bad_value, check_store
+from vllm_jd.store.errors import StoreError
+from vllm_jd.store.format import Manifest, TensorReader, read_manifest, sigma_key, u_key, v_key
+from vllm_jd.store.transaction import locked
+from vllm_jd.store.validate import bad_rows, bad_value, check_store
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import os
 
 import torch
 
-from vllm_jd.compress.errors import StoreError
-from vllm_jd.compress.store import u_key, v_key
+from vllm_jd.store.errors import StoreError
+from vllm_jd.store.format import u_key, v_key
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 
 

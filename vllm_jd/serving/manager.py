@@ -22,9 +22,9 @@ from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from vllm_jd.compress.errors import StoreError
-from vllm_jd.compress.store import TensorReader, read_manifest
-from vllm_jd.compress.validate import bad_rows, bad_value
+from vllm_jd.store.errors import StoreError
+from vllm_jd.store.format import TensorReader, read_manifest
+from vllm_jd.store.validate import bad_rows, bad_value
 from vllm_jd.envs import VLLM_JD_STORE, max_resident_clusters, store_path
 from vllm_jd.kernels import jd_fused_cpu
 from vllm_jd.kernels.torch_ops import JDLayerWeights

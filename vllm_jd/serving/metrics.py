@@ -27,7 +27,7 @@ import threading
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from vllm_jd.compress.store import read_manifest
+from vllm_jd.store.format import read_manifest
 from vllm_jd.envs import max_resident_clusters
 from vllm_jd.serving import snapshot
 

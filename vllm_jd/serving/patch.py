@@ -189,7 +189,7 @@ class _Registrations:
         """``registration.register`` on the pool, bounded in time and in number: Added, or an error response."""
         import asyncio
 
-        from vllm_jd.compress.errors import StoreBusy
+        from vllm_jd.store.errors import StoreBusy
         from vllm_jd.envs import adapter_root, max_error, registration_timeout
         from vllm_jd.serving.registration import Ticket, register
 
@@ -219,7 +219,7 @@ class _Registrations:
     async def unload(self, models, request):
         import asyncio
 
-        from vllm_jd.compress.errors import StoreBusy
+        from vllm_jd.store.errors import StoreBusy
         from vllm_jd.envs import registration_timeout, unload_deletes
         from vllm_jd.serving.metrics import metrics
         from vllm_jd.serving.registration import unregister

@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vllm_jd.compress.errors import AdapterError, StoreError
+from vllm_jd.store.errors import AdapterError, StoreError
 from vllm_jd.compress.peft_io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, open_adapter
 from vllm_jd.compress.project import Added, add_named
-from vllm_jd.compress.store import read_manifest
-from vllm_jd.compress.transaction import remove_adapters
+from vllm_jd.store.format import read_manifest
+from vllm_jd.store.transaction import remove_adapters
 
 logger = logging.getLogger(__name__)
 MAX_FILE_BYTES = 16 << 30

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vllm_jd.compress.errors import StoreError
+from vllm_jd.store.errors import StoreError
 
 Location = tuple[int, int, int]
 """Where an adapter's Σ lives in the store: (cluster, Σ block, row of the block)."""

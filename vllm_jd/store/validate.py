@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_jd.compress.errors import StoreError
-from vllm_jd.compress.quantize import SCALE_SUFFIX
-from vllm_jd.compress.store import Manifest, TensorReader, compeft_key, shard_path, sigma_key, u_key, v_key
+from vllm_jd.store.errors import StoreError
+from vllm_jd.store.dtypes import SCALE_SUFFIX
+from vllm_jd.store.format import Manifest, TensorReader, compeft_key, shard_path, sigma_key, u_key, v_key
 
 MAX_VALUE = 65504.0
 """Largest |entry| of a basis or Σ accepted: fp16's largest value (see ``peft_io.MAX_UPDATE_NORM``)."""

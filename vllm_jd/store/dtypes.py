@@ -13,7 +13,7 @@ serving converts once at load to the model dtype, so the GPU kernels see ordinar
 the saving is on disk and in host→device transfer (see docs/commands.md, "Store options: dtypes and ComPEFT").
 
 Because a quantised U_c is no longer exactly orthonormal, the error a store reports for such
-a store is computed with ``reconstruction_losses``, which assumes nothing about U and V.
+a store is computed with ``compress.factors.reconstruction_losses``, which assumes nothing about U and V.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
-from vllm_jd.compress.factors import ModuleFactors
 
 StoreDtype = Literal["fp32", "bf16", "fp16", "int8"]
 STORE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -69,22 +67,3 @@ def roundtrip(x: torch.Tensor, dtype: str, kind: Literal["basis", "sigma"]) -> t
     """What a reader gets back after ``x`` is stored as ``dtype``: float32, same shape as x."""
     t = encode("x", x, dtype, kind)
     return decode(t["x"], t.get("x" + SCALE_SUFFIX))
-
-
-def reconstruction_losses(f: ModuleFactors, U: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """‖P_i − U Σ_i Vᵀ‖_F² for every adapter, for ANY U [d_out, r], V [d_in, r] (not only orthonormal).
-
-    f: n adapters, P_i = Bt_iᵀ A_i. sigma: [n, r, r] (full) or [n, r] (diag). Returns [n] float64.
-    Expands ‖P‖² − 2⟨UᵀPV, Σ⟩ + tr(Σᵀ UᵀU Σ VᵀV) with r×r products only; in float64 the
-    cancellation costs ~1e-16·‖P‖², far below the 1e-5..1e-2 relative errors quantisation adds.
-    """
-    A, Bt = f.A.double(), f.Bt.double()
-    U, V, S = U.double(), V.double(), sigma.double()
-    if S.dim() == 2:
-        S = torch.diag_embed(S)
-    p2 = ((A @ A.transpose(1, 2)) * (Bt @ Bt.transpose(1, 2))).sum((1, 2))  # ‖B A‖² = ⟨BᵀB, AAᵀ⟩
-    core = (Bt @ U).transpose(1, 2) @ (A @ V)  # UᵀP_iV [n, r, r]
-    cross = (core * S).sum((1, 2))
-    gu, gv = U.T @ U, V.T @ V
-    sq = ((gu @ S @ gv) * S).sum((1, 2))  # tr(Σᵀ UᵀU Σ VᵀV)
-    return (p2 - 2 * cross + sq).clamp_min(0)

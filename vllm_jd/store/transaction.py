@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vllm_jd.compress.errors import StoreBusy, StoreError
-from vllm_jd.compress.store import MANIFEST, Manifest, read_manifest, write_manifest
+from vllm_jd.store.errors import StoreBusy, StoreError
+from vllm_jd.store.format import MANIFEST, Manifest, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 STAGING_PREFIX = ".staging-"

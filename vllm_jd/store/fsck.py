@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_jd.compress.store import read_manifest, write_manifest
-from vllm_jd.compress.transaction import collect_garbage, leftovers, locked
-from vllm_jd.compress.validate import check_store
+from vllm_jd.store.format import read_manifest, write_manifest
+from vllm_jd.store.transaction import collect_garbage, leftovers, locked
+from vllm_jd.store.validate import check_store
 
 
 def fsck(store: str | Path, repair: bool = False) -> dict:

@@ -23,7 +23,7 @@ import struct
 import numpy as np
 import torch
 
-from vllm_jd.compress.compeft import Ternary, decode_adapter, golomb_parameter
+from vllm_jd.store.compeft import Ternary, decode_adapter, golomb_parameter
 
 __all__ = ["mask_bits", "encode_masks", "decode_masks", "golomb_parameter", "golomb_bits",
            "encode_golomb", "decode_golomb", "ternary_dot", "hamming", "GOLOMB_EXTRA_HEADER_BITS"]
