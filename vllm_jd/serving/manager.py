@@ -9,7 +9,6 @@ adapter mapping becomes token → (Σ row, cluster) metadata shared by every lay
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -19,34 +18,25 @@ import vllm.lora.utils as vllm_lora_utils
 from vllm.lora.layers.utils import LoRAMappingType
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
-from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from vllm_jd.store.errors import StoreError
-from vllm_jd.store.format import TensorReader, read_manifest
-from vllm_jd.store.validate import bad_rows, bad_value
-from vllm_jd.envs import VLLM_JD_STORE, max_resident_clusters, store_path
+from vllm_jd.envs import max_resident_clusters, store_path
 from vllm_jd.kernels import jd_fused_cpu
 from vllm_jd.kernels.torch_ops import JDLayerWeights
 from vllm_jd.serving.bank import Bank, load_bank
-from vllm_jd.serving.growth import append_bases, cluster_bases, new_cluster_bases, spare_adapters
+from vllm_jd.serving.growth import spare_adapters
 from vllm_jd.serving.layers import JD_CLASS_FOR, JDLayerMixin
+from vllm_jd.serving.refresh import AdapterRefresh, location
 from vllm_jd.serving.residency import ResidentBases
 from vllm_jd.serving.rows import RowTable
 from vllm_jd.serving.snapshot import Snapshot
+from vllm_jd.serving.store_switch import StoreSwitch
 from vllm_jd.serving.state import JDState
 
 logger = logging.getLogger(__name__)
 
 
-_BANK_STATE = ("jd_bank", "jd_table", "jd_generation", "_jd_name_id", "jd_rank", "jd_none_row", "_jd_id_to_row",
-               "_jd_last_index_mapping", "_jd_placeholders", "_jd_name_map")
-"""What ``_jd_use_bank`` sets: restored as a whole when a store switch fails."""
-
-
-def _location(a) -> tuple[int, int, int]:
-    """Where an adapter's Σ lives in the store: (cluster, block, row)."""
-    return a.cluster, a.block, a.row
 
 
 class JDLoRAModel(LoRAModel):
@@ -85,8 +75,9 @@ def _substitute_from_layer():
         vllm_model_manager.from_layer = original
 
 
-class JDLoRAModelManager(LRUCacheLoRAModelManager):
-    """LRUCacheLoRAModelManager whose layers read shared bases and a resident Σ table."""
+class JDLoRAModelManager(StoreSwitch, AdapterRefresh, LRUCacheLoRAModelManager):
+    """LRUCacheLoRAModelManager whose layers read shared bases and a resident Σ table. Adapters
+    registered while serving: ``refresh.AdapterRefresh``; store switches: ``store_switch.StoreSwitch``."""
 
     def __init__(self, model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config):
         if vllm_config is not None and vllm_config.parallel_config.use_ubatching:
@@ -118,7 +109,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
     def _jd_use_bank(self, bank: Bank, min_capacity: int = 0) -> None:
         """Row bookkeeping for ``bank`` (its Σ rows, then spare rows for adapters registered later)."""
         self.jd_bank = bank
-        self.jd_table = RowTable.start(bank.rows, {n: _location(bank.manifest.adapters[n]) for n in bank.rows},
+        self.jd_table = RowTable.start(bank.rows, {n: location(bank.manifest.adapters[n]) for n in bank.rows},
                                        bank.cluster.numpy(), bank.none_row, spare_adapters(), min_capacity)
         self.jd_generation = bank.manifest.generation
         self._jd_name_id: dict[str, int] = {}
@@ -263,152 +254,6 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         return {"loads": {str(c): n for c, n in r.stats.loads.items()}, "copy_seconds": r.stats.copy_seconds,
                 "stall_seconds": r.stats.stall_seconds, "table": r.table.tolist()}
 
-    # ---- switching to another store version ---------------------------------------------------
-    def jd_switch_store(self, store: str) -> dict:
-        """Serve ``store`` from now on (the admin route ``POST /v1/jd/store``; the API server has
-        drained every request first). Bases and Σ are replaced in the layers' weight objects (the
-        op looks them up by layer id); tensors of unchanged shape are overwritten in place, so
-        CUDA graphs stay valid, and any other shape is refused under CUDA graphs. vLLM's adapter
-        ids are forgotten: the API server registers the new store's names under new ids."""
-        bank = load_bank(store, device="cpu", dtype=self.jd_dtype, rank_policy=self._jd_rank_policy(self.device))
-        cuda_graphs = torch.device(self.device).type == "cuda" and not self.jd_eager
-        old_bank, old_capacity = self.jd_bank, self._jd_row_capacity
-        saved = {k: getattr(self, k) for k in _BANK_STATE}
-        self._jd_use_bank(bank, min_capacity=old_capacity if cuda_graphs else 0)
-        try:
-            used: set[str] = set()
-            fresh = []
-            for module_name, module in self.modules.items():
-                if isinstance(module, JDLayerMixin):
-                    names = self._jd_store_names(module_name, module.n_slices)
-                    used.update(n for n in names if n in bank.U)
-                    fresh.append(self._jd_layer_weights(module_name, module, names))
-            self._jd_check_unused(used)
-            residency = ResidentBases(self.jd_residency.slots, self.device) if self.jd_residency is not None else None
-            if residency is not None:
-                fresh = [residency.add_layer(w) for w in fresh]
-            for (_, _, old), new in zip(self._jd_layers, fresh):
-                if cuda_graphs and _shapes(old) != _shapes(new):
-                    raise StoreError(f"store {store} needs other tensor shapes than {old_bank.store} "
-                                     f"({_shapes(new)} vs {_shapes(old)}); with CUDA graphs switch by restarting "
-                                     "(or serve with --enforce-eager)")
-        except Exception:  # the old store keeps serving exactly as before, registrations included
-            self.__dict__.update(saved)
-            raise
-        if self.jd_residency is not None:
-            self.jd_residency.close()  # no copy of the old store may land after this point
-        for i, ((_, _, old), new) in enumerate(zip(self._jd_layers, fresh)):
-            _assign(old, new)
-            if residency is not None:
-                residency.layers[i] = (old, residency.layers[i][1])
-        self.jd_residency = residency
-        os.environ[VLLM_JD_STORE] = str(store)
-        self.jd_state.none_row = self.jd_none_row
-        self.remove_all_adapters()
-        self._jd_publish_clusters()
-        self.jd_bank.U.clear(), self.jd_bank.V.clear(), self.jd_bank.sigma.clear()
-        logger.info("vllm-jd: switched from %s to %s (%d adapters, %d clusters, rank %d)", old_bank.store, store,
-                    len(bank.names), bank.num_clusters, bank.rank)
-        return {"store": str(store), "adapters": len(bank.names), "clusters": bank.num_clusters}
-
-    # ---- adapters registered while serving --------------------------------------------------
-    def jd_refresh(self, name: str) -> int:
-        """Serve adapter ``name`` of the store, added since start (``vllm-jd add``, ``/v1/load_lora_adapter``)
-        or registered again for other weights; returns its Σ row (the current one if unchanged).
-
-        Its Σ goes into a spare (or reclaimed, ``rows.RowTable``) row in place, so CUDA graphs keep
-        their pointers; new singleton clusters append their bases to every layer. Everything is
-        read and checked before anything changes: on any error the worker is as it was.
-        """
-        store = store_path()
-        # no store lock here: this runs in the engine's step loop, which must never wait on another
-        # process. Shards are only collected when a version replaces another, which the version check
-        # below turns into a clear error; one collected between that check and a read fails this load.
-        manifest = read_manifest(store)
-        if manifest.generation != self.jd_generation:
-            raise StoreError(f"the store {store} was recompressed since this server loaded it (version "
-                             f"{self.jd_generation[:8] or '-'} → {manifest.generation[:8]}); switch to it with "
-                             "POST /v1/jd/store or restart the server to serve new adapters")
-        a = manifest.adapters.get(name)
-        if a is None:
-            why = manifest.broken.get(name)
-            raise StoreError(f"adapter {name!r} is not in the vllm-jd store {store}"
-                             + (f": its entry is broken ({why})" if why else ""))
-        row = self.jd_table.current(name, _location(a))
-        if row is not None:
-            return row
-        if a.cluster in self._jd_placeholders:  # appended as zeros while no adapter used it
-            raise StoreError(f"adapter {name!r} is in cluster {a.cluster}, which this server holds no bases for; "
-                             "restart the server to serve it")
-        reader = TensorReader(store, manifest)
-        fresh, bases, placeholders = self._jd_new_clusters(manifest, reader)
-        sigmas = self._jd_read_sigma(name, manifest, reader)
-        in_use = {lora.jd_row for lora in self._registered_adapters.values()}
-        row, used_before = self.jd_table.take(name, set(manifest.adapters), in_use)
-        for i, (module, names, w) in enumerate(self._jd_layers):
-            if fresh and self.jd_residency is not None:  # host memory grows, the device slots do not
-                self.jd_residency.append_clusters(i, *bases[i])
-            elif fresh:
-                append_bases(w, *bases[i])
-            if used_before:
-                w.sigma[row].zero_()
-            for s, sig in sigmas[i]:
-                r = sig.shape[0]
-                if sig.dim() == 2:
-                    w.sigma[row, s, :r, :r] = sig
-                else:
-                    w.sigma[row, s, :r] = sig
-        self.jd_table.assign(name, row, _location(a))
-        self._jd_placeholders |= placeholders
-        self._jd_publish_clusters()
-        self._jd_last_index_mapping = None
-        logger.info("vllm-jd: serving %s (row %d%s)", name, row, f", {len(fresh)} new clusters" if fresh else "")
-        return row
-
-    def _jd_new_clusters(self, manifest, reader) -> tuple[list, list, frozenset]:
-        """The store's clusters this worker lacks, each layer's bases for them (not yet applied), and
-        the ids among them no adapter uses (appended as zeros)."""
-        if self.jd_residency is not None:
-            C_old = self.jd_residency.num_clusters
-        else:
-            C_old = int(self._jd_layers[0][2].num_clusters) if self._jd_layers else 0
-        fresh = [c for c in manifest.clusters if c.id >= C_old]
-        if not fresh:
-            return [], [], frozenset()
-        # a cluster no adapter uses (its registration was rolled back, its adapters deleted) only
-        # holds its place: zeros, whatever its rank, so it never blocks the clusters after it
-        used = {a.cluster for a in manifest.adapters.values()}
-        placeholders = frozenset(c.id for c in fresh if c.id not in used)
-        if any(c.rank > self.jd_rank for c in fresh if c.id not in placeholders):
-            worst = max(c.rank for c in fresh if c.id not in placeholders)
-            raise StoreError(f"a new cluster has rank {worst} > the served rank {self.jd_rank}; restart the server "
-                             "to serve it")
-        if self.jd_residency is None and torch.device(self.device).type == "cuda" and not self.jd_eager:
-            raise StoreError("a new adapter needs its own cluster; with CUDA graphs that needs a restart "
-                             "(or serve with --enforce-eager)")
-        make = new_cluster_bases if self.jd_residency is not None else cluster_bases
-        bases = [make(module, names, w, reader, fresh, placeholders) for module, names, w in self._jd_layers]
-        for V, U in bases:
-            if (why := bad_value(V) or next((b for u in U if (b := bad_value(u))), None)) is not None:
-                raise StoreError(f"a new cluster's basis {why}; not served (see `vllm-jd fsck`)")
-        return fresh, bases, placeholders
-
-    def _jd_read_sigma(self, name: str, manifest, reader) -> list[list[tuple[int, torch.Tensor]]]:
-        """Adapter ``name``'s Σ per layer: [(slice, Σ in the layer's dtype)]; StoreError on bad values."""
-        index = {m.name: i for i, m in enumerate(manifest.modules)}
-        errors = manifest.adapters[name].module_errors
-        out = []
-        for _, names, w in self._jd_layers:
-            layer = []
-            for s, n in enumerate(names):
-                if n in index and errors[index[n]] is not None:
-                    sig = reader.sigma(name, n)
-                    if len(bad_rows(sig[None])):
-                        raise StoreError(f"adapter {name!r}: its Σ for {n} has NaN, Inf or huge entries; not served")
-                    layer.append((s, sig.to(w.sigma.dtype)))
-            out.append(layer)
-        return out
-
     # ---- adapters are Σ rows ---------------------------------------------------------------
     def _add_adapter(self, lora: LoRAModel):
         row = getattr(lora, "jd_row", None)
@@ -457,67 +302,3 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
     def remove_all_adapters(self):
         super().remove_all_adapters()
         self._jd_last_index_mapping = None
-
-
-def _shapes(w: JDLayerWeights) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in (w.V_all, *w.UT, w.sigma)]
-
-
-def _assign(old: JDLayerWeights, new: JDLayerWeights) -> None:
-    """Make ``old`` (the object the op holds) serve ``new``'s tensors: in place where shapes agree."""
-    for name in ("V_all", "sigma"):
-        a, b = getattr(old, name), getattr(new, name)
-        if a.shape == b.shape and a.dtype == b.dtype:
-            a.copy_(b)
-        else:
-            setattr(old, name, b)
-    if [u.shape for u in old.UT] == [u.shape for u in new.UT]:
-        for a, b in zip(old.UT, new.UT):
-            a.copy_(b)
-    else:
-        old.UT = new.UT
-    old.num_clusters, old.rank = new.num_clusters, new.rank
-    v_grid = getattr(new, "_v_grid", None)
-    old.reset_caches(rebuild=True)  # the kernels' layouts made now, between steps: a slot copy may follow at once
-    old._v_grid = v_grid
-
-
-class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):
-    """vLLM's worker LoRA manager with our model manager and a manifest lookup as "load"."""
-
-    _manager_cls = JDLoRAModelManager
-
-    def _load_adapter(self, lora_request) -> LoRAModel:
-        manager = self._adapter_manager
-        name = lora_request.lora_name
-        # a name vLLM has not shown us is new in the store; a known name under a new id was
-        # unloaded and registered again (vLLM gives it a new id), maybe for another adapter
-        seen_id = manager._jd_name_id.get(name, lora_request.lora_int_id)
-        row = manager.jd_table.rows.get(name)
-        # load_inplace keeps the id, but the name may now hold other weights: always look again
-        if row is None or seen_id != lora_request.lora_int_id or lora_request.load_inplace:
-            row = manager.jd_refresh(name)
-        manager._jd_name_id[name] = lora_request.lora_int_id
-        return JDLoRAModel(lora_request.lora_int_id, manager.jd_rank, row)
-
-    def add_adapter(self, lora_request) -> bool:
-        """vLLM's version copies the whole registry per call (``list_adapters()``), i.e. per adapter
-        per step: 1.1 s of a 4.8 s profiled run with 1,024 adapters. Same logic, O(1) lookups.
-        Like vLLM's, inside ``gpu_sync_allowed()``: a registration copies Σ rows to the device."""
-        with gpu_sync_allowed():
-            return self._jd_add_adapter(lora_request)
-
-    def _jd_add_adapter(self, lora_request) -> bool:
-        manager = self._adapter_manager
-        registered = manager._registered_adapters
-        if lora_request.lora_int_id not in registered or lora_request.load_inplace:
-            lora = self._load_adapter(lora_request)
-            manager.remove_adapter(lora.id)
-            if len(manager) + 1 > manager.capacity:
-                manager.remove_oldest_adapter()
-            loaded = manager.add_adapter(lora)
-        else:
-            registered.touch(lora_request.lora_int_id)
-            loaded = True
-        manager.activate_adapter(lora_request.lora_int_id)
-        return loaded

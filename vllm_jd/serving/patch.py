@@ -53,7 +53,7 @@ def install() -> None:
     import vllm.v1.worker.lora_model_runner_mixin as mixin
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
-    from vllm_jd.serving.manager import JDWorkerLoRAManager
+    from vllm_jd.serving.worker_manager import JDWorkerLoRAManager
 
     mixin.LRUCacheWorkerLoRAManager = JDWorkerLoRAManager
     original = OpenAIServingModels.init_static_loras
