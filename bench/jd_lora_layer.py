@@ -34,7 +34,8 @@ from machine import machine  # noqa: E402
 
 from vllm_jd.kernels import jd_fused_cpu  # noqa: E402
 from vllm_jd.kernels.metadata import build_meta  # noqa: E402
-from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch  # noqa: E402
+from vllm_jd.kernels.torch_ops import jd_lora_torch
+from vllm_jd.kernels.weights import JDLayerWeights  # noqa: E402
 
 MIXES = {"decode64": (64, [1] * 64), "mixed110": (64, [24] * 2 + [1] * 62), "mixed202": (64, [24] * 6 + [1] * 58),
          "mixed340": (64, [24] * 12 + [1] * 52), "mixed524": (64, [24] * 20 + [1] * 44),
@@ -78,7 +79,7 @@ def _fused_layers(layers: list[JDLayerWeights], isa: str) -> list[JDLayerWeights
         if not jd_fused_cpu.usable(w.V_all.dtype, w.V_all.shape[0], w.rank, [u.shape[1] for u in w.UT], isa):
             return None
         copy = JDLayerWeights(w.V_all, w.UT, w.sigma, w.num_clusters, w.rank)
-        copy._fused = jd_fused_cpu.FusedBases(w.V_all, w.UT, w.num_clusters, w.rank, isa)
+        copy.fused_bases(isa)
         out.append(copy)
     return out
 

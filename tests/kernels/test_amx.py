@@ -10,7 +10,8 @@ from cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
 from vllm_jd.kernels import amx
 from vllm_jd.kernels.metadata import build_meta
 from vllm_jd.kernels.reference import jd_lora_ref
-from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
+from vllm_jd.kernels.torch_ops import jd_lora_torch
+from vllm_jd.kernels.weights import JDLayerWeights
 
 HAS_AMX = amx.usable(torch.bfloat16, [32], [32])
 

@@ -15,7 +15,8 @@ from cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
 from vllm_jd.kernels import amx, jd_fused_cpu
 from vllm_jd.kernels.metadata import build_meta
 from vllm_jd.kernels.reference import jd_lora_ref
-from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
+from vllm_jd.kernels.torch_ops import jd_lora_torch
+from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.residency import ResidentBases
 
 HAS_KERNEL = jd_fused_cpu._lib() is not None

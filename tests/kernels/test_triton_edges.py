@@ -16,7 +16,7 @@ from vllm_jd.kernels.gpu import config
 from vllm_jd.kernels.gpu.buffers import TileBuffers
 from vllm_jd.kernels.gpu.tiles import build_tiles, max_cluster_tiles
 from vllm_jd.kernels.reference import jd_lora_ref
-from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.kernels.weights import JDLayerWeights
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vllm_jd.kernels.metadata import build_meta
-from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
+from vllm_jd.kernels.torch_ops import jd_lora_torch
+from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.residency import EMPTY, ResidentBases
 
 C, S, R, D_IN, D_OUT, N = 5, 2, 4, 24, (16, 8), 10

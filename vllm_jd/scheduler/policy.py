@@ -102,14 +102,34 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
     overdue = [r for r in queue if now - r.arrival >= max_wait]
     busy = {c for c, n in running.items() if n > 0}
     idle = resident - busy
+    free = max_resident - len(resident | loading)
+    load, evict, drain, free = _place_overdue(overdue, running, resident, loading, idle, first_wait, free)
+    closed = drain | set(evict)
+    serving = set(resident)
+    if admit_on_load:
+        free = _load_before_admission(queue, resident | loading, idle - closed, first_wait, free, load, evict)
+        serving |= set(load)
 
+    # 2. admission: overdue first, then FCFS over the requests whose cluster serves now; while an
+    #    overdue request waits for a slot, busy clusters admit (overdue requests aside) only within
+    #    their window (from as soon as anyone waits: p99 TTFT +10-25% at light load in simulation)
+    contended = tails is not None and any(r.cluster not in serving for r in overdue if r.cluster != BASE)
+    window = {c: tails.get(c, 0) + slack for c in busy - {BASE}} if contended else {}  # base requests need no slot
+    admit = _admit(overdue + queue, budget, serving, closed, window, now, max_wait)
+    if not admit_on_load:
+        _load_awaited(queue, set(admit), resident | loading, idle, closed, first_wait, free, load, evict)
+    return Plan(tuple(admit), tuple(load), tuple(evict), tuple(sorted(drain)))
+
+
+def _place_overdue(overdue: list[Request], running: dict[int, int], resident: set[int], loading: set[int],
+                   idle: set[int], first_wait: dict[int, float], free: int) -> tuple[list, list, set, int]:
+    """Rule 1: overdue requests whose cluster is not resident take a free slot, else an idle
+    cluster (even one with younger waiting requests: it admits nothing this step), else one busy
+    cluster is drained. Returns (load, evict, drain, free slots left)."""
     load: list[int] = []
     evict: list[int] = []
     drain: set[int] = set()
-    free = max_resident - len(resident | loading)
     late = {r.cluster for r in overdue}
-    # 1. overdue requests whose cluster is not resident take a free slot, else an idle cluster
-    #    (even one with younger waiting requests: it admits nothing this step), else drain one
     starving = []
     for r in overdue:
         if r.cluster != BASE and r.cluster not in resident | loading and r.cluster not in starving:
@@ -129,32 +149,37 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
                                                        -first_wait.get(c, float("inf")), c)))
             break
         load.append(c)
-    closed = drain | set(evict)
-    serving = set(resident)
-    if admit_on_load:
-        serving |= set(load)
-        unwanted = sorted(c for c in idle - closed if c not in first_wait)
-        for r in queue:
-            c = r.cluster
-            if c == BASE or c in resident | loading or c in load:
-                continue
-            if free > 0:
-                free -= 1
-            elif unwanted:
-                evict.append(unwanted.pop(0))
-            else:
-                break
-            load.append(c)
-            serving.add(c)
+    return load, evict, drain, free
 
-    # 2. admission: overdue first, then FCFS over the requests whose cluster serves now; while an
-    #    overdue request waits for a slot, busy clusters admit (overdue requests aside) only within
-    #    their window (from as soon as anyone waits: p99 TTFT +10-25% at light load in simulation)
-    contended = tails is not None and any(r.cluster not in serving for r in overdue if r.cluster != BASE)
-    window = {c: tails.get(c, 0) + slack for c in busy - {BASE}} if contended else {}  # base requests need no slot
+
+def _load_before_admission(queue: list[Request], present: set[int], open_idle: set[int],
+                           first_wait: dict[int, float], free: int, load: list[int], evict: list[int]) -> int:
+    """With ``admit_on_load``: every other cluster the queue needs, in arrival order, into free
+    slots, then in place of idle clusters nobody waits for (appended to ``load`` / ``evict``).
+    Returns the free slots left."""
+    unwanted = sorted(c for c in open_idle if c not in first_wait)
+    for r in queue:
+        c = r.cluster
+        if c == BASE or c in present or c in load:
+            continue
+        if free > 0:
+            free -= 1
+        elif unwanted:
+            evict.append(unwanted.pop(0))
+        else:
+            break
+        load.append(c)
+    return free
+
+
+def _admit(candidates: list[Request], budget: int, serving: set[int], closed: set[int], window: dict[int, int],
+           now: float, max_wait: float) -> list[str]:
+    """Rule 2: up to ``budget`` request ids, in ``candidates``' order, whose cluster serves now and
+    is not closed; a request outside its busy cluster's ``window`` closes the cluster (added to
+    ``closed``)."""
     admit: list[str] = []
     seen: set[str] = set()
-    for r in overdue + queue:
+    for r in candidates:
         if len(admit) >= budget:
             break
         c = r.cluster
@@ -165,16 +190,19 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
             continue
         admit.append(r.id)
         seen.add(r.id)
-    admitted_clusters = {r.cluster for r in queue if r.id in seen}
-    if admit_on_load:
-        return Plan(tuple(admit), tuple(load), tuple(evict), tuple(sorted(drain)))
+    return admit
 
-    # 3. other clusters the queue needs, oldest need first: free slots, then idle clusters that
-    #    admitted nothing (those nobody waits for first, then the least urgently awaited)
+
+def _load_awaited(queue: list[Request], admitted: set[str], present: set[int], idle: set[int], closed: set[int],
+                  first_wait: dict[int, float], free: int, load: list[int], evict: list[int]) -> None:
+    """Rule 3: other clusters the queue needs, oldest need first: free slots, then idle clusters
+    that admitted nothing (those nobody waits for first, then the least urgently awaited);
+    appended to ``load`` / ``evict``."""
+    admitted_clusters = {r.cluster for r in queue if r.id in admitted}
     evictable = sorted(idle - admitted_clusters - closed, key=lambda c: (c in first_wait, -first_wait.get(c, 0.0), c))
     for r in queue:
         c = r.cluster
-        if r.id in seen or c == BASE or c in resident | loading or c in load:
+        if r.id in admitted or c == BASE or c in present or c in load:
             continue
         if free > 0:
             free -= 1
@@ -183,7 +211,6 @@ def plan_step(waiting: Iterable[Request], running: dict[int, int], resident: set
         else:
             break
         load.append(c)
-    return Plan(tuple(admit), tuple(load), tuple(evict), tuple(sorted(drain)))
 
 
 def _more_urgent(c: int, other: int, first_wait: dict[int, float]) -> bool:

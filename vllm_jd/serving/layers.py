@@ -20,7 +20,7 @@ from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallel
                               ReplicatedLinearWithLoRA, RowParallelLinearWithLoRA)
 
 from vllm_jd.store.errors import StoreError
-from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.op import jd_lora_layer, register_layer
 from vllm_jd.serving.state import JDState
 

@@ -23,7 +23,7 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 from vllm_jd.store.errors import StoreError
 from vllm_jd.envs import max_resident_clusters, store_path
 from vllm_jd.kernels import jd_fused_cpu
-from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.bank import Bank, load_bank
 from vllm_jd.serving.growth import spare_adapters
 from vllm_jd.serving.layers import JD_CLASS_FOR, JDLayerMixin

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_jd.kernels.torch_ops import JDLayerWeights, jd_lora_torch
+from vllm_jd.kernels.torch_ops import jd_lora_torch
+from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.state import JDState
 
 _LAYERS: list[tuple[JDLayerWeights, JDState]] = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.kernels.weights import JDLayerWeights
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class HostBases:
                                   w.sigma, slots, R)
         if dev.type == "cpu":  # the CPU path's derived layouts, made now so that copies keep them current
             device_w.reset_caches(rebuild=True)
-            device_w._v_grid = torch.zeros(slots, d_in, V.shape[2], dtype=V.dtype)
+            device_w.V_grid()  # the torch path's, made before any copy runs: refresh_slot keeps it current
         return cls(V, UT), device_w
 
     @property
@@ -74,12 +74,9 @@ class HostBases:
         """Cluster ``cluster``'s bases into slot ``slot`` of the device weights ``w``."""
         width, R = self.V.shape[2], w.rank
         w.V_all[:, slot * width:(slot + 1) * width].copy_(self.V[cluster], non_blocking=True)
-        grid = getattr(w, "_v_grid", None)
-        if grid is not None:  # the CPU path's cached per-cluster copy of V_all
-            grid[slot].copy_(self.V[cluster], non_blocking=True)
         for ut, host in zip(w.UT, self.UT):
             ut[slot * R:(slot + 1) * R].copy_(host[cluster], non_blocking=True)
-        w.refresh_slot(slot)  # the CPU kernels' layouts of the slot
+        w.refresh_slot(slot)  # the CPU paths' layouts of the slot
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 import torch
 
 from vllm_jd.envs import VLLM_JD_STORE
-from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.bank import load_bank
 from vllm_jd.serving.layers import JDLayerMixin
 from vllm_jd.serving.residency import ResidentBases
@@ -93,6 +93,4 @@ def _assign(old: JDLayerWeights, new: JDLayerWeights) -> None:
     else:
         old.UT = new.UT
     old.num_clusters, old.rank = new.num_clusters, new.rank
-    v_grid = getattr(new, "_v_grid", None)
     old.reset_caches(rebuild=True)  # the kernels' layouts made now, between steps: a slot copy may follow at once
-    old._v_grid = v_grid

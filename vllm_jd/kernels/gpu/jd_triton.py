@@ -27,7 +27,7 @@ import triton.language as tl
 from vllm_jd.kernels.gpu import config
 from vllm_jd.kernels.gpu.buffers import TileBuffers
 from vllm_jd.kernels.gpu.tiles import TILE_M
-from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.kernels.weights import JDLayerWeights
 
 
 @triton.jit

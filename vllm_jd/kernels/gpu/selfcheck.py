@@ -11,7 +11,7 @@ import torch
 from vllm_jd.kernels.gpu.buffers import TileBuffers
 from vllm_jd.kernels.gpu.tiles import build_tiles
 from vllm_jd.kernels.reference import jd_lora_ref
-from vllm_jd.kernels.torch_ops import JDLayerWeights
+from vllm_jd.kernels.weights import JDLayerWeights
 
 TOLERANCE = {torch.float32: (1e-3, 1e-3), torch.bfloat16: (5e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 """(atol, rtol): |kernel − twin| ≤ atol + rtol·|twin| everywhere; rtol covers the output's own
