@@ -167,11 +167,11 @@ def main() -> None:
         s = compress_adapters(adapters, Path(tmp) / "store", config, progress=False)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     errors = sorted(a.error for a in s.manifest.adapters.values())
-    for m, sec in zip(s.manifest.modules, s.module_seconds):
+    for m, sec in zip(s.manifest.modules, s.module_seconds, strict=True):
         print(json.dumps({"bench": "compress_module", "module": m.name, "d_in": m.d_in, "d_out": m.d_out,
                           "seconds": round(sec, 2)}))
-    q = [t for m, t in zip(s.manifest.modules, s.module_seconds) if m.name.endswith("q_proj")]
-    kv = [t for m, t in zip(s.manifest.modules, s.module_seconds) if not m.name.endswith("q_proj")]
+    q = [t for m, t in zip(s.manifest.modules, s.module_seconds, strict=True) if m.name.endswith("q_proj")]
+    kv = [t for m, t in zip(s.manifest.modules, s.module_seconds, strict=True) if not m.name.endswith("q_proj")]
     per_layer = sum(q) / len(q) + 2 * sum(kv) / len(kv)
     extrapolated = s.select_seconds + per_layer * args.total_modules / 3
     print(json.dumps({

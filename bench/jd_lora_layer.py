@@ -29,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import random_layer, token_rows  # noqa: E402
-
 from machine import machine  # noqa: E402
 
 from vllm_jd.kernels import jd_fused_cpu  # noqa: E402
@@ -111,12 +110,12 @@ def main() -> None:
         x = torch.randn(len(steps[0]), d_in).to(dtype)
         y = torch.zeros(len(steps[0]), sum(d_out), dtype=dtype)
 
-        def base():
+        def base(steps=steps, x=x):
             for _ in steps:
                 for gemm in gemms:
                     gemm(x)
 
-        def jd(path, ws=layers):
+        def jd(path, ws=layers, steps=steps, x=x, y=y):
             def run():
                 for rows in steps:
                     meta = build_meta(rows, cluster, args.adapters)

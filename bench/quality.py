@@ -148,12 +148,12 @@ def score(outputs: list[str], answers: list[str], names: list[str], reference: l
     from vllm_jd.zoo.tasks import exact_match
 
     per: dict[str, list[bool]] = {}
-    for o, a, n in zip(outputs, answers, names):
+    for o, a, n in zip(outputs, answers, names, strict=True):
         per.setdefault(n, []).append(exact_match(o, a))
     out = {"per_adapter": {n: sum(v) / len(v) for n, v in per.items()}}
     out["accuracy"] = sum(out["per_adapter"].values()) / len(per)
     if reference is not None:
-        same = [o.split("\n")[0].strip() == r.split("\n")[0].strip() for o, r in zip(outputs, reference)]
+        same = [o.split("\n")[0].strip() == r.split("\n")[0].strip() for o, r in zip(outputs, reference, strict=True)]
         out["agreement"] = sum(same) / len(same)
     return out
 

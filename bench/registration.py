@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from vllm_jd.compress.pipeline import compress_adapters
-from vllm_jd.store.format import TensorReader, read_manifest, write_manifest
 from vllm_jd.compress.synthetic import write_adapter
 from vllm_jd.config import CompressConfig
 from vllm_jd.serving.registration import register
+from vllm_jd.store.format import TensorReader, read_manifest, write_manifest
 
 _spec = importlib.util.spec_from_file_location("bench_compress", Path(__file__).with_name("compress.py"))
 bench_compress = importlib.util.module_from_spec(_spec)

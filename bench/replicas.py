@@ -30,9 +30,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from paper_protocol import workload
 from scheduling import build_store, check_workload_args, cluster_loads, workload_parser
 from servers import send_open_loop
-from paper_protocol import workload
 
 ROUTINGS = ("cluster", "adapter")
 

@@ -100,8 +100,8 @@ def cluster_loads(port: int) -> float | None:
 
 def build_store(work: Path, args) -> tuple[Path, Path, list[str], dict[str, int]]:
     from vllm_jd.cli import main as cli
-    from vllm_jd.store.format import read_manifest
     from vllm_jd.compress.synthetic import make_adapters
+    from vllm_jd.store.format import read_manifest
 
     model = _tiny_model(work / "model")
     adapters = work / f"adapters-{args.adapters}-p{args.clusters}"
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(line), flush=True)
         if set(results) == set(POLICIES):
             c, f = results["cluster"][p], results["fcfs"][p]
-            pairs = list(zip(pooled["cluster"][p], pooled["fcfs"][p]))  # same round: side by side in time
+            pairs = list(zip(pooled["cluster"][p], pooled["fcfs"][p], strict=True))  # same round: side by side in time
             print(json.dumps({"bench": "scheduling_ratio", "popularity": p,
                               "paired_requests_per_s": round(statistics.median(
                                   a["requests_per_s"] / b["requests_per_s"] for a, b in pairs), 3),

@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
             line |= {key: round(statistics.mean(r[key] for r in rs), 3) for key in rs[0]}
             print(json.dumps(line), flush=True)
         for p in POLICIES[1:]:
-            ratios = [(r, f) for r, f in zip(runs[p], runs["fcfs"])]
+            ratios = [(r, f) for r, f in zip(runs[p], runs["fcfs"], strict=True)]
             print(json.dumps({"bench": "scheduling_sim_ratio", "popularity": pop, "rate": rate, "policy": p, "vs": "fcfs",
                               "requests_per_s": round(statistics.mean(r["requests_per_s"] / f["requests_per_s"]
                                                                       for r, f in ratios), 3),

@@ -109,7 +109,7 @@ async def send_open_loop(port: int, jobs: list[dict], arrivals: list[float], tim
                         if first is None:
                             first = time.perf_counter() - t
                         tokens += sum(1 for c in json.loads(line[6:])["choices"] if c.get("text") is not None)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             errors += 1
             return
         latency.append(time.perf_counter() - t)
@@ -117,7 +117,7 @@ async def send_open_loop(port: int, jobs: list[dict], arrivals: list[float], tim
 
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        await asyncio.gather(*(one(session, j, a) for j, a in zip(jobs, arrivals)))
+        await asyncio.gather(*(one(session, j, a) for j, a in zip(jobs, arrivals, strict=True)))
     wall = time.perf_counter() - t0
 
     def pct(xs: list[float], q: float) -> float | None:

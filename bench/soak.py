@@ -115,7 +115,7 @@ async def phase(url: str, models: list[str], n: int, concurrency: int, pid: int,
                 async with session.post(f"{url}/v1/completions", json=body) as r:
                     await r.read()
                     ok, kind = r.status == 200, str(r.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 ok, kind = False, type(e).__name__
             state["done"] += 1
             state["errors"] += not ok
@@ -134,7 +134,7 @@ async def phase(url: str, models: list[str], n: int, concurrency: int, pid: int,
     wall = time.perf_counter() - t0
     latency.sort()
     first, last = samples[0]["rss_mb"], samples[-1]["rss_mb"]
-    gap = max((b - a for a, b in zip(finished, finished[1:])), default=0.0)
+    gap = max((b - a for a, b in zip(finished, finished[1:], strict=False)), default=0.0)
     return {"requests": n, "errors": state["errors"], "error_kinds": kinds, "requests_per_s": round(n / wall, 1),
             "p50_latency_s": round(latency[len(latency) // 2], 3),
             "p99_latency_s": round(latency[min(len(latency) - 1, int(len(latency) * 0.99))], 3),
@@ -156,7 +156,7 @@ async def hostile_client(url: str, stop_at: asyncio.Event) -> dict:
             async with s.post(f"{url}/v1/{route}_lora_adapter", json=body) as r:
                 if r.status != want:
                     tally["unexpected"].append([route, body["lora_name"], r.status, (await r.text())[:200]])
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             tally["unexpected"].append([route, body["lora_name"], type(e).__name__, str(e)[:200]])
 
     # a new connection per request: a kept-alive one the server closes as we send is a client race, not a finding

@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 from vllm_jd.compress.compeft_store import encode_singleton
-from vllm_jd.compress.factors import ModuleFactors
+from vllm_jd.compress.factors import ModuleFactors, reconstruction_losses
 from vllm_jd.compress.pipeline import compress_adapters
-from vllm_jd.compress.factors import reconstruction_losses
+from vllm_jd.config import CompressConfig
 from vllm_jd.store.dtypes import encode, roundtrip
 from vllm_jd.store.format import TensorReader, read_manifest, sigma_key, u_key, v_key
-from vllm_jd.config import CompressConfig
 
 _spec = importlib.util.spec_from_file_location("bench_compress", Path(__file__).with_name("compress.py"))
 bench_compress = importlib.util.module_from_spec(_spec)

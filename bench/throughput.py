@@ -30,7 +30,6 @@ from vllm_jd.compress.synthetic import make_adapters
 from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
 
 
-
 def main() -> None:
     if "--protocol" in sys.argv:
         i = sys.argv.index("--protocol")
@@ -96,16 +95,16 @@ def main() -> None:
     systems = {
         "base": (api + common, [(str(model), p) for p in prompts]),
         "jd": ([str(Path(py).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store)] + common,
-               list(zip(picks, prompts))),
+               list(zip(picks, prompts, strict=True))),
         # the same server with the fused CPU kernel off (AMX GEMMs between torch ops), and with both
         # off (torch ops only), for A/Bs in one run
         "jd-amx": ([str(Path(py).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store)] + common,
-                   list(zip(picks, prompts))),
+                   list(zip(picks, prompts, strict=True))),
         "jd-torch": ([str(Path(py).parent / "vllm-jd"), "serve", str(model), "--jd-store", str(store)] + common,
-                     list(zip(picks, prompts))),
+                     list(zip(picks, prompts, strict=True))),
         "vllm-lora": (api + common + ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(args.max_loras),
                                       "--max-cpu-loras", str(max(args.max_loras, 64)), "--lora-modules",
-                                      *[f"{n}={adapters / n}" for n in names]], list(zip(picks, prompts))),
+                                      *[f"{n}={adapters / n}" for n in names]], list(zip(picks, prompts, strict=True))),
     }
     rounds_of: dict[str, list[dict]] = {}
     every = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "VLLM_JD_CPU_AMX": "0"} if args.no_amx else {}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODULES, tree_digest
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_MODULES, tree_digest
 from vllm_jd.cli import main
 from vllm_jd.compress.synthetic import make_adapters
 

@@ -1,8 +1,8 @@
 """Clustered JD finds planted groups; empty clusters are refilled; the auto recipe terminates."""
 
 import torch
-
 from helpers import TINY_MODULES
+
 from vllm_jd.compress.clustering import Reference, _fill_empty
 from vllm_jd.compress.factors import ModuleFactors, normalize
 from vllm_jd.compress.kmeans import kmeans

@@ -6,10 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_jd.store.compeft import (Ternary, compeft, compeft_adapter, decode_adapter, entropy_bits, flatten,
-                                      golomb_expected_bits, keep_count, unflatten)
-from vllm_jd.store.ternary_codec import (decode_golomb, decode_masks, encode_golomb, encode_masks, golomb_bits,
-                                            golomb_parameter, hamming, mask_bits, ternary_dot)
+from vllm_jd.store.compeft import (
+    Ternary,
+    compeft,
+    compeft_adapter,
+    decode_adapter,
+    entropy_bits,
+    flatten,
+    golomb_expected_bits,
+    keep_count,
+    unflatten,
+)
+from vllm_jd.store.ternary_codec import (
+    decode_golomb,
+    decode_masks,
+    encode_golomb,
+    encode_masks,
+    golomb_bits,
+    golomb_parameter,
+    hamming,
+    mask_bits,
+    ternary_dot,
+)
 
 
 def randn(d, seed=0, dtype=torch.float32):

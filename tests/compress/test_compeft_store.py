@@ -11,11 +11,11 @@ import torch
 from helpers import TINY_MODULES, dense_update, tree_digest
 
 from vllm_jd.cli import main as cli
-from vllm_jd.store.compeft import fp16
 from vllm_jd.compress.peft_io import open_adapter
 from vllm_jd.compress.report import summarize
-from vllm_jd.store.format import TensorReader, compeft_key, read_manifest, u_key
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.store.compeft import fp16
+from vllm_jd.store.format import TensorReader, compeft_key, read_manifest, u_key
 from vllm_jd.store.ternary_codec import mask_bits
 
 

@@ -10,8 +10,8 @@ import torch
 from helpers import TINY_MODULES, dense_update
 
 from vllm_jd.cli import main as cli
-from vllm_jd.store.format import read_manifest
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.store.format import read_manifest
 
 
 @pytest.fixture

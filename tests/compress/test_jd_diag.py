@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import dense, random_factors
 
 from vllm_jd.compress.jd_diag import jd_diag, losses_diag, sigma_diag
 from vllm_jd.compress.jd_full import jd_full, residuals_full
-
-from helpers import dense, random_factors
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
 from helpers import dense, random_factors
-from vllm_jd.compress.jd_full import jd_full, residuals_full, sigma_full
 
+from vllm_jd.compress.jd_full import jd_full, residuals_full, sigma_full
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_digest
 from safetensors.torch import load_file
 
-from helpers import tree_digest
 from vllm_jd.cli import main
+from vllm_jd.compress.ctm import core_space, fit_subspace, merge_module, objective, reweight, to_core
 from vllm_jd.compress.export import reconstruct
 from vllm_jd.compress.factors import ModuleFactors
 from vllm_jd.compress.jd_full import jd_full
-from vllm_jd.compress.ctm import core_space, fit_subspace, merge_module, objective, reweight, to_core
 from vllm_jd.compress.merge import merge
 from vllm_jd.compress.merge_rules import dare_ties, task_arithmetic, ties, trim
-from vllm_jd.store.format import TensorReader, read_manifest
 from vllm_jd.compress.synthetic import llama_modules, make_adapters, write_adapter
+from vllm_jd.store.format import TensorReader, read_manifest
 
 MODULES = llama_modules(layers=1, hidden=48, kv_dim=24)  # q 48→48, k/v 48→24
 

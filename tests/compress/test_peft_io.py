@@ -32,7 +32,7 @@ def test_scale_matches_peft(rslora, tmp_path):
     adapter = open_adapter("a", tmp_path / "a")
     assert len(adapter.modules) == 2 * 3
     assert adapter.modules["model.layers.1.self_attn.v_proj"].rank == 4
-    for module, spec in adapter.modules.items():
+    for module in adapter.modules:
         layer = model.base_model.model.get_submodule(module)
         A, Bt = adapter.factors(module)
         assert torch.allclose(Bt.T @ A, layer.get_delta_weight("default"), atol=1e-5), module
@@ -48,7 +48,7 @@ def test_bin_adapter_reads_like_safetensors(tmp_path, shared_adapters):
     a, b = open_adapter("s", src), open_adapter("b", dst)
     assert a.modules == b.modules
     for m in a.modules:
-        assert all(torch.equal(x, y) for x, y in zip(a.factors(m), b.factors(m)))
+        assert all(torch.equal(x, y) for x, y in zip(a.factors(m), b.factors(m), strict=True))
 
 
 def test_discover_folder_of_adapters_and_single(shared_adapters):

@@ -12,10 +12,10 @@ from helpers import TINY_MODULES, dense_update, random_factors
 
 from vllm_jd.cli import main as cli
 from vllm_jd.compress.factors import reconstruction_losses
-from vllm_jd.store.dtypes import encode, roundtrip
 from vllm_jd.compress.report import summarize
-from vllm_jd.store.format import read_manifest
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.store.dtypes import encode, roundtrip
+from vllm_jd.store.format import read_manifest
 
 DTYPES = [("bf16", "bf16"), ("fp16", "fp16"), ("int8", "int8"), ("int8", "fp32"), ("fp32", "int8")]
 

@@ -3,17 +3,17 @@
 import json
 import shutil
 import subprocess
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY_MODULES, dense_update
+
 from vllm_jd.cli import main
-from vllm_jd.store.format import TensorReader, read_manifest
 from vllm_jd.compress.synthetic import factors, make_adapters, write_adapter
+from vllm_jd.store.format import TensorReader, read_manifest
 
 
 def run(*args) -> int:

@@ -15,10 +15,10 @@ from helpers import TINY_MODULES
 
 from vllm_jd.cli import main as cli
 from vllm_jd.compress import pipeline
-from vllm_jd.store.errors import StoreError
 from vllm_jd.compress.project import add_named
-from vllm_jd.store.format import read_manifest
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.store.errors import StoreError
+from vllm_jd.store.format import read_manifest
 from vllm_jd.store.transaction import MIN_AGE_S, leftovers, live_folder, locked
 from vllm_jd.store.validate import check_store
 

@@ -14,8 +14,8 @@ from helpers import TINY_MODULES
 from safetensors.torch import load_file, save_file
 
 from vllm_jd.cli import main as cli
-from vllm_jd.store.format import read_manifest, sigma_key, u_key
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.store.format import read_manifest, sigma_key, u_key
 from vllm_jd.store.validate import check_store
 
 MOD = next(iter(TINY_MODULES))
@@ -163,8 +163,8 @@ def test_values_that_would_overflow_are_never_written(pristine, tmp_path):
 
 @pytest.mark.parametrize("name", ["a\nb", "x" * 1000, "../evil", "/abs", "rtl\u202eoverride", "", "tab\tname"])
 def test_bad_names_are_refused(pristine, tmp_path, name):
-    from vllm_jd.store.errors import AdapterError
     from vllm_jd.compress.project import add_named
+    from vllm_jd.store.errors import AdapterError
 
     store = tmp_path / "store"
     shutil.copytree(pristine / "store", store)

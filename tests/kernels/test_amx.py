@@ -86,4 +86,4 @@ def test_refresh_repacks_one_slot_like_a_fresh_pack():
     assert not torch.equal(packed.V, amx.AMXBases(w.V_all, w.UT, w.num_clusters, w.rank).V)
     packed.refresh(w.V_all, w.UT, 2)
     fresh = amx.AMXBases(w.V_all, w.UT, w.num_clusters, w.rank)
-    assert torch.equal(packed.V, fresh.V) and all(torch.equal(a, b) for a, b in zip(packed.U, fresh.U))
+    assert torch.equal(packed.V, fresh.V) and all(torch.equal(a, b) for a, b in zip(packed.U, fresh.U, strict=True))

@@ -62,8 +62,8 @@ def test_lone_tokens_and_segments_split(popularity, dtype, lens):
     if popularity == "distinct":  # the path under test was taken: decode tokens alone, prefills in runs
         seq_row = rows[np.cumsum([0] + lens[:-1])]
         single = split.single_rows[split.single_rows != N].tolist()
-        assert sorted(single) == sorted(r for r, n in zip(seq_row, lens) if n == 1 and r != N)
-        assert split.multi_seg_row.numel() >= sum(n > 1 and r != N for r, n in zip(seq_row, lens))
+        assert sorted(single) == sorted(r for r, n in zip(seq_row, lens, strict=True) if n == 1 and r != N)
+        assert split.multi_seg_row.numel() >= sum(n > 1 and r != N for r, n in zip(seq_row, lens, strict=True))
 
 
 def test_prefill_sized_batch():

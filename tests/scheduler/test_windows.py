@@ -78,7 +78,7 @@ def test_windows_cut_the_p99_ttft_in_the_simulated_server(popularity):
         fcfs.append(scheduling_sim.simulate("fcfs", jobs, k=4, max_wait=0.5))
         ours.append(scheduling_sim.simulate("cluster", jobs, k=4, max_wait=0.5))
         plain.append(scheduling_sim.simulate("cluster-nowindow", jobs, k=4, max_wait=0.5))
-    for f, o, n in zip(fcfs, ours, plain):
+    for f, o, n in zip(fcfs, ours, plain, strict=True):
         assert o["p99_ttft_s"] < 0.9 * f["p99_ttft_s"], (o, f)
         assert o["p99_ttft_s"] < n["p99_ttft_s"], (o, n)  # the windows are what does it
         assert o["requests_per_s"] > 0.97 * f["requests_per_s"], (o, f)

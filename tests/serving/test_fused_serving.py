@@ -96,8 +96,8 @@ def test_served_model_runs_the_kernel_and_matches_the_torch_path(bf16_engine, mo
 
     n = len(prompts)
     base = fused[-n:]
-    assert all(torch.equal(f, o) for f, o in zip(fused[-n:], ops[-n:]))  # no adapter: the same base output
-    diff = torch.cat([(f - o).abs() for f, o in zip(fused[:-n], ops[:-n])])
-    effect = torch.cat([(f - b).abs() for f, b in zip(fused[:-n], base * (len(adapters) - 1))])
+    assert all(torch.equal(f, o) for f, o in zip(fused[-n:], ops[-n:], strict=True))  # no adapter: the same base output
+    diff = torch.cat([(f - o).abs() for f, o in zip(fused[:-n], ops[:-n], strict=True)])
+    effect = torch.cat([(f - b).abs() for f, b in zip(fused[:-n], base * (len(adapters) - 1), strict=True)])
     assert diff.median() < 0.05 and (diff < 0.1).float().mean() > 0.9, diff
     assert effect.median() > 5 * diff.median(), (effect.median(), diff.median())  # the adapters do act

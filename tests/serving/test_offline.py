@@ -52,7 +52,7 @@ def test_mixed_batch_matches_merged_reference(llm, serving_store, adapter_names,
     adapters = adapter_names + [None, None, None]
     prompts = PROMPTS[: len(adapters)]
     got = generate(llm, serving_store, prompts, adapters)
-    for p, a, g in zip(prompts, adapters, got):
+    for p, a, g in zip(prompts, adapters, got, strict=True):
         assert g == reference(p, a), f"adapter {a} on {p!r}"
     assert len({tuple(g) for g in got[:-3]}) > 10  # the adapters really differ from each other
 
@@ -144,7 +144,7 @@ def test_diag_svd_and_int8_stores_serve_exactly(method, rank, dtypes, tmp_path, 
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert line, proc.stderr[-3000:]
     ref = reference_for(store)
-    assert json.loads(line[0][6:]) == [ref(p, a) for p, a in zip(prompts, adapters_used)]
+    assert json.loads(line[0][6:]) == [ref(p, a) for p, a in zip(prompts, adapters_used, strict=True)]
 
 
 def _poison(worker, name: str, saved=None):

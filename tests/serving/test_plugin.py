@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import importlib.metadata
 import json
+import os
 import textwrap
 
 import pytest
@@ -89,12 +88,11 @@ def test_serve_refuses_conflicting_flags(serving_store, flag):
 
 def test_ten_thousand_model_names(tmp_path, monkeypatch):
     """Registering a store's adapters is one dict insert each: 10,000 names, unique stable ids."""
+    import torch
+    from safetensors.torch import save_file
     from vllm.utils.counter import AtomicCounter
 
     from vllm_jd.serving.patch import register_store_adapters
-
-    import torch
-    from safetensors.torch import save_file
 
     (tmp_path / "tensors").mkdir()  # a real store: every name is checked against its tensors first
     save_file({"U.0.m": torch.eye(4, 2), "V.0.m": torch.eye(4, 2), "sigma.0.0.m": torch.ones(10_000, 2, 2)},

@@ -15,8 +15,8 @@ from conftest import MAX_TOKENS, PROMPTS, merged_reference, start_vllm_jd, stop_
 from helpers import TINY_MODULES
 
 from vllm_jd.cli import main as cli
-from vllm_jd.store.format import read_manifest
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.store.format import read_manifest
 from vllm_jd.tiny_model import llama_lora_modules
 
 
@@ -82,10 +82,10 @@ def test_register_projected_and_singleton_adapters_serve_at_once(setup):
     prompts = PROMPTS[:6]
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = list(zip(["near", "far", "adapter-0002", None, "far", "near"], prompts))
+    jobs = list(zip(["near", "far", "adapter-0002", None, "far", "near"], prompts, strict=True))
     with ThreadPoolExecutor(len(jobs)) as pool:  # the new adapters share batches with old ones and the base
         got = list(pool.map(lambda j: complete(url, j[0] or str(setup["model"]), j[1]), jobs))
-    for (a, p), g in zip(jobs, got):
+    for (a, p), g in zip(jobs, got, strict=True):
         assert g == ref(p, a), a
 
 

@@ -27,8 +27,8 @@ from conftest import MAX_TOKENS, merged_reference, start_vllm_jd, stop_server
 from safetensors.torch import load_file, save_file
 
 from vllm_jd.cli import main as cli
-from vllm_jd.store.format import read_manifest, sigma_key
 from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.store.format import read_manifest, sigma_key
 from vllm_jd.store.transaction import locked
 from vllm_jd.tiny_model import llama_lora_modules
 

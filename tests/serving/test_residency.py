@@ -51,7 +51,7 @@ def test_more_clusters_than_fit_match_reference(llm, serving_store, adapter_name
     prompts = PROMPTS[: len(adapters)]
     loads_before = _core(llm).scheduler.jd_loads
     got = generate(llm, serving_store, prompts, adapters)
-    for p, a, g in zip(prompts, adapters, got):
+    for p, a, g in zip(prompts, adapters, got, strict=True):
         assert g == reference(p, a), f"adapter {a} (cluster {clusters.get(a)}) on {p!r}"
     manager = _worker_manager(llm)
     assert manager.jd_residency.slots == 1
@@ -71,7 +71,7 @@ def test_fcfs_baseline_matches_reference(llm, serving_store, adapter_names, refe
         got = generate(llm, serving_store, prompts, adapters)
     finally:
         scheduler.jd_policy = "cluster"
-    for p, a, g in zip(prompts, adapters, got):
+    for p, a, g in zip(prompts, adapters, got, strict=True):
         assert g == reference(p, a), f"adapter {a} on {p!r}"
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_jd.store.errors import StoreError
 from vllm_jd.serving.rows import RowTable
+from vllm_jd.store.errors import StoreError
 
 
 def table(spare: int = 2) -> RowTable:

@@ -35,7 +35,7 @@ def test_completions_match_reference(server, adapter_names, reference, tiny_mode
     jobs = [(a, PROMPTS[i % len(PROMPTS)]) for i, a in enumerate(adapter_names[:12])] + [(None, "import os")] * 2
     with ThreadPoolExecutor(len(jobs)) as pool:  # concurrent, so adapters and base share batches
         outs = list(pool.map(lambda j: complete(server, j[0] or str(tiny_model), j[1]), jobs))
-    for (a, p), out in zip(jobs, outs):
+    for (a, p), out in zip(jobs, outs, strict=True):
         assert out["model"] == (a or str(tiny_model))
         assert out["choices"][0]["token_ids"] == reference(p, a), a
 

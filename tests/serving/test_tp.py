@@ -145,12 +145,12 @@ def test_each_rank_holds_its_shard(tp2):
             assert all(p["d_out"] == [full[0][1]] for p in per_rank), name
         else:  # qkv_proj (3 slices), gate_up_proj (2 slices)
             assert all(p["d_in"] == full[0][0] for p in per_rank), name
-            assert [sum(d) for d in zip(*(p["d_out"] for p in per_rank))] == [f[1] for f in full], name
+            assert [sum(d) for d in zip(*(p["d_out"] for p in per_rank), strict=True)] == [f[1] for f in full], name
 
 
 def test_tp2_matches_the_reference(tp2, batches, reference):
-    for (prompts, adapters), got in zip(batches, tp2["batches"]):
-        for p, a, g in zip(prompts, adapters, got):
+    for (prompts, adapters), got in zip(batches, tp2["batches"], strict=True):
+        for p, a, g in zip(prompts, adapters, got, strict=True):
             assert g == reference(p, a), f"adapter {a} on {p!r}"
     same = tp2["batches"][1]
     assert same[0] == same[-1] and len({tuple(g) for g in same[1:-1]} - {tuple(same[0])}) >= 2  # adapters matter
@@ -166,8 +166,12 @@ def _fake_tp(monkeypatch, rank: int, size: int) -> None:
 
 def _layers():
     """(name, build the layer, the full output size of each slice, load full ΔW slices into it)."""
-    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                                   QKVParallelLinear, RowParallelLinear)
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
 
     from vllm_jd.serving import layers as jd
 
@@ -176,7 +180,7 @@ def _layers():
 
     def load_qkv(layer, dW):
         chunks = dW if len(dW) == 3 else list(torch.split(dW[0], [256, 128, 128]))
-        for shard, w in zip("qkv", chunks):
+        for shard, w in zip("qkv", chunks, strict=True):
             layer.base_layer.weight.weight_loader(layer.base_layer.weight, w, shard)
 
     def load_merged(layer, dW):
@@ -207,7 +211,7 @@ def test_shards_match_the_base_layers_own_loading(kind, tp_size, monkeypatch):
     U = [torch.randn(C, d, R, generator=g, dtype=torch.float64) for d in d_outs]
     V = [torch.randn(C, d_in, R, generator=g, dtype=torch.float64) for _ in d_outs]
     sigma = [torch.randn(R, R, generator=g, dtype=torch.float64) for _ in d_outs]
-    dW = [u[1] @ s @ v[1].T for u, s, v in zip(U, sigma, V)]
+    dW = [u[1] @ s @ v[1].T for u, s, v in zip(U, sigma, V, strict=True)]
     for rank in range(tp_size):
         _fake_tp(monkeypatch, rank, tp_size)
         layer = build()
@@ -215,9 +219,9 @@ def test_shards_match_the_base_layers_own_loading(kind, tp_size, monkeypatch):
         layer.base_layer.weight.data = torch.zeros_like(layer.base_layer.weight, dtype=torch.float64)
         load(layer, dW)
         Us, Vs = layer.jd_shard(U, V)
-        ours = torch.cat([u[1] @ s @ v[1].T for u, s, v in zip(Us, sigma, Vs)])
+        ours = torch.cat([u[1] @ s @ v[1].T for u, s, v in zip(Us, sigma, Vs, strict=True)])
         torch.testing.assert_close(ours, layer.base_layer.weight.data, rtol=1e-12, atol=1e-12,
-                                   msg=lambda m: f"{name}, rank {rank} of {tp_size}: {m}")
+                                   msg=lambda m, rank=rank: f"{name}, rank {rank} of {tp_size}: {m}")
 
 
 def test_bases_of_another_models_size_are_refused_at_tp2(monkeypatch):
@@ -225,8 +229,8 @@ def test_bases_of_another_models_size_are_refused_at_tp2(monkeypatch):
     (the wrong rows): ``jd_shard`` refuses them."""
     from vllm.model_executor.layers.linear import RowParallelLinear
 
-    from vllm_jd.store.errors import StoreError
     from vllm_jd.serving.layers import JDRowParallelLinear
+    from vllm_jd.store.errors import StoreError
 
     _fake_tp(monkeypatch, 0, 2)
     layer = JDRowParallelLinear(RowParallelLinear(256, 256, bias=False, prefix="model.layers.0.mlp.down_proj"))

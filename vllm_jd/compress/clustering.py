@@ -10,8 +10,8 @@ default the middle layer's), so memory stays bounded by one layer of factors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -104,7 +104,7 @@ def cluster(method: str, refs: list[Reference], n: int, rank: int, k: int, iters
     prev: list[list] = [[None] * len(refs) for _ in range(k)]
     cost = torch.zeros(n, k, dtype=torch.float64)
     rounds = 0
-    for rounds in range(1, max_rounds + 1):
+    for rounds in range(1, max_rounds + 1):  # noqa: B007  (read after the loop: rounds run)
         labels = _fill_empty(labels, cost.gather(1, labels[:, None]).squeeze(1), k)
         bases: list[list] = []
         for c in range(k):

@@ -25,8 +25,7 @@ import torch
 
 from vllm_jd.store.compeft import compeft_adapter, decode_adapter
 from vllm_jd.store.format import CompeftInfo
-from vllm_jd.store.ternary_codec import (encode_golomb, encode_masks, golomb_bits,
-                                            mask_bits)
+from vllm_jd.store.ternary_codec import encode_golomb, encode_masks, golomb_bits, mask_bits
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +96,10 @@ def compress_compeft(adapters, out, config, progress: bool = True, merge=None):
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from vllm_jd.compress.factors import ModuleFactors
-    from vllm_jd.compress.summary import Summary, module_table
-    from vllm_jd.compress.factors import reconstruction_losses
-    from vllm_jd.store.dtypes import encode, roundtrip
+    from vllm_jd.compress.factors import ModuleFactors, reconstruction_losses
     from vllm_jd.compress.peft_io import recorded_source
+    from vllm_jd.compress.summary import Summary, module_table
+    from vllm_jd.store.dtypes import encode, roundtrip
     from vllm_jd.store.format import AdapterInfo, ClusterInfo, Manifest, compeft_key, sigma_key
     from vllm_jd.store.transaction import publish, writing
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.store.errors import StoreError
 from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
+from vllm_jd.store.errors import StoreError
 from vllm_jd.store.format import TensorReader, read_manifest, u_key, v_key
 from vllm_jd.store.transaction import locked
 from vllm_jd.store.validate import bad_value
@@ -29,7 +29,7 @@ def reconstruct(reader: TensorReader, name: str) -> dict[str, tuple[torch.Tensor
     manifest = reader.manifest
     info = manifest.adapters[name]
     out = {}
-    for m, err in zip(manifest.modules, info.module_errors):
+    for m, err in zip(manifest.modules, info.module_errors, strict=True):
         if err is None:  # the source adapter has no update for this module
             continue
         U, V = reader.get(u_key(info.cluster, m.name)), reader.get(v_key(info.cluster, m.name))

@@ -48,11 +48,11 @@ class ModuleFactors:
             self._norms = (gb * ga).sum((1, 2)).clamp_min(0).sqrt()
         return self._norms
 
-    def scaled(self, factor: torch.Tensor) -> "ModuleFactors":
+    def scaled(self, factor: torch.Tensor) -> ModuleFactors:
         """Factors of ``factor[i] · P_i``; factor: [n]."""
         return ModuleFactors(self.A, self.Bt * factor.to(self.Bt.dtype)[:, None, None])
 
-    def subset(self, index: torch.Tensor) -> "ModuleFactors":
+    def subset(self, index: torch.Tensor) -> ModuleFactors:
         """Factors of the adapters in ``index`` (a [k] long tensor)."""
         return ModuleFactors(self.A[index], self.Bt[index])
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.store.errors import AdapterError
 from vllm_jd.compress.peft_io import ModuleSpec, PeftAdapter, check_update, open_adapter
+from vllm_jd.store.errors import AdapterError
 from vllm_jd.store.format import Manifest, TensorReader, read_manifest, u_key, v_key
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class StoredAdapter:
         rank = m.clusters[self.info.cluster].rank
         self.modules = {mod.name: ModuleSpec(u_key(self.info.cluster, mod.name), v_key(self.info.cluster, mod.name),
                                              rank, mod.d_in, mod.d_out, 1.0)
-                        for mod, err in zip(m.modules, self.info.module_errors) if err is not None}
+                        for mod, err in zip(m.modules, self.info.module_errors, strict=True) if err is not None}
         self.lora_params = self.info.lora_params  # the source adapter's, so Para. Saved stays comparable
         self.base_model = m.base_model
 

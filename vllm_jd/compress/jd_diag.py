@@ -13,7 +13,7 @@ scale moved into σ (the loss is unchanged; it keeps the r×r systems well condi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -10,8 +10,8 @@ which is why 10 iterations suffice in practice (the paper's default).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

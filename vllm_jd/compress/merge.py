@@ -15,12 +15,20 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.store.errors import StoreError
+from vllm_jd.compress.ctm import (
+    DEFAULT_BETA,
+    DEFAULT_DROP,
+    DEFAULT_ITERS,
+    DEFAULT_TOL,
+    DEFAULT_TOPK,
+    ModuleMerge,
+    Space,
+    merge_module,
+)
 from vllm_jd.compress.factors import ModuleFactors
-from vllm_jd.compress.ctm import (DEFAULT_BETA, DEFAULT_DROP, DEFAULT_ITERS, DEFAULT_TOL, DEFAULT_TOPK, ModuleMerge,
-                                  Space, merge_module)
 from vllm_jd.compress.merge_rules import canonical_rule
 from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
+from vllm_jd.store.errors import StoreError
 from vllm_jd.store.format import Manifest, TensorReader, read_manifest, u_key, v_key
 
 logger = logging.getLogger(__name__)
@@ -52,7 +60,7 @@ class MergeResult:
         """Each source adapter's mean retention over the modules it has."""
         acc: dict[str, list[float]] = {}
         for m in self.modules.values():
-            for name, x in zip(m.adapters, m.retention):
+            for name, x in zip(m.adapters, m.retention, strict=True):
                 if not math.isnan(x):
                     acc.setdefault(name, []).append(x)
         return {name: sum(v) / len(v) for name, v in acc.items()}

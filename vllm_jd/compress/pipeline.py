@@ -20,20 +20,28 @@ from tqdm.auto import tqdm
 
 from vllm_jd.compress import solvers
 from vllm_jd.compress.clustering import Reference
-from vllm_jd.store.errors import AdapterError
-from vllm_jd.compress.factors import ModuleFactors, load_module, normalize
+from vllm_jd.compress.factors import ModuleFactors, load_module, normalize, reconstruction_losses
 from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter, recorded_source
 from vllm_jd.compress.project import place
-from vllm_jd.compress.factors import reconstruction_losses
-from vllm_jd.store.dtypes import encode, roundtrip
 from vllm_jd.compress.selection import Choice, choose
-from vllm_jd.store.format import (AdapterInfo, ClusterInfo, Manifest, ModuleInfo, TensorReader, read_manifest,
-                                    sigma_key, u_key, v_key)
-from vllm_jd.store.transaction import publish, writing
-from vllm_jd.store.validate import check_store
 from vllm_jd.compress.summary import Summary, module_table
 from vllm_jd.compress.svd import exact_diag, truncated_svd
 from vllm_jd.config import CompressConfig
+from vllm_jd.store.dtypes import encode, roundtrip
+from vllm_jd.store.errors import AdapterError
+from vllm_jd.store.format import (
+    AdapterInfo,
+    ClusterInfo,
+    Manifest,
+    ModuleInfo,
+    TensorReader,
+    read_manifest,
+    sigma_key,
+    u_key,
+    v_key,
+)
+from vllm_jd.store.transaction import publish, writing
+from vllm_jd.store.validate import check_store
 
 logger = logging.getLogger(__name__)
 

@@ -12,26 +12,34 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from vllm_jd.compress import solvers
 from vllm_jd.compress.compeft_store import Singleton, encode_singleton, sigma_of
-from vllm_jd.store.errors import AdapterError, StoreError
-from vllm_jd.compress.factors import ModuleFactors, load_module
+from vllm_jd.compress.factors import ModuleFactors, load_module, reconstruction_losses
 from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter, recorded_source
-from vllm_jd.compress.factors import reconstruction_losses
+from vllm_jd.compress.svd import exact_diag, exact_full
 from vllm_jd.store.dtypes import encode, roundtrip
+from vllm_jd.store.errors import AdapterError, StoreError
+from vllm_jd.store.format import (
+    AdapterInfo,
+    ClusterInfo,
+    Manifest,
+    TensorReader,
+    compeft_key,
+    read_manifest,
+    sigma_key,
+    u_key,
+    v_key,
+)
 from vllm_jd.store.names import name_problem
-from vllm_jd.store.format import (AdapterInfo, ClusterInfo, Manifest, TensorReader, compeft_key,
-                                    read_manifest, sigma_key, u_key, v_key)
 from vllm_jd.store.transaction import STAGING_PREFIX, TENSORS, commit, locked, staging_folder
 from vllm_jd.store.validate import bad_value
-from vllm_jd.compress.svd import exact_diag, exact_full
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +96,7 @@ def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float
         if (why := name_problem(name)) is not None:
             raise AdapterError(str(name)[:80], why, p)
     adapters = [open_adapter(name, Path(p)) for name, p in named]
-    for a, src in zip(adapters, sources or [None] * len(adapters)):
+    for a, src in zip(adapters, sources or [None] * len(adapters), strict=True):
         a.source = src
     with locked(store, timeout=lock_timeout):
         manifest = read_manifest(store)
@@ -167,7 +175,7 @@ def place(reader: TensorReader, manifest: Manifest, adapters: list, staged: Path
     save_file(tensors, str(staged / shard))
     manifest.clusters.extend(new_clusters)
     manifest.weight_map.update({k: shard for k in tensors})
-    for i, (a, p) in enumerate(zip(adapters, placed)):
+    for i, (a, p) in enumerate(zip(adapters, placed, strict=True)):
         manifest.adapters[a.name] = AdapterInfo(
             cluster=p.cluster, block=block, row=rows[i], rank=max(s.rank for s in a.modules.values()),
             lora_params=a.lora_params, checksum=a.checksum(), source=recorded_source(a), error=errors[i][0],
@@ -178,7 +186,7 @@ def place(reader: TensorReader, manifest: Manifest, adapters: list, staged: Path
 
 
 def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapter], placed: list[Added],
-             new_clusters: list[ClusterInfo], block: int, singletons: dict[int, "Singleton"] | None = None):
+             new_clusters: list[ClusterInfo], block: int, singletons: dict[int, Singleton] | None = None):
     """Pass 2: Σ rows (and singleton bases) of the new adapters, with their errors."""
     singletons = singletons or {}
     ranks = {c.id: c.rank for c in manifest.clusters + new_clusters}
@@ -186,7 +194,6 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
     for i, p in enumerate(placed):
         by_cluster.setdefault(p.cluster, []).append(i)
     rows = [by_cluster[p.cluster].index(i) for i, p in enumerate(placed)]
-    full = manifest.sigma == "full"
     quantised = (manifest.basis_dtype, manifest.sigma_dtype) != ("fp32", "fp32")
     sq = [[None] * len(manifest.modules) for _ in adapters]
     sq32 = [[None] * len(manifest.modules) for _ in adapters]  # before quantisation
@@ -199,57 +206,69 @@ def _tensors(reader: TensorReader, manifest: Manifest, adapters: list[PeftAdapte
         norms = f.norms()
         local = {int(i): j for j, i in enumerate(present)}
         for c, members in by_cluster.items():
-            r = ranks[c]
-            shape = (len(members), r, r) if full else (len(members), r)
-            sig = torch.zeros(shape, dtype=torch.float32)
-            basis = None  # an existing cluster's (U, V), read once for all its new members
-            if placed[members[0]].kind == "shared":
-                basis = reader.get(u_key(c, m.name)), reader.get(v_key(c, m.name))
-            losses = {}
-            for row, i in enumerate(members):
-                if i not in local:
-                    continue
-                j = local[i]
-                one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
-                if i in singletons:  # bases are in the cluster's ComPEFT payload; Σ = s·I
-                    U, V, scale = singletons[i].bases[m.name]
-                    s = sigma_of(scale, U.shape[1], r, full)
-                    basis = _pad(U, r), _pad(V, r)
-                    losses[i] = float(reconstruction_losses(one, *basis, s[None])[0])
-                else:
-                    U, V, s, losses[i] = _fit_one(manifest, one, r, placed[i].kind, basis)
-                    if U is not None:
-                        basis = U, V
-                        tensors.update(encode(u_key(c, m.name), U, manifest.basis_dtype, "basis"))
-                        tensors.update(encode(v_key(c, m.name), V, manifest.basis_dtype, "basis"))
-                if full:
-                    sig[row, : s.shape[0], : s.shape[1]] = s
-                else:
-                    sig[row, : s.shape[0]] = s
+            sig, losses, losses_q = _fit_cluster_module(reader, manifest, f, local, placed, members, c, ranks[c],
+                                                        m.name, singletons, tensors)
             tensors.update(encode(sigma_key(c, block, m.name), sig, manifest.sigma_dtype, "sigma"))
             for i, loss in losses.items():
                 nrm = float(norms[local[i]])
                 sq32[i][mi] = loss / nrm**2 if nrm > 0 else 0.0
-            if quantised and losses:  # measure what a reader gets back, as compress does
-                Uq, Vq = (roundtrip(x, manifest.basis_dtype, "basis") if placed[members[0]].kind != "compeft" else x
-                          for x in basis)
-                sq_sig = roundtrip(sig, manifest.sigma_dtype, "sigma")
-                for row, i in enumerate(members):
-                    if i in losses:
-                        j = local[i]
-                        one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
-                        losses[i] = float(reconstruction_losses(one, Uq, Vq, sq_sig[row : row + 1])[0])
-            for i, loss in losses.items():
+            for i, loss in losses_q.items():
                 nrm = float(norms[local[i]])
                 sq[i][mi] = loss / nrm**2 if nrm > 0 else 0.0
                 weight[i][mi] = nrm**2
     errors = []
     for i in range(len(adapters)):
         w = sum(weight[i])
-        agg, agg32 = ((sum((e or 0.0) * wt for e, wt in zip(x[i], weight[i])) / w) ** 0.5 if w > 0 else 0.0
+        agg, agg32 = ((sum((e or 0.0) * wt for e, wt in zip(x[i], weight[i], strict=True)) / w) ** 0.5 if w > 0 else 0.0
                       for x in (sq, sq32))
         errors.append((agg, [None if e is None else round(e**0.5, 6) for e in sq[i]], agg32 if quantised else None))
     return tensors, rows, errors
+
+
+def _fit_cluster_module(reader: TensorReader, manifest: Manifest, f: ModuleFactors, local: dict[int, int],
+                        placed: list[Added], members: list[int], c: int, r: int, module: str,
+                        singletons: dict[int, Singleton], tensors: dict[str, torch.Tensor]):
+    """One module of cluster ``c``'s new members (indices into ``placed``; ``local`` maps them to
+    rows of ``f``): their Σ [k, r(, r)], new or singleton bases written into ``tensors``, and each
+    member's squared error as computed and as a reader gets it back after the store's dtypes:
+    (Σ, {i: loss}, {i: loss read back})."""
+    full = manifest.sigma == "full"
+    sig = torch.zeros((len(members), r, r) if full else (len(members), r), dtype=torch.float32)
+    basis = None  # an existing cluster's (U, V), read once for all its new members
+    if placed[members[0]].kind == "shared":
+        basis = reader.get(u_key(c, module)), reader.get(v_key(c, module))
+    losses = {}
+    for row, i in enumerate(members):
+        if i not in local:
+            continue
+        j = local[i]
+        one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
+        if i in singletons:  # bases are in the cluster's ComPEFT payload; Σ = s·I
+            U, V, scale = singletons[i].bases[module]
+            s = sigma_of(scale, U.shape[1], r, full)
+            basis = _pad(U, r), _pad(V, r)
+            losses[i] = float(reconstruction_losses(one, *basis, s[None])[0])
+        else:
+            U, V, s, losses[i] = _fit_one(manifest, one, r, placed[i].kind, basis)
+            if U is not None:
+                basis = U, V
+                tensors.update(encode(u_key(c, module), U, manifest.basis_dtype, "basis"))
+                tensors.update(encode(v_key(c, module), V, manifest.basis_dtype, "basis"))
+        if full:
+            sig[row, : s.shape[0], : s.shape[1]] = s
+        else:
+            sig[row, : s.shape[0]] = s
+    read_back = dict(losses)
+    if (manifest.basis_dtype, manifest.sigma_dtype) != ("fp32", "fp32") and losses:  # as compress measures
+        Uq, Vq = (roundtrip(x, manifest.basis_dtype, "basis") if placed[members[0]].kind != "compeft" else x
+                  for x in basis)
+        sq_sig = roundtrip(sig, manifest.sigma_dtype, "sigma")
+        for row, i in enumerate(members):
+            if i in losses:
+                j = local[i]
+                one = ModuleFactors(f.A[j : j + 1], f.Bt[j : j + 1])
+                read_back[i] = float(reconstruction_losses(one, Uq, Vq, sq_sig[row : row + 1])[0])
+    return sig, losses, read_back
 
 
 def _fit_one(manifest: Manifest, one: ModuleFactors, rank: int, kind: str,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vllm_jd.store.errors import AdapterError
 from vllm_jd.compress.peft_io import PeftAdapter
+from vllm_jd.store.errors import AdapterError
 from vllm_jd.store.format import Manifest, ModuleInfo
 
 

@@ -111,5 +111,5 @@ class AMXBases:
         """Repack one cluster (slot) after its bases changed in V_all / UT."""
         C, R = self.num_clusters, self.rank
         self.V[cluster : cluster + 1] = pack(self._v_nk(V_all, C)[cluster : cluster + 1])
-        for packed, ut in zip(self.U, UT):
+        for packed, ut in zip(self.U, UT, strict=True):
             packed[cluster : cluster + 1] = pack(self._u_nk(ut, C, R)[cluster : cluster + 1])

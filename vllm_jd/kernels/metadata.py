@@ -53,7 +53,7 @@ class GridMeta:
     seg_row: torch.Tensor
     seg_index: torch.Tensor
     cell_flat: torch.Tensor
-    split: "SigmaSplit | None" = None
+    split: SigmaSplit | None = None
     """The same segments split by length, for a full Σ (``SigmaSplit``)."""
 
 
@@ -151,7 +151,7 @@ class JDMeta:
             self._order = ClusterOrder(i64(tok), i64(rows[tok]), i64(cstart), num_clusters)
         return self._order
 
-    def cluster_grid(self, num_clusters: int) -> "GridMeta":
+    def cluster_grid(self, num_clusters: int) -> GridMeta:
         """Tokens laid out per cluster in a padded [C, L] grid (computed once per step)."""
         if self._grid is None or self._grid.num_clusters != num_clusters:
             tc = self.token_cluster.cpu().numpy()

@@ -36,12 +36,12 @@ class JDLayerWeights:
     # derived layouts, each made on first use by its method below and kept current by
     # ``refresh_slot`` / ``reset_caches`` (False: the kernel cannot run this layer here)
     _v_grid: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    _amx: "amx.AMXBases | bool | None" = field(default=None, init=False, repr=False, compare=False)
-    _fused: "jd_fused_cpu.FusedBases | bool | None" = field(default=None, init=False, repr=False, compare=False)
+    _amx: amx.AMXBases | bool | None = field(default=None, init=False, repr=False, compare=False)
+    _fused: jd_fused_cpu.FusedBases | bool | None = field(default=None, init=False, repr=False, compare=False)
     _ut_cat: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_bases(cls, V: torch.Tensor, U: list[torch.Tensor], sigma: torch.Tensor) -> "JDLayerWeights":
+    def from_bases(cls, V: torch.Tensor, U: list[torch.Tensor], sigma: torch.Tensor) -> JDLayerWeights:
         """V [S, C, d_in, R], U list of [C, d_s, R], sigma [S, N+1, R(, R)] → this layout."""
         S, C, d_in, R = V.shape
         V_all = V.permute(2, 1, 0, 3).reshape(d_in, C * S * R).contiguous()
@@ -51,7 +51,7 @@ class JDLayerWeights:
             sigma = sigma.transpose(-1, -2).contiguous().transpose(-1, -2)
         return cls(V_all, UT, sigma.contiguous() if sigma.dim() == 3 else sigma, C, R)
 
-    def amx_bases(self) -> "amx.AMXBases | None":
+    def amx_bases(self) -> amx.AMXBases | None:
         """The bases packed for AMX (``amx.AMXBases``, made once), or None where ``amx.usable`` says
         no (no AMX, fp32, a CUDA tensor, an N not a multiple of 32)."""
         if self._amx is None:
@@ -62,7 +62,7 @@ class JDLayerWeights:
             self._amx = amx.AMXBases(self.V_all, self.UT, self.num_clusters, R) if ok else False
         return self._amx or None
 
-    def fused_bases(self, isa: str | None = None) -> "jd_fused_cpu.FusedBases | None":
+    def fused_bases(self, isa: str | None = None) -> jd_fused_cpu.FusedBases | None:
         """The bases laid out for the fused CPU kernel (``jd_fused_cpu.FusedBases``, made once), or
         None where ``jd_fused_cpu.usable`` says no (no kernel here, not bf16, a CUDA tensor, sizes).
         ``isa``: for that variant instead of this process's (benchmarks; replaces the cached one)."""
@@ -82,7 +82,7 @@ class JDLayerWeights:
             cat = self._ut_cat = torch.cat(self.UT, 1)
             if cat.is_cuda:
                 bounds = torch.tensor([0] + [u.shape[1] for u in self.UT]).cumsum(0).tolist()
-                self.UT = [cat[:, a:b] for a, b in zip(bounds, bounds[1:])]
+                self.UT = [cat[:, a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
         return cat
 
     def _expand_bases_current(self) -> bool:

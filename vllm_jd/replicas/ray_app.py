@@ -27,6 +27,7 @@ replica has its own server; register by recompressing and restarting).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -97,6 +98,34 @@ class ClusterLease:
         self.held.discard(self.model_id)
 
 
+def _forward(port: int, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
+    """One request to the replica's local server: (status, headers, body), errors included."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, {"content-type": r.headers.get("content-type", "application/json")}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {"content-type": e.headers.get("content-type", "application/json")}, e.read()
+
+
+def _pump(port: int, path: str, body: bytes, put) -> None:
+    """A streamed POST to the local server: ``put`` each chunk of its SSE bytes as it arrives
+    (an error's body as one SSE event), then None."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            # whatever has arrived, not line by line: each chunk is one Ray streaming message
+            # (an RPC), and a 30-token completion streams ~35 SSE lines
+            while chunk := r.read1(65536):
+                put(chunk)
+    except urllib.error.HTTPError as e:
+        put(b"data: " + e.read() + b"\n\n")
+    finally:
+        put(None)
+
+
 def replica_deployment(clusters_per_replica: int | None, ids_per_replica: int, gpus_per_replica: float = 0,
                        max_ongoing_requests: int = 256):
     """The replica class with Ray's multiplexing cache sized to ``ids_per_replica``
@@ -153,40 +182,17 @@ def replica_deployment(clusters_per_replica: int | None, ids_per_replica: int, g
         async def call(self, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
             """One request to the local server: (status, headers, body)."""
             await self._lease()
-            status, headers, content = await asyncio.to_thread(self._http, method, path, body)
+            status, headers, content = await asyncio.to_thread(_forward, self.port, method, path, body)
             return status, {**headers, REPLICA_HEADER: self.replica_id}, content
 
-        def _http(self, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
-            req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=600) as r:
-                    return r.status, {"content-type": r.headers.get("content-type", "application/json")}, r.read()
-            except urllib.error.HTTPError as e:
-                return e.code, {"content-type": e.headers.get("content-type", "application/json")}, e.read()
 
         async def stream(self, path: str, body: bytes):
             """A streamed request: yields this replica's id first, then the server's SSE bytes."""
             await self._lease()
             yield self.replica_id.encode()
             queue: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-
-            def pump() -> None:
-                req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
-                try:
-                    with urllib.request.urlopen(req, timeout=600) as r:
-                        # whatever has arrived, not line by line: each chunk is one Ray streaming
-                        # message (an RPC), and a 30-token completion streams ~35 SSE lines
-                        while chunk := r.read1(65536):
-                            loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                except urllib.error.HTTPError as e:
-                    loop.call_soon_threadsafe(queue.put_nowait, b"data: " + e.read() + b"\n\n")
-                finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
-
-            task = asyncio.ensure_future(asyncio.to_thread(pump))
+            put = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, queue.put_nowait)
+            task = asyncio.ensure_future(asyncio.to_thread(_pump, self.port, path, body, put))
             while (line := await queue.get()) is not None:
                 yield line
             await task

@@ -39,8 +39,8 @@ more than K distinct clusters.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 BASE = -1
 """Cluster id of requests for the base model (no adapter): they need no basis."""

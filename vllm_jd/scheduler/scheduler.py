@@ -32,12 +32,12 @@ import numpy as np
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_jd.store.format import read_manifest
 from vllm_jd.envs import max_resident_clusters, max_wait, scheduler_policy, store_path
 from vllm_jd.scheduler.policy import BASE, Request, plan_fcfs, plan_step
-from vllm_jd.vllm_version import check_vllm_version
 from vllm_jd.serving.servable import store_of
 from vllm_jd.serving.snapshot import Snapshot
+from vllm_jd.store.format import read_manifest
+from vllm_jd.vllm_version import check_vllm_version
 
 logger = logging.getLogger(__name__)
 EMPTY = -1

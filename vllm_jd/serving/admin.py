@@ -29,9 +29,9 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from vllm_jd.store.format import read_manifest
-from vllm_jd.serving.servable import servable, store_of
 from vllm_jd.envs import VLLM_JD_STORE, store_path
+from vllm_jd.serving.servable import servable, store_of
+from vllm_jd.store.format import read_manifest
 
 logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0

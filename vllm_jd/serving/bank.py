@@ -97,39 +97,11 @@ def _load(store: Path, device, dtype: torch.dtype, modules: list[str] | None, ra
         a = manifest.adapters[n]
         by_block.setdefault((a.cluster, a.block), []).append((a.row, i))
     mods = [m for m in manifest.modules if wanted is None or m.name in wanted]
-    U = {m.name: torch.zeros(C, m.d_out, R, dtype=dtype) for m in mods}
-    V = {m.name: torch.zeros(C, m.d_in, R, dtype=dtype) for m in mods}
-    # clusters outer, modules inner: a ComPEFT-coded cluster is one payload for all its modules,
-    # which the reader then decodes once instead of once per module
     bad: dict[str, str] = {}  # adapters whose values cannot be served: their Σ rows stay zero
-    for c in manifest.clusters:
-        for m in mods:
-            if reader.has(u_key(c.id, m.name)):
-                u, v = reader.get(u_key(c.id, m.name)), reader.get(v_key(c.id, m.name))
-                if (why := bad_value(u) or bad_value(v)) is not None:
-                    bad.update({n: f"basis of cluster {c.id} for {m.name} {why}" for n in names
-                                if manifest.adapters[n].cluster == c.id})
-                    continue
-                U[m.name][c.id, :, : u.shape[1]] = u
-                V[m.name][c.id, :, : v.shape[1]] = v
+    U, V = _read_bases(manifest, reader, mods, R, dtype, bad)
     for m in mods:
-        sig = torch.zeros((N + 1, R) if bank.diag else (N + 1, R, R), dtype=dtype)
-        for (c, block), members in by_block.items():
-            key = sigma_key(c, block, m.name)
-            if not reader.has(key):
-                continue
-            s = reader.get(key)
-            poisoned = set(bad_rows(s).tolist())
-            bad.update({names[i]: f"Σ row {r} of {key} has NaN, Inf or huge entries" for r, i in members
-                        if r in poisoned})
-            src = torch.tensor([r for r, _ in members])
-            dst = torch.tensor([i for _, i in members])
-            if bank.diag:
-                sig[dst, : s.shape[1]] = s[src].to(dtype)
-            else:
-                sig[dst, : s.shape[1], : s.shape[2]] = s[src].to(dtype)
         bank.U[m.name], bank.V[m.name] = U.pop(m.name).to(device), V.pop(m.name).to(device)
-        bank.sigma[m.name] = sig.to(device)
+        bank.sigma[m.name] = _read_sigma(reader, m.name, by_block, names, N, R, bank.diag, dtype, bad).to(device)
     if wanted is not None and (missing := wanted - set(bank.U)):
         raise StoreError(f"{store}: no module {sorted(missing)[0]} in the store")
     for name, why in bad.items():  # served as nothing rather than as NaN for whoever shares a batch
@@ -143,3 +115,48 @@ def _load(store: Path, device, dtype: torch.dtype, modules: list[str] | None, ra
                        "; ".join(f"{n}: {w}" for n, w in sorted(manifest.broken.items())[:5]))
     logger.info("loaded store %s: %d adapters, %d clusters, rank %d, %d modules", store, N, C, R, len(bank.U))
     return bank
+
+
+def _read_bases(manifest, reader: TensorReader, mods: list, R: int, dtype: torch.dtype,
+                bad: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every cluster's U [C, d_out, R] and V [C, d_in, R] per module (zero-padded to R); a cluster
+    whose basis has bad values stays zero and its adapters go into ``bad`` (name → why)."""
+    C = len(manifest.clusters)
+    U = {m.name: torch.zeros(C, m.d_out, R, dtype=dtype) for m in mods}
+    V = {m.name: torch.zeros(C, m.d_in, R, dtype=dtype) for m in mods}
+    # clusters outer, modules inner: a ComPEFT-coded cluster is one payload for all its modules,
+    # which the reader then decodes once instead of once per module
+    for c in manifest.clusters:
+        for m in mods:
+            if reader.has(u_key(c.id, m.name)):
+                u, v = reader.get(u_key(c.id, m.name)), reader.get(v_key(c.id, m.name))
+                if (why := bad_value(u) or bad_value(v)) is not None:
+                    bad.update({n: f"basis of cluster {c.id} for {m.name} {why}" for n, a in manifest.adapters.items()
+                                if a.cluster == c.id})
+                    continue
+                U[m.name][c.id, :, : u.shape[1]] = u
+                V[m.name][c.id, :, : v.shape[1]] = v
+    return U, V
+
+
+def _read_sigma(reader: TensorReader, module: str, by_block: dict, names: list[str], N: int, R: int, diag: bool,
+                dtype: torch.dtype, bad: dict[str, str]) -> torch.Tensor:
+    """Module ``module``'s Σ of every adapter: [N+1, R(, R)], row i = adapter names[i] (zero-padded;
+    row N, "no adapter", zero); rows with bad values go into ``bad``. by_block: (cluster, block) →
+    [(row in the block, adapter index)]."""
+    sig = torch.zeros((N + 1, R) if diag else (N + 1, R, R), dtype=dtype)
+    for (c, block), members in by_block.items():
+        key = sigma_key(c, block, module)
+        if not reader.has(key):
+            continue
+        s = reader.get(key)
+        poisoned = set(bad_rows(s).tolist())
+        bad.update({names[i]: f"Σ row {r} of {key} has NaN, Inf or huge entries" for r, i in members
+                    if r in poisoned})
+        src = torch.tensor([r for r, _ in members])
+        dst = torch.tensor([i for _, i in members])
+        if diag:
+            sig[dst, : s.shape[1]] = s[src].to(dtype)
+        else:
+            sig[dst, : s.shape[1], : s.shape[2]] = s[src].to(dtype)
+    return sig

@@ -10,9 +10,9 @@ import os
 
 import torch
 
+from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.store.errors import StoreError
 from vllm_jd.store.format import u_key, v_key
-from vllm_jd.kernels.weights import JDLayerWeights
 
 
 def spare_adapters() -> int:

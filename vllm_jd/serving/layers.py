@@ -15,14 +15,19 @@ because every step is linear.
 from __future__ import annotations
 
 import torch
-from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
-                              MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
-                              ReplicatedLinearWithLoRA, RowParallelLinearWithLoRA)
+from vllm.lora.layers import (
+    ColumnParallelLinearWithLoRA,
+    MergedColumnParallelLinearWithLoRA,
+    MergedQKVParallelLinearWithLoRA,
+    QKVParallelLinearWithLoRA,
+    ReplicatedLinearWithLoRA,
+    RowParallelLinearWithLoRA,
+)
 
-from vllm_jd.store.errors import StoreError
 from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.op import jd_lora_layer, register_layer
 from vllm_jd.serving.state import JDState
+from vllm_jd.store.errors import StoreError
 
 
 class JDLayerMixin:
@@ -65,7 +70,7 @@ class JDLayerMixin:
         Raises StoreError if a basis does not map the unsharded slice's dims: cutting a basis
         of another model's size could yield shards of the right size holding the wrong rows.
         """
-        for s, (u, v, exp) in enumerate(zip(U, V, self.jd_full_shapes())):
+        for s, (u, v, exp) in enumerate(zip(U, V, self.jd_full_shapes(), strict=True)):
             if u is not None and (v.shape[1], u.shape[1]) != exp:
                 layer = getattr(self.base_layer, "prefix", "") or type(self.base_layer).__name__
                 raise StoreError(f"store bases for {layer} (slice {s}) map {v.shape[1]}→{u.shape[1]} but the "

@@ -20,7 +20,6 @@ from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from vllm_jd.store.errors import StoreError
 from vllm_jd.envs import max_resident_clusters, store_path
 from vllm_jd.kernels import jd_fused_cpu
 from vllm_jd.kernels.weights import JDLayerWeights
@@ -31,8 +30,9 @@ from vllm_jd.serving.refresh import AdapterRefresh, location
 from vllm_jd.serving.residency import ResidentBases
 from vllm_jd.serving.rows import RowTable
 from vllm_jd.serving.snapshot import Snapshot
-from vllm_jd.serving.store_switch import StoreSwitch
 from vllm_jd.serving.state import JDState
+from vllm_jd.serving.store_switch import StoreSwitch
+from vllm_jd.store.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class JDLoRAModel(LoRAModel):
         super().__init__(lora_model_id, rank, {})
         self.jd_row = row
 
-    def clone(self, lora_model_id: int) -> "JDLoRAModel":
+    def clone(self, lora_model_id: int) -> JDLoRAModel:
         return JDLoRAModel(lora_model_id, self.rank, self.jd_row)
 
 
@@ -211,13 +211,13 @@ class JDLoRAModelManager(StoreSwitch, AdapterRefresh, LRUCacheLoRAModelManager):
                 if got != exp:
                     raise StoreError(f"store module {name} maps {got[0]}→{got[1]} but the model's {module_name} "
                                      f"(slice {s}) maps {exp[0]}→{exp[1]}: the store was built for another model")
-        U, V = module.jd_shard([bank.U[n] if p else None for n, p in zip(names, present)],
-                               [bank.V[n] if p else None for n, p in zip(names, present)])
+        U, V = module.jd_shard([bank.U[n] if p else None for n, p in zip(names, present, strict=True)],
+                               [bank.V[n] if p else None for n, p in zip(names, present, strict=True)])
         dtype = next(u.dtype for u in U if u is not None)
         U = [u if u is not None else torch.zeros(C, module.output_slices[s], R, dtype=dtype) for s, u in enumerate(U)]
         V = [v if v is not None else torch.zeros(C, module.input_size, R, dtype=dtype) for v in V]
         zero_sigma = torch.zeros_like(next(iter(bank.sigma.values())))
-        sigma = torch.stack([bank.sigma[n] if p else zero_sigma for n, p in zip(names, present)])
+        sigma = torch.stack([bank.sigma[n] if p else zero_sigma for n, p in zip(names, present, strict=True)])
         spare = self._jd_row_capacity - sigma.shape[1]  # rows for adapters registered while serving
         sigma = torch.cat([sigma, sigma.new_zeros((sigma.shape[0], spare) + tuple(sigma.shape[2:]))], 1)
         dev = self.device

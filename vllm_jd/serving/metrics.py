@@ -27,9 +27,9 @@ import threading
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from vllm_jd.store.format import read_manifest
 from vllm_jd.envs import max_resident_clusters
 from vllm_jd.serving import snapshot
+from vllm_jd.store.format import read_manifest
 
 VLLM_JD_ADAPTER_METRICS = "VLLM_JD_ADAPTER_METRICS"
 BASE = "base"

@@ -189,9 +189,9 @@ class _Registrations:
         """``registration.register`` on the pool, bounded in time and in number: Added, or an error response."""
         import asyncio
 
-        from vllm_jd.store.errors import StoreBusy
         from vllm_jd.envs import adapter_root, max_error, registration_timeout
         from vllm_jd.serving.registration import Ticket, register
+        from vllm_jd.store.errors import StoreBusy
 
         name = request.lora_name
         if self.waiting >= MAX_WAITING_REGISTRATIONS:
@@ -202,7 +202,7 @@ class _Registrations:
                                                  max_error(), timeout, ticket, getattr(models, "jd_generation", None)))
         try:
             return await asyncio.wait_for(asyncio.shield(job), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if ticket.cancel():
                 return _error(f"registering {name!r} took more than {timeout:g} s and was cancelled; the store is "
                               "unchanged", 503)
@@ -219,10 +219,10 @@ class _Registrations:
     async def unload(self, models, request):
         import asyncio
 
-        from vllm_jd.store.errors import StoreBusy
         from vllm_jd.envs import registration_timeout, unload_deletes
         from vllm_jd.serving.metrics import metrics
         from vllm_jd.serving.registration import unregister
+        from vllm_jd.store.errors import StoreBusy
 
         name = request.lora_name
         loaded = models.lora_requests.get(name)

@@ -60,7 +60,7 @@ class AdapterRefresh:
         sigmas = self._jd_read_sigma(name, manifest, reader)
         in_use = {lora.jd_row for lora in self._registered_adapters.values()}
         row, used_before = self.jd_table.take(name, set(manifest.adapters), in_use)
-        for i, (module, names, w) in enumerate(self._jd_layers):
+        for i, (_, _, w) in enumerate(self._jd_layers):
             if fresh and self.jd_residency is not None:  # host memory grows, the device slots do not
                 self.jd_residency.append_clusters(i, *bases[i])
             elif fresh:

@@ -33,12 +33,12 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from vllm_jd.store.errors import AdapterError, StoreError
 from vllm_jd.compress.peft_io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, open_adapter
 from vllm_jd.compress.project import Added, add_named
+from vllm_jd.store.errors import AdapterError, StoreError
 from vllm_jd.store.format import read_manifest
 from vllm_jd.store.transaction import remove_adapters
 
@@ -82,7 +82,7 @@ def _open_dir_under(root: Path, real: Path) -> int:
     return fd
 
 
-def _copy_file(dir_fd: int, name: str, dest: Path, limit: int, ticket: "Ticket | None") -> bool:
+def _copy_file(dir_fd: int, name: str, dest: Path, limit: int, ticket: Ticket | None) -> bool:
     """Copy regular file ``name`` of the folder ``dir_fd`` to ``dest``; False if it is absent.
     Refused: anything but a regular file with one link, over ``limit`` bytes or more than the
     temporary folder's free space; the copy stops as soon as the caller gave up (``ticket``)."""
@@ -123,7 +123,7 @@ def weights_limit(manifest, config_file: Path) -> int:
     return min(MAX_FILE_BYTES, sum(r * (m.d_in + m.d_out) * 8 for m in manifest.modules) + (1 << 20))
 
 
-def copy_under_root(real: Path, root: str, into: Path, manifest=None, ticket: "Ticket | None" = None) -> Path:
+def copy_under_root(real: Path, root: str, into: Path, manifest=None, ticket: Ticket | None = None) -> Path:
     """Copy the adapter at ``real`` (already resolved under ``root``) into folder ``into`` through
     descriptors (module docstring, step 1), its weights bounded by ``weights_limit`` for the
     store's ``manifest``; returns ``into``."""

@@ -42,7 +42,7 @@ class HostBases:
     UT: list[torch.Tensor]
 
     @classmethod
-    def split(cls, w: JDLayerWeights, slots: int, pin: bool) -> tuple["HostBases", JDLayerWeights]:
+    def split(cls, w: JDLayerWeights, slots: int, pin: bool) -> tuple[HostBases, JDLayerWeights]:
         """Move all of ``w``'s clusters to the host; return them and ``w`` cut to ``slots`` empty slots."""
         C, R, d_in = w.num_clusters, w.rank, w.V_all.shape[0]
         V = w.V_all.view(d_in, C, -1).permute(1, 0, 2).to("cpu", copy=True).contiguous()
@@ -66,7 +66,7 @@ class HostBases:
         """Add clusters: V [n, d_in, S·R], UT S tensors [n, R, d_s]."""
         pin = self.V.is_pinned()
         self.V = torch.cat([self.V, V.to(self.V.dtype)])
-        self.UT = [torch.cat([u, n.to(u.dtype)]) for u, n in zip(self.UT, UT)]
+        self.UT = [torch.cat([u, n.to(u.dtype)]) for u, n in zip(self.UT, UT, strict=True)]
         if pin:
             self.V, self.UT = self.V.pin_memory(), [u.pin_memory() for u in self.UT]
 
@@ -74,7 +74,7 @@ class HostBases:
         """Cluster ``cluster``'s bases into slot ``slot`` of the device weights ``w``."""
         width, R = self.V.shape[2], w.rank
         w.V_all[:, slot * width:(slot + 1) * width].copy_(self.V[cluster], non_blocking=True)
-        for ut, host in zip(w.UT, self.UT):
+        for ut, host in zip(w.UT, self.UT, strict=True):
             ut[slot * R:(slot + 1) * R].copy_(host[cluster], non_blocking=True)
         w.refresh_slot(slot)  # the CPU paths' layouts of the slot
 

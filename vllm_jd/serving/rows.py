@@ -37,7 +37,7 @@ class RowTable:
 
     @classmethod
     def start(cls, rows: dict[str, int], loc: dict[str, Location], cluster: np.ndarray, none_row: int,
-              spare: int, min_capacity: int = 0) -> "RowTable":
+              spare: int, min_capacity: int = 0) -> RowTable:
         capacity = max(none_row + 1 + spare, min_capacity)
         cluster_of_row = np.zeros(capacity, dtype=np.int64)
         cluster_of_row[: len(cluster)] = cluster

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vllm_jd.envs import store_path
 from vllm_jd.store.format import MANIFEST, Manifest, read_manifest
 from vllm_jd.store.validate import Findings, check_store
-from vllm_jd.envs import store_path
 
 logger = logging.getLogger(__name__)
 _checked: dict[tuple, tuple[Manifest, Findings]] = {}

@@ -41,11 +41,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_jd.envs import (SCHEDULER_POLICIES, VLLM_JD_ADAPTER_ROOT, VLLM_JD_MAX_ERROR, VLLM_JD_MAX_RESIDENT_CLUSTERS,
-                          VLLM_JD_MAX_WAIT, VLLM_JD_REGISTRATION_TIMEOUT, VLLM_JD_RUNTIME_DIR, VLLM_JD_SCHEDULER_POLICY,
-                          VLLM_JD_SPARE_ADAPTERS, VLLM_JD_STORE, VLLM_JD_UNLOAD_DELETES, positive)
-from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
+from vllm_jd.envs import (
+    SCHEDULER_POLICIES,
+    VLLM_JD_ADAPTER_ROOT,
+    VLLM_JD_MAX_ERROR,
+    VLLM_JD_MAX_RESIDENT_CLUSTERS,
+    VLLM_JD_MAX_WAIT,
+    VLLM_JD_REGISTRATION_TIMEOUT,
+    VLLM_JD_RUNTIME_DIR,
+    VLLM_JD_SCHEDULER_POLICY,
+    VLLM_JD_SPARE_ADAPTERS,
+    VLLM_JD_STORE,
+    VLLM_JD_UNLOAD_DELETES,
+    positive,
+)
 from vllm_jd.serving import kv_cache, preflight
+from vllm_jd.serving.metrics import VLLM_JD_ADAPTER_METRICS
 from vllm_jd.serving.servable import servable
 
 logger = logging.getLogger(__name__)
@@ -97,51 +108,43 @@ def split_jd_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return ours, rest
 
 
+JD_VALUES = {  # option: (environment variable, accepts the value, what it expects)
+    "--jd-max-error": (VLLM_JD_MAX_ERROR, positive, "a number > 0"),
+    "--jd-registration-timeout": (VLLM_JD_REGISTRATION_TIMEOUT, positive, "seconds > 0"),
+    "--jd-spare-adapters": (VLLM_JD_SPARE_ADAPTERS, str.isdigit, "an integer ≥ 0"),
+    "--jd-max-resident-clusters": (VLLM_JD_MAX_RESIDENT_CLUSTERS, lambda v: v.isdigit() and int(v) >= 1,
+                                   "an integer ≥ 1"),
+    "--jd-max-wait": (VLLM_JD_MAX_WAIT, positive, "seconds > 0"),
+    "--jd-scheduler-policy": (VLLM_JD_SCHEDULER_POLICY, lambda v: v in SCHEDULER_POLICIES,
+                              f"one of {', '.join(SCHEDULER_POLICIES)}"),
+}
+JD_SWITCHES = {"--jd-adapter-metrics": VLLM_JD_ADAPTER_METRICS, "--jd-unload-deletes": VLLM_JD_UNLOAD_DELETES}
+"""How our options become the environment of vLLM's processes (read there by ``vllm_jd.envs``)."""
+
+
 def jd_environment(ours: dict[str, str]) -> dict[str, str]:
     """Environment for vLLM's processes from our options; ValueError naming a bad value."""
+    for flag in ("--jd-max-wait", "--jd-scheduler-policy"):
+        if flag in ours and "--jd-max-resident-clusters" not in ours:
+            raise ValueError(f"{flag} applies to a resident cluster budget; add --jd-max-resident-clusters K")
     env = {}
     if (root := ours.get("--jd-adapter-root")) is not None:
         if not Path(root).is_dir():
             raise ValueError(f"--jd-adapter-root {root}: not a folder")
         env[VLLM_JD_ADAPTER_ROOT] = str(Path(root).resolve())
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # vLLM's switch for /v1/load_lora_adapter
-    if (e := ours.get("--jd-max-error")) is not None:
-        if not positive(e):
-            raise ValueError(f"--jd-max-error {e!r}: expected a number > 0")
-        env[VLLM_JD_MAX_ERROR] = e
-    if "--jd-adapter-metrics" in ours:
-        env[VLLM_JD_ADAPTER_METRICS] = "1"
-    if "--jd-unload-deletes" in ours:
-        env[VLLM_JD_UNLOAD_DELETES] = "1"
-    if (t := ours.get("--jd-registration-timeout")) is not None:
-        if not positive(t):
-            raise ValueError(f"--jd-registration-timeout {t!r}: expected seconds > 0")
-        env[VLLM_JD_REGISTRATION_TIMEOUT] = t
+    for flag, (name, accepts, expected) in JD_VALUES.items():
+        if (value := ours.get(flag)) is not None:
+            if not accepts(value):
+                raise ValueError(f"{flag} {value!r}: expected {expected}")
+            env[name] = value
+    env.update({name: "1" for flag, name in JD_SWITCHES.items() if flag in ours})
     if "--jd-admin" in ours:
         env["VLLM_PLUGINS"] = admin_plugins(os.environ.get("VLLM_PLUGINS"))
     elif "VLLM_PLUGINS" not in os.environ:
         # unset, vLLM loads every general plugin but warns at each start that it found endpoint
         # plugins (our admin routes) it will not load: name the general ones, load the same
         env["VLLM_PLUGINS"] = ",".join(general_plugins())
-    if (n := ours.get("--jd-spare-adapters")) is not None:
-        if not n.isdigit():
-            raise ValueError(f"--jd-spare-adapters {n!r}: expected an integer ≥ 0")
-        env[VLLM_JD_SPARE_ADAPTERS] = n
-    if (k := ours.get("--jd-max-resident-clusters")) is not None:
-        if not k.isdigit() or int(k) < 1:
-            raise ValueError(f"--jd-max-resident-clusters {k!r}: expected an integer ≥ 1")
-        env[VLLM_JD_MAX_RESIDENT_CLUSTERS] = k
-    for flag in ("--jd-max-wait", "--jd-scheduler-policy"):
-        if flag in ours and "--jd-max-resident-clusters" not in ours:
-            raise ValueError(f"{flag} applies to a resident cluster budget; add --jd-max-resident-clusters K")
-    if (w := ours.get("--jd-max-wait")) is not None:
-        if not positive(w):
-            raise ValueError(f"--jd-max-wait {w!r}: expected seconds > 0")
-        env[VLLM_JD_MAX_WAIT] = w
-    if (p := ours.get("--jd-scheduler-policy")) is not None:
-        if p not in SCHEDULER_POLICIES:
-            raise ValueError(f"--jd-scheduler-policy {p!r}: expected one of {', '.join(SCHEDULER_POLICIES)}")
-        env[VLLM_JD_SCHEDULER_POLICY] = p
     return env
 
 

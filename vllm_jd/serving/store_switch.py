@@ -50,7 +50,7 @@ class StoreSwitch:
             residency = ResidentBases(self.jd_residency.slots, self.device) if self.jd_residency is not None else None
             if residency is not None:
                 fresh = [residency.add_layer(w) for w in fresh]
-            for (_, _, old), new in zip(self._jd_layers, fresh):
+            for (_, _, old), new in zip(self._jd_layers, fresh, strict=True):
                 if cuda_graphs and _shapes(old) != _shapes(new):
                     raise StoreError(f"store {store} needs other tensor shapes than {old_bank.store} "
                                      f"({_shapes(new)} vs {_shapes(old)}); with CUDA graphs switch by restarting "
@@ -60,7 +60,7 @@ class StoreSwitch:
             raise
         if self.jd_residency is not None:
             self.jd_residency.close()  # no copy of the old store may land after this point
-        for i, ((_, _, old), new) in enumerate(zip(self._jd_layers, fresh)):
+        for i, ((_, _, old), new) in enumerate(zip(self._jd_layers, fresh, strict=True)):
             _assign(old, new)
             if residency is not None:
                 residency.layers[i] = (old, residency.layers[i][1])
@@ -88,7 +88,7 @@ def _assign(old: JDLayerWeights, new: JDLayerWeights) -> None:
         else:
             setattr(old, name, b)
     if [u.shape for u in old.UT] == [u.shape for u in new.UT]:
-        for a, b in zip(old.UT, new.UT):
+        for a, b in zip(old.UT, new.UT, strict=True):
             a.copy_(b)
     else:
         old.UT = new.UT

@@ -161,7 +161,7 @@ def unflatten(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     if flat.dim() != 1 or flat.numel() != sum(sizes):
         raise ValueError(f"flat vector of shape {tuple(flat.shape)} does not match the layout's "
                          f"{sum(sizes)} entries")
-    return {key: part.reshape(shape) for (key, shape), part in zip(layout, flat.split(sizes))}
+    return {key: part.reshape(shape) for (key, shape), part in zip(layout, flat.split(sizes), strict=True)}
 
 
 def compeft_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], density: float,

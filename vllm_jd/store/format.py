@@ -37,9 +37,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from safetensors import safe_open
 
+from vllm_jd.store.dtypes import SCALE_SUFFIX, StoreDtype, decode
 from vllm_jd.store.errors import StoreError
 from vllm_jd.store.names import name_problem
-from vllm_jd.store.dtypes import SCALE_SUFFIX, StoreDtype, decode
 from vllm_jd.store.ternary_codec import decode_bases
 
 FORMAT = "vllm-jd-store"

@@ -21,10 +21,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from vllm_jd.store.errors import StoreBusy, StoreError
 from vllm_jd.store.format import MANIFEST, Manifest, read_manifest, write_manifest

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_jd.store.errors import StoreError
 from vllm_jd.store.dtypes import SCALE_SUFFIX
+from vllm_jd.store.errors import StoreError
 from vllm_jd.store.format import Manifest, TensorReader, compeft_key, shard_path, sigma_key, u_key, v_key
 
 MAX_VALUE = 65504.0
@@ -82,7 +82,7 @@ def _expected(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str, list[
     for name, a in manifest.adapters.items():
         c = manifest.clusters[a.cluster]
         r = c.rank
-        for m, err in zip(manifest.modules, a.module_errors):
+        for m, err in zip(manifest.modules, a.module_errors, strict=True):
             if err is None:
                 continue
             d_in, d_out = dims[m.name]
@@ -101,7 +101,7 @@ def _header_problem(f, key: str, shape: tuple[int, ...], dtype: str) -> str | No
         return f"tensor {key} is not in its shard"
     sl = f.get_slice(key)
     got = tuple(sl.get_shape())
-    if len(got) != len(shape) or any(w not in (-1, g) for w, g in zip(shape, got)):
+    if len(got) != len(shape) or any(w not in (-1, g) for w, g in zip(shape, got, strict=True)):
         return f"tensor {key} has shape {list(got)}, the manifest needs {['k' if w < 0 else w for w in shape]}"
     expected = {"u8": "U8", "fp32": "F32", "bf16": "BF16", "fp16": "F16", "int8": "I8"}[dtype]
     if sl.get_dtype() != expected:

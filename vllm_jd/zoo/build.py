@@ -54,7 +54,7 @@ def micro_config(tasks: int = 2, seed: int = 0) -> ZooConfig:
 def accuracy(model, tok, pairs: list[tuple[str, str]], max_new_tokens: int) -> float:
     """Exact-match accuracy of greedy decoding on ``(prompt, answer)`` pairs."""
     outs = greedy(model, tok, [p for p, _ in pairs], max_new_tokens)
-    return sum(exact_match(o, a) for o, (_, a) in zip(outs, pairs)) / len(pairs)
+    return sum(exact_match(o, a) for o, (_, a) in zip(outs, pairs, strict=True)) / len(pairs)
 
 
 def _mean(xs: list[float]) -> float:

@@ -79,7 +79,7 @@ def child(spec: dict) -> dict:
             pairs = [(i, p, n) for n in group for i, p in enumerate(spec["prompts"])]
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for _, p, _ in pairs], params,
                                 lora_request=_requests(spec, [n for _, _, n in pairs]), use_tqdm=False)
-            tokens.update({f"{n}|{i}": list(o.outputs[0].token_ids) for (i, _, n), o in zip(pairs, outs)})
+            tokens.update({f"{n}|{i}": list(o.outputs[0].token_ids) for (i, _, n), o in zip(pairs, outs, strict=True)})
         return {"tokens": tokens}
     ps = prompts(spec["requests"], spec["prompt_len"], spec["vocab"], seed=1)
     result = {}
