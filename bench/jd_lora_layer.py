@@ -19,22 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import random_layer, token_rows  # noqa: E402
-from machine import machine  # noqa: E402
-
-from vllm_jd.kernels import jd_fused_cpu  # noqa: E402
-from vllm_jd.kernels.metadata import build_meta  # noqa: E402
+from vllm_jd.kernels import jd_fused_cpu
+from vllm_jd.kernels.metadata import build_meta
 from vllm_jd.kernels.torch_ops import jd_lora_torch
-from vllm_jd.kernels.weights import JDLayerWeights  # noqa: E402
+from vllm_jd.kernels.weights import JDLayerWeights
+from vllm_jd.testing.cases import random_layer, token_rows
 
 MIXES = {"decode64": (64, [1] * 64), "mixed110": (64, [24] * 2 + [1] * 62), "mixed202": (64, [24] * 6 + [1] * 58),
          "mixed340": (64, [24] * 12 + [1] * 52), "mixed524": (64, [24] * 20 + [1] * 44),

@@ -5,13 +5,13 @@ with 2 torch threads: with one, the fused kernel (``test_jd_fused_cpu.py``) take
 
 import pytest
 import torch
-from cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
 
 from vllm_jd.kernels import amx
 from vllm_jd.kernels.metadata import build_meta
 from vllm_jd.kernels.reference import jd_lora_ref
 from vllm_jd.kernels.torch_ops import jd_lora_torch
 from vllm_jd.kernels.weights import JDLayerWeights
+from vllm_jd.testing.cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
 
 HAS_AMX = amx.usable(torch.bfloat16, [32], [32])
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cases import POPULARITY, token_rows
 
 from vllm_jd.kernels.gpu import plan
 from vllm_jd.kernels.gpu.buffers import TileBuffers
 from vllm_jd.kernels.gpu.decode_model import decode_step
 from vllm_jd.kernels.gpu.tiles import TILE_M, build_tiles, max_cluster_tiles, max_sigma_tiles
+from vllm_jd.testing.cases import POPULARITY, token_rows
 
 N = 1024
 STEPS = {"decode": [1] * 256, "mixed": [300, 700] + [1] * 62, "prefill": [2048, 1024, 512]}

@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
 
 from vllm_jd.kernels import amx, jd_fused_cpu
 from vllm_jd.kernels.metadata import build_meta
@@ -18,6 +17,7 @@ from vllm_jd.kernels.reference import jd_lora_ref
 from vllm_jd.kernels.torch_ops import jd_lora_torch
 from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.serving.residency import ResidentBases
+from vllm_jd.testing.cases import POPULARITY, TOL, random_layer, token_rows, torch_threads
 
 HAS_KERNEL = jd_fused_cpu._lib() is not None
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no AVX2 / AVX-512 here, or no C compiler")

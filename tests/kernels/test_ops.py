@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from cases import POPULARITY, TOL, random_layer, token_rows
 
 from vllm_jd.kernels.metadata import bucket, build_meta
 from vllm_jd.kernels.reference import jd_expand_ref, jd_lora_ref, jd_shrink_ref, jd_sigma_ref
 from vllm_jd.kernels.torch_ops import jd_lora_torch
 from vllm_jd.kernels.weights import JDLayerWeights
+from vllm_jd.testing.cases import POPULARITY, TOL, random_layer, token_rows
 
 
 def run_case(popularity, dtype, R, C, diag, d_in, d_out, seq_lens, N=12, none_frac=0.3, seed=0):

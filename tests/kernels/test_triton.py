@@ -17,13 +17,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cases import POPULARITY, TOL, random_layer, token_rows
 
 from vllm_jd.kernels.gpu import config, selfcheck
 from vllm_jd.kernels.gpu.buffers import TileBuffers
 from vllm_jd.kernels.gpu.tiles import build_tiles
 from vllm_jd.kernels.reference import jd_lora_ref
 from vllm_jd.kernels.weights import JDLayerWeights
+from vllm_jd.testing.cases import POPULARITY, TOL, random_layer, token_rows
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 under_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_under_triton_interpreter in a "

@@ -10,13 +10,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from cases import TOL, random_layer, token_rows
 
 from vllm_jd.kernels.gpu import config
 from vllm_jd.kernels.gpu.buffers import TileBuffers
 from vllm_jd.kernels.gpu.tiles import build_tiles, max_cluster_tiles
 from vllm_jd.kernels.reference import jd_lora_ref
 from vllm_jd.kernels.weights import JDLayerWeights
+from vllm_jd.testing.cases import TOL, random_layer, token_rows
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
 
