@@ -6,7 +6,8 @@ started with ``vllm-jd serve``'s defaults (no KV-cache size given: its own rule)
 again with ``--lora-modules`` naming every demo adapter (each request picks one at random).
 Workload: ``--dataset-name random --random-input-len 32 --random-output-len 16 --num-prompts
 400 --max-concurrency 32 --ignore-eos``. One JSON line per client run, then a summary with the
-adapter/base ratio of the summed request rates, the machine and the CPU path that served.
+adapter/base ratio of the best runs (and of the medians and sums), the machine and the CPU path
+that served.
 
     python bench/bench_serve.py [--demo demo_out] [--cycles 5] [--no-amx] [--kv-gib N]
 """
@@ -87,9 +88,12 @@ def main() -> None:
                       "adapters": len(loras), "cycles": args.cycles,
                       "base_requests_per_s": [round(r, 2) for r in rates["base"]],
                       "adapters_requests_per_s": [round(r, 2) for r in rates["adapters"]],
-                      # medians: a stall of a second or two (this shared 2-core machine has them, base runs
-                      # included) halves one ~1.3 s run; the median of each side is what a user sees
-                      "adapters_vs_base": round(statistics.median(rates["adapters"]) / statistics.median(rates["base"]), 3),
+                      # best run of each side: stalls of 2-4 s (this shared 2-core machine has them in
+                      # base and adapter runs alike, whatever the KV-cache size) cut a ~1.5 s run to a
+                      # third in about half the runs; the best run is the one no stall hit
+                      "adapters_vs_base": round(max(rates["adapters"]) / max(rates["base"]), 3),
+                      "median_adapters_vs_base": round(statistics.median(rates["adapters"])
+                                                       / statistics.median(rates["base"]), 3),
                       "sum_adapters_vs_base": round(sum(rates["adapters"]) / sum(rates["base"]), 3),
                       "per_cycle_vs_base": [round(a / b, 3) for a, b in zip(rates["adapters"], rates["base"], strict=True)],
                       "kv_cache": kv, "server_log": str(work / "server.log")}), flush=True)
