@@ -9,7 +9,12 @@ Workload: ``--dataset-name random --random-input-len 32 --random-output-len 16 -
 adapter/base ratio of the best runs (and of the medians and sums), the machine and the CPU path
 that served.
 
-    python bench/bench_serve.py [--demo demo_out] [--cycles 5] [--no-amx] [--kv-gib N]
+    python bench/bench_serve.py [--demo demo_out] [--cycles 5] [--no-amx] [--kv-gib N] [--probe-only]
+
+Before the client runs, a sequential probe: one request at a time (4 output tokens), 60 for the
+base model then 60 for random adapters, streamed and not, 4 rounds; the median latency of each.
+It has none of the client's noise (on a 2-core machine the client shares a core with the API
+server), so it shows what an adapter adds per request and whether that grows as adapters accumulate.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 from machine import cpu_paths, machine
@@ -45,6 +53,29 @@ def client(port: int, model: Path, loras: list[str], args, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def probe(port: int, model: Path, loras: list[str], rounds: int = 4, n: int = 60) -> None:
+    """The sequential probe: one JSON line per round and mode."""
+    rng = random.Random(0)
+
+    def one(name: str, stream: bool) -> float:
+        body = json.dumps({"model": name, "prompt": "hello world this is a test", "max_tokens": 4,
+                           "stream": stream}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        t = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+        return (time.perf_counter() - t) * 1e3
+
+    for rnd in range(rounds):
+        for stream in (False, True):
+            base = statistics.median(one(str(model), stream) for _ in range(n))
+            adapters = statistics.median(one(rng.choice(loras), stream) for _ in range(n))
+            print(json.dumps({"bench": "bench_serve_probe", "round": rnd, "stream": stream,
+                              "base_median_ms": round(base, 2), "adapters_median_ms": round(adapters, 2),
+                              "adapters_minus_base_ms": round(adapters - base, 2)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, default=ROOT / "demo_out", help="demo output folder (made if missing)")
@@ -55,6 +86,7 @@ def main() -> None:
                     "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 and VLLM_JD_CPU_AMX=0 (vLLM's attention keeps AMX)")
     ap.add_argument("--kv-gib", default=None, help="VLLM_CPU_KVCACHE_SPACE for the server (default: unset, so "
                     "vllm-jd serve's own rule picks it)")
+    ap.add_argument("--probe-only", action="store_true", help="run the sequential probe, not vLLM's client")
     args = ap.parse_args()
     if not (args.demo / "store" / "manifest.json").exists():
         subprocess.run(["bash", "scripts/demo.sh", str(args.demo)], cwd=ROOT, check=True,
@@ -67,7 +99,8 @@ def main() -> None:
                   "--port", str(args.port), "--max-model-len", "512"], args.port, work / "server.log", env=env)
     rates: dict[str, list[float]] = {"base": [], "adapters": []}
     try:
-        for cycle in range(args.cycles):
+        probe(args.port, model, loras)
+        for cycle in range(0 if args.probe_only else args.cycles):
             for name, names in (("base", []), ("adapters", loras)):
                 res = client(args.port, model, names, args, work / f"{name}-{cycle}.json")
                 rates[name].append(res["request_throughput"])
@@ -78,6 +111,8 @@ def main() -> None:
                                   "completed": res["completed"]}), flush=True)
     finally:
         stop(proc)
+    if args.probe_only:
+        return
     log = (work / "server.log").read_text()
     kv = next((line[line.index("KV cache"):] for line in log.splitlines() if "VLLM_CPU_KVCACHE_SPACE;" in line), "?")
     manifest = json.loads((store / "manifest.json").read_text())
