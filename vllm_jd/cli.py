@@ -125,41 +125,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "compress":
-        from vllm_jd.compress.pipeline import compress
+def _compress(args: argparse.Namespace) -> None:
+    from vllm_jd.compress.pipeline import compress
+    from vllm_jd.config import CompressConfig
+
+    config = CompressConfig(method=args.method, rank=args.rank, clusters=args.clusters, max_error=args.max_error,
+                            iters=args.iters, tol=args.tol, seed=args.seed, device=args.device,
+                            max_rounds=args.max_rounds, basis_dtype=args.basis_dtype,
+                            sigma_dtype=args.sigma_dtype, density=args.density, alpha=args.alpha,
+                            compeft_encoding=args.encoding)
+    if args.recluster_exact and args.from_store is None:
+        raise ValueError("--recluster-exact applies to --from-store STORE")
+    s = compress(args.adapters, args.out, config, progress=not args.quiet, from_store=args.from_store,
+                 recluster_exact=args.recluster_exact)
+    m = s.manifest
+    errs = sorted(a.error for a in m.adapters.values())
+    print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "
+          f"{len(m.clusters)} clusters, error median {statistics.median(errs):.4f} max {errs[-1]:.4f}, "
+          f"{s.seconds:.1f} s")
+    if (above := sum(e > args.max_error for e in errs)) and args.method != "compeft":
+        print(f"warning: {above} of {len(errs)} adapters have error above --max-error {args.max_error} (worst "
+              f"{errs[-1]:.4f}); `vllm-jd inspect {args.out}` lists them. A higher --rank or more --clusters "
+              "(or auto) lowers it", file=sys.stderr)
+
+
+def _add(args: argparse.Namespace) -> None:
+    from vllm_jd.compress.project import add
+
+    compeft = None
+    if args.exact_as == "compeft":
         from vllm_jd.config import CompressConfig
 
-        config = CompressConfig(method=args.method, rank=args.rank, clusters=args.clusters, max_error=args.max_error,
-                                iters=args.iters, tol=args.tol, seed=args.seed, device=args.device,
-                                max_rounds=args.max_rounds, basis_dtype=args.basis_dtype,
-                                sigma_dtype=args.sigma_dtype, density=args.density, alpha=args.alpha,
-                                compeft_encoding=args.encoding)
-        if args.recluster_exact and args.from_store is None:
-            raise ValueError("--recluster-exact applies to --from-store STORE")
-        s = compress(args.adapters, args.out, config, progress=not args.quiet, from_store=args.from_store,
-                     recluster_exact=args.recluster_exact)
-        m = s.manifest
-        errs = sorted(a.error for a in m.adapters.values())
-        print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "
-              f"{len(m.clusters)} clusters, error median {statistics.median(errs):.4f} max {errs[-1]:.4f}, "
-              f"{s.seconds:.1f} s")
-        if (above := sum(e > args.max_error for e in errs)) and args.method != "compeft":
-            print(f"warning: {above} of {len(errs)} adapters have error above --max-error {args.max_error} (worst "
-                  f"{errs[-1]:.4f}); `vllm-jd inspect {args.out}` lists them. A higher --rank or more --clusters "
-                  "(or auto) lowers it", file=sys.stderr)
+        c = CompressConfig(density=args.density, alpha=args.alpha, compeft_encoding=args.encoding)  # validates
+        compeft = (c.density, c.alpha, c.compeft_encoding)
+    for r in add(args.store, args.adapters, args.max_error, compeft=compeft):
+        how = {"exact": "exact singleton", "compeft": "ComPEFT singleton"}.get(r.kind, f"projected ({r.kind})")
+        print(f"added {r.name}: cluster {r.cluster}, {how}, error {r.error:.4f}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "compress":
+        _compress(args)
     elif args.command == "add":
-        from vllm_jd.compress.project import add
-
-        compeft = None
-        if args.exact_as == "compeft":
-            from vllm_jd.config import CompressConfig
-
-            c = CompressConfig(density=args.density, alpha=args.alpha, compeft_encoding=args.encoding)  # validates
-            compeft = (c.density, c.alpha, c.compeft_encoding)
-        for r in add(args.store, args.adapters, args.max_error, compeft=compeft):
-            how = {"exact": "exact singleton", "compeft": "ComPEFT singleton"}.get(r.kind, f"projected ({r.kind})")
-            print(f"added {r.name}: cluster {r.cluster}, {how}, error {r.error:.4f}")
+        _add(args)
     elif args.command == "gpu-check":
         from vllm_jd.serving.gpu_check.main import run
 

@@ -105,18 +105,8 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}: no CUDA device is available")
     modules = module_table(adapters)
-    max_rank = min(min(m.d_in, m.d_out) for m in modules)
-    if config.rank is not None and config.rank > max_rank:
-        # refused, not clamped per module: a clamped module would be padded back to the store's
-        # rank for serving (zeros held for every cluster) and the store would not be what was asked
-        small = min(modules, key=lambda m: min(m.d_in, m.d_out))
-        raise ValueError(f"rank {config.rank} is larger than module {small.name} ({small.d_in}→{small.d_out}); use "
-                         f"--rank {max_rank} or less (at {max_rank} that module is stored exactly), or --rank auto")
     n = len(adapters)
-    if config.method == "svd" and config.clusters not in (None, n):
-        raise ValueError("--clusters does not apply to --method svd (every adapter has its own basis)")
-    if config.clusters is not None and config.clusters > n:
-        raise ValueError(f"clusters {config.clusters} is more than the {n} adapters")
+    max_rank = _check_settings(config, modules, n)
     # the checksums read every file whole: on a thread beside the fits (hashlib releases the GIL)
     checksum_pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-jd-checksum")
     checksums_later = checksum_pool.submit(lambda: [a.checksum() for a in adapters])
@@ -125,19 +115,8 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
     if len(bases) > 1:
         logger.warning("adapters name different base models: %s", sorted(map(str, bases)))
     ref_names = reference_modules(modules)
-    fixed = config.method != "svd" and config.rank is not None and config.clusters == 1  # nothing to choose
-    refs = [] if fixed else load_references(adapters, ref_names, config.device)
-    if config.method == "svd":
-        choice = _choose_svd_rank(refs, n, config, max_rank)
-        labels = torch.arange(n)
-    else:
-        with tqdm(desc="clusters", unit="it", disable=not progress) as sel_bar:
-            choice = choose(config.method, refs, n, config.rank, config.clusters, config.max_error, max_rank,
-                            config.iters, config.tol, config.seed, config.max_rounds, on_iter=lambda: sel_bar.update(1))
-        labels = choice.clustering.labels
-    del refs
+    choice, labels = _select(adapters, ref_names, config, max_rank, progress)
     t_select = time.perf_counter() - t0
-    module_seconds: list[float] = []
     rank, k = choice.rank, int(labels.max()) + 1
     if config.method == "svd":  # a truncation above every adapter's own rank keeps nothing more
         rank = min(rank, max(s.rank for a in adapters for s in a.modules.values()))
@@ -151,53 +130,107 @@ def compress_adapters(adapters: list[PeftAdapter], out: str | Path, config: Comp
     weight_map: dict[str, str] = {}
     with writing(out) as staging:
         tmp = staging.dir
-        per_fit = max(config.iters, 1)
-        fits = sum(len({int(labels[i]) for i, a in enumerate(adapters) if m.name in a.modules}) for m in modules)
-        if config.method == "svd":
-            fits = len(modules)
-        bar = tqdm(total=fits * per_fit, desc="compress", unit="it", disable=not progress)
-        phases = {"read": 0.0, "fit": 0.0, "write": 0.0}
-        for mi, module in enumerate(modules):
-            t_module = time.perf_counter()
-            bar.set_postfix_str(module.name, refresh=False)
-            f, present = load_module(adapters, module.name, config.device)  # read once, used by both
-            t_read = time.perf_counter()
-            tensors = _compress_module(f, present, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
-            sq_err_fp32[:, mi] = sq_err[:, mi]
-            t_fit = time.perf_counter()
-            tensors = _store_dtypes(tensors, f, present, module, labels, rows, config, mi, sq_err)
-            shard = staging.shard(f"m{mi:05d}")
-            save_file(tensors, str(tmp / shard))
-            weight_map.update({key: shard for key in tensors})
-            module_seconds.append(time.perf_counter() - t_module)
-            phases["read"] += t_read - t_module
-            phases["fit"] += t_fit - t_read
-            phases["write"] += time.perf_counter() - t_fit
-        bar.close()
+        module_seconds, phases = _write_modules(adapters, modules, labels, rows, k, rank, config, staging,
+                                                (sq_err, sq_err_fp32, weight), weight_map, progress)
         checksums = checksums_later.result()
-        agg = ((torch.nan_to_num(sq_err) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
-        agg32 = ((torch.nan_to_num(sq_err_fp32) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
-        quantised = (config.basis_dtype, config.sigma_dtype) != ("fp32", "fp32")
-        kind = "svd" if config.method == "svd" else "shared"
-        manifest = Manifest(
-            method=config.method, sigma="full" if config.method == "jd-full" else "diag", rank=rank,
-            basis_dtype=config.basis_dtype, sigma_dtype=config.sigma_dtype,
-            base_model=next(iter(bases)) if len(bases) == 1 else None,
-            settings={**config.model_dump(), "rank_chosen": rank, "clusters_chosen": k,
-                      "reference_modules": ref_names, "auto_tried": choice.tried},
-            modules=modules,
-            clusters=[ClusterInfo(id=c, rank=rank, kind=kind) for c in range(k)],
-            adapters={a.name: AdapterInfo(
-                cluster=int(labels[i]), block=0, row=int(rows[i]), rank=max(s.rank for s in a.modules.values()),
-                lora_params=a.lora_params, checksum=checksums[i], source=recorded_source(a), error=float(agg[i]),
-                error_fp32=float(agg32[i]) if quantised else None,
-                module_errors=[None if e != e else round(float(e) ** 0.5, 6) for e in sq_err[i].tolist()])
-                for i, a in enumerate(adapters)},
-            weight_map=weight_map)
+        manifest = _manifest(adapters, config, modules, bases, ref_names, choice, labels, rows, rank, k,
+                             (sq_err, sq_err_fp32, weight), checksums, weight_map)
         if exact:
             place(TensorReader(tmp, manifest), manifest, exact, tmp, config.max_error, force_exact=True)
         publish(staging, manifest, merge)
     return Summary(manifest, time.perf_counter() - t0, choice.tried, t_select, module_seconds, phases)
+
+
+def _write_modules(adapters: list, modules: list, labels: torch.Tensor, rows: torch.Tensor, k: int, rank: int,
+                   config: CompressConfig, staging, errors: tuple, weight_map: dict[str, str],
+                   progress: bool) -> tuple[list[float], dict[str, float]]:
+    """Fit and write every module, one shard each, into ``staging``; fills ``errors`` (squared
+    errors as stored, before the store's dtypes, weights) and ``weight_map``. Returns the seconds
+    per module and per phase (read, fit, write)."""
+    sq_err, sq_err_fp32, weight = errors
+    per_fit = max(config.iters, 1)
+    fits = sum(len({int(labels[i]) for i, a in enumerate(adapters) if m.name in a.modules}) for m in modules)
+    if config.method == "svd":
+        fits = len(modules)
+    bar = tqdm(total=fits * per_fit, desc="compress", unit="it", disable=not progress)
+    phases = {"read": 0.0, "fit": 0.0, "write": 0.0}
+    module_seconds: list[float] = []
+    for mi, module in enumerate(modules):
+        t_module = time.perf_counter()
+        bar.set_postfix_str(module.name, refresh=False)
+        f, present = load_module(adapters, module.name, config.device)  # read once, used by both
+        t_read = time.perf_counter()
+        tensors = _compress_module(f, present, module, labels, rows, k, rank, config, mi, sq_err, weight, bar)
+        sq_err_fp32[:, mi] = sq_err[:, mi]
+        t_fit = time.perf_counter()
+        tensors = _store_dtypes(tensors, f, present, module, labels, rows, config, mi, sq_err)
+        shard = staging.shard(f"m{mi:05d}")
+        save_file(tensors, str(staging.dir / shard))
+        weight_map.update({key: shard for key in tensors})
+        module_seconds.append(time.perf_counter() - t_module)
+        phases["read"] += t_read - t_module
+        phases["fit"] += t_fit - t_read
+        phases["write"] += time.perf_counter() - t_fit
+    bar.close()
+    return module_seconds, phases
+
+
+def _check_settings(config: CompressConfig, modules: list, n: int) -> int:
+    """ValueError naming a setting these ``n`` adapters' ``modules`` cannot take; returns the
+    largest rank any module takes."""
+    max_rank = min(min(m.d_in, m.d_out) for m in modules)
+    if config.rank is not None and config.rank > max_rank:
+        # refused, not clamped per module: a clamped module would be padded back to the store's
+        # rank for serving (zeros held for every cluster) and the store would not be what was asked
+        small = min(modules, key=lambda m: min(m.d_in, m.d_out))
+        raise ValueError(f"rank {config.rank} is larger than module {small.name} ({small.d_in}→{small.d_out}); use "
+                         f"--rank {max_rank} or less (at {max_rank} that module is stored exactly), or --rank auto")
+    if config.method == "svd" and config.clusters not in (None, n):
+        raise ValueError("--clusters does not apply to --method svd (every adapter has its own basis)")
+    if config.clusters is not None and config.clusters > n:
+        raise ValueError(f"clusters {config.clusters} is more than the {n} adapters")
+    return max_rank
+
+
+def _select(adapters: list, ref_names: list[str], config: CompressConfig, max_rank: int, progress: bool):
+    """Rank and clusters (``selection.choose``, or the SVD rank) from the reference modules:
+    (the choice, each adapter's cluster label)."""
+    n = len(adapters)
+    fixed = config.method != "svd" and config.rank is not None and config.clusters == 1  # nothing to choose
+    refs = [] if fixed else load_references(adapters, ref_names, config.device)
+    if config.method == "svd":
+        return _choose_svd_rank(refs, n, config, max_rank), torch.arange(n)
+    with tqdm(desc="clusters", unit="it", disable=not progress) as sel_bar:
+        choice = choose(config.method, refs, n, config.rank, config.clusters, config.max_error, max_rank,
+                        config.iters, config.tol, config.seed, config.max_rounds, on_iter=lambda: sel_bar.update(1))
+    return choice, choice.clustering.labels
+
+
+def _manifest(adapters: list, config: CompressConfig, modules: list, bases: set, ref_names: list[str], choice,
+              labels: torch.Tensor, rows: torch.Tensor, rank: int, k: int, errors: tuple, checksums: list[str],
+              weight_map: dict[str, str]) -> Manifest:
+    """The new store's manifest. errors: per adapter and module, the squared relative errors as
+    stored and before the store's dtypes, and the weights (‖P‖²) that aggregate them."""
+    sq_err, sq_err_fp32, weight = errors
+    agg = ((torch.nan_to_num(sq_err) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
+    agg32 = ((torch.nan_to_num(sq_err_fp32) * weight).sum(1) / weight.sum(1).clamp_min(1e-300)).sqrt()
+    quantised = (config.basis_dtype, config.sigma_dtype) != ("fp32", "fp32")
+    kind = "svd" if config.method == "svd" else "shared"
+    return Manifest(
+        method=config.method, sigma="full" if config.method == "jd-full" else "diag", rank=rank,
+        basis_dtype=config.basis_dtype, sigma_dtype=config.sigma_dtype,
+        base_model=next(iter(bases)) if len(bases) == 1 else None,
+        settings={**config.model_dump(), "rank_chosen": rank, "clusters_chosen": k,
+                  "reference_modules": ref_names, "auto_tried": choice.tried},
+        modules=modules,
+        clusters=[ClusterInfo(id=c, rank=rank, kind=kind) for c in range(k)],
+        adapters={a.name: AdapterInfo(
+            cluster=int(labels[i]), block=0, row=int(rows[i]), rank=max(s.rank for s in a.modules.values()),
+            lora_params=a.lora_params, checksum=checksums[i], source=recorded_source(a), error=float(agg[i]),
+            error_fp32=float(agg32[i]) if quantised else None,
+            module_errors=[None if e != e else round(float(e) ** 0.5, 6) for e in sq_err[i].tolist()])
+            for i, a in enumerate(adapters)},
+        weight_map=weight_map)
 
 
 def _exact_only(exact: list, out: str | Path, config: CompressConfig, merge) -> Summary:
