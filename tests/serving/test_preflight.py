@@ -51,3 +51,29 @@ def test_a_store_of_another_model_is_refused_at_once(tiny_model, serving_store):
 def test_unreadable_models_are_left_to_vllm(tmp_path):
     preflight.check("some-org/not-in-the-cache", {"x": (1, 1)})  # no config here: nothing refused
     preflight.check(str(tmp_path), {"x": (1, 1)})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"VLLM_JD_CPU_ISA": "avx9"}, "VLLM_JD_CPU_ISA='avx9': expected one of auto, amx, avx512bf16, avx512, avx2, none"),
+    ({"VLLM_JD_CPU_FUSED": "yes"}, "VLLM_JD_CPU_FUSED='yes': expected 0 or 1"),
+    ({"VLLM_JD_CPU_AMX": "2"}, "VLLM_JD_CPU_AMX='2': expected 0 or 1"),
+])
+def test_bad_cpu_kernel_settings_are_refused_before_any_engine(tiny_model, serving_store, env, message, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    proc, seconds = serve(tiny_model, serving_store)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"vllm-jd serve: error: {message}"
+    assert "Traceback" not in proc.stderr and seconds < 30
+
+
+def test_a_named_cpu_isa_this_cpu_lacks_is_refused(monkeypatch):
+    from vllm_jd.kernels import jd_fused_cpu
+    from vllm_jd.serving.serve import check_cpu_kernel_settings
+
+    monkeypatch.setenv("VLLM_JD_CPU_ISA", "amx")
+    monkeypatch.setattr(jd_fused_cpu, "cpu_flags", lambda: {"avx2", "fma"})  # a Zen 3
+    with pytest.raises(ValueError, match="VLLM_JD_CPU_ISA=amx: this CPU lacks"):
+        check_cpu_kernel_settings()
+    monkeypatch.setenv("VLLM_JD_CPU_FUSED", "0")  # no kernel at all: nothing to refuse
+    check_cpu_kernel_settings()

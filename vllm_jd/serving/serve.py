@@ -272,10 +272,23 @@ def bench(argv: list[str]) -> int:
     return 0
 
 
+def check_cpu_kernel_settings() -> None:
+    """The CPU kernel's variables (``VLLM_JD_CPU_FUSED``, ``VLLM_JD_CPU_AMX``, ``VLLM_JD_CPU_ISA``)
+    checked here, where a bad value exits 2 with its reason, instead of in the worker at the first
+    step (a dead engine and a traceback); a named ISA this CPU lacks is refused the same way."""
+    from vllm_jd import envs
+    from vllm_jd.kernels import jd_fused_cpu
+
+    envs.cpu_fused()
+    if envs.cpu_fused():
+        jd_fused_cpu.choose_isa(jd_fused_cpu.cpu_flags(), envs.cpu_isa(), envs.cpu_amx())
+
+
 def serve(argv: list[str]) -> int:
     """Run vLLM's ``serve`` command with the plugin on; returns when the server exits."""
     argv = expand_config(argv)
     vllm_argv, store = build_vllm_args(argv)
+    check_cpu_kernel_settings()
     os.environ.update(jd_environment(split_jd_options(argv)[0]))
     if store is None:
         os.environ.pop(VLLM_JD_STORE, None)  # the plugin stays off, whatever the environment said
