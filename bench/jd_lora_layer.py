@@ -59,13 +59,6 @@ def vllm_gemm(W: torch.Tensor):
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
-def _runs(isa: str) -> bool:
-    try:
-        return jd_fused_cpu.choose_isa(jd_fused_cpu.cpu_flags(), isa, True) == isa and jd_fused_cpu.load(isa) is not None
-    except ValueError:
-        return False
-
-
 def _fused_layers(layers: list[JDLayerWeights], isa: str) -> list[JDLayerWeights] | None:
     """Copies of the layers whose fused bases are variant ``isa``'s (None where it cannot run them)."""
     out = []
@@ -98,7 +91,7 @@ def main() -> None:
         layers.append(JDLayerWeights.from_bases(V, U, sigma))
         gemms.append(vllm_gemm((torch.randn(sum(d_out), d_in) / d_in**0.5).to(dtype)))
     cluster = np.random.default_rng(0).integers(0, args.clusters, args.adapters + 1)
-    isas = args.isas.split(",") if args.isas else [i for i in jd_fused_cpu.ISAS if _runs(i)]
+    isas = args.isas.split(",") if args.isas else [i for i in jd_fused_cpu.ISAS if jd_fused_cpu.runs_here(i)]
     fused_layers = {isa: _fused_layers(layers, isa) for isa in isas}
     for mix, (seqs, lens) in MIXES.items():
         steps = [token_rows("uniform", seqs, lens, args.adapters, 0.0, k) for k in range(args.steps)]

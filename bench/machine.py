@@ -10,9 +10,10 @@ from pathlib import Path
 
 
 def machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text()
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
+    from vllm_jd.kernels.jd_fused_cpu import cpu_flags
+
+    name = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    flags = cpu_flags()
     return {"cpu": name.group(1) if name else "unknown", "amx": "amx_bf16" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "cores": os.cpu_count()}
 

@@ -23,11 +23,8 @@ HAS_KERNEL = jd_fused_cpu._lib() is not None
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no AVX2 / AVX-512 here, or no C compiler")
 
 
-def _runs(isa: str) -> bool:
-    return jd_fused_cpu._CPU_FLAGS[isa] <= jd_fused_cpu.cpu_flags() and jd_fused_cpu.load(isa) is not None
-
-
-EVERY_ISA = [pytest.param(isa, marks=pytest.mark.skipif(not _runs(isa), reason=f"this CPU cannot run {isa}"))
+EVERY_ISA = [pytest.param(isa, marks=pytest.mark.skipif(not jd_fused_cpu.runs_here(isa),
+                                                       reason=f"this CPU cannot run {isa}"))
              for isa in jd_fused_cpu.ISAS]
 
 
@@ -84,7 +81,7 @@ def test_odd_shapes_one_cluster_and_big_tiles(isa):
 
 
 def test_vector_variants_take_any_even_d_in():
-    isa = next((i for i in jd_fused_cpu.ISAS[1:] if _runs(i)), None)
+    isa = next((i for i in jd_fused_cpu.ISAS[1:] if jd_fused_cpu.runs_here(i)), None)
     if isa is None:
         pytest.skip("no vector variant runs here")
     w, x, y, meta, rows, want = _case("uniform", MIXES["mixed"], R=16, d_in=98, d_out=(32, 16))
@@ -278,7 +275,7 @@ def test_cpu_isa_variable_picks_the_variant(monkeypatch):
     monkeypatch.setenv("VLLM_JD_CPU_ISA", "avx9")
     with pytest.raises(ValueError, match="VLLM_JD_CPU_ISA='avx9'"):
         envs.cpu_isa()
-    runnable = [isa for isa in jd_fused_cpu.ISAS if _runs(isa)]
+    runnable = [isa for isa in jd_fused_cpu.ISAS if jd_fused_cpu.runs_here(isa)]
     for isa in runnable + ["none"]:
         monkeypatch.setenv("VLLM_JD_CPU_ISA", isa)
         jd_fused_cpu._lib.cache_clear()

@@ -23,8 +23,7 @@ from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
 
 pytestmark = pytest.mark.skipif(jd_fused_cpu._lib() is None, reason="no AVX2/AVX-512 or no C compiler: no kernel")
 OWN = jd_fused_cpu.kernel_isa()
-VECTOR = next((isa for isa in jd_fused_cpu.ISAS[1:]
-               if jd_fused_cpu._CPU_FLAGS[isa] <= jd_fused_cpu.cpu_flags() and jd_fused_cpu.load(isa)), None)
+VECTOR = next((isa for isa in jd_fused_cpu.ISAS[1:] if jd_fused_cpu.runs_here(isa)), None)
 
 
 @pytest.fixture(scope="module", params=[OWN] + ([VECTOR] if VECTOR not in (OWN, None) else []))

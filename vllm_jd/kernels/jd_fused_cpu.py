@@ -122,6 +122,12 @@ def load(isa: str) -> Kernel | None:
     return Kernel(isa, fn)
 
 
+def runs_here(isa: str) -> bool:
+    """Whether variant ``isa`` runs in this process: the CPU has its instructions and it builds and
+    loads (tests and benchmarks that try every variant ask this)."""
+    return _CPU_FLAGS[isa] <= cpu_flags() and load(isa) is not None
+
+
 @functools.cache
 def _lib() -> Kernel | None:
     """The variant this process runs (``VLLM_JD_CPU_ISA``, default the best the CPU has; AMX

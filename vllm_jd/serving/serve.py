@@ -279,9 +279,9 @@ def check_cpu_kernel_settings() -> None:
     from vllm_jd import envs
     from vllm_jd.kernels import jd_fused_cpu
 
-    envs.cpu_fused()
-    if envs.cpu_fused():
-        jd_fused_cpu.choose_isa(jd_fused_cpu.cpu_flags(), envs.cpu_isa(), envs.cpu_amx())
+    fused, wanted, amx_allowed = envs.cpu_fused(), envs.cpu_isa(), envs.cpu_amx()  # each raises on a bad value
+    if fused:
+        jd_fused_cpu.choose_isa(jd_fused_cpu.cpu_flags(), wanted, amx_allowed)
 
 
 def serve(argv: list[str]) -> int:
