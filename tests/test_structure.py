@@ -86,6 +86,16 @@ def test_the_store_imports_nothing_else_of_ours():
     assert any(t.startswith("vllm_jd.store") for t in graph["vllm_jd.serving.bank"])  # the rule sees real edges
 
 
+def test_sources_import_only_the_store():
+    # fetching adapters is used by compress and by the server's resolver alike: it must not pull
+    # in either (nor vLLM)
+    graph = import_graph()
+    bad = sorted((m, t) for m, ts in graph.items() if m.startswith("vllm_jd.sources") for t in ts
+                 if not t.startswith(("vllm_jd.sources", "vllm_jd.store")))
+    assert bad == []
+    assert "vllm_jd.sources.fetch" in graph["vllm_jd.compress.inputs"]  # the rule sees real edges
+
+
 def _readme_layout() -> dict[str, set[str]]:
     """README's Layout block: folder → the names its lines list (after the first ":", if any;
     items split at "," and " and ", each item's first word; parenthesised notes dropped)."""

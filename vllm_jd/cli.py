@@ -30,6 +30,17 @@ def _compeft_args(p: argparse.ArgumentParser) -> None:
                    help="ComPEFT bit coding (default golomb; masks: 2 bits/param)")
 
 
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sources", default=None, metavar="FILE",
+                   help="a text file of more adapter sources, one a line (# comments)")
+    p.add_argument("--fetch-workers", type=int, default=8, metavar="N",
+                   help="Hub / URL sources fetched in parallel (default 8)")
+
+
+SOURCES_HELP = ("adapter sources: PEFT folders (or folders of them), Hugging Face Hub ids org/name[/subfolder]"
+                "[@revision], URLs (s3://, gs://, az://, file://, ...); NAME=SOURCE names one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-jd", description="Compress LoRA adapters into shared bases and serve them.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
@@ -41,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     c = sub.add_parser("compress", help="PEFT adapters → a new store")
-    c.add_argument("adapters", nargs="*", help="PEFT adapter folders, or folders whose subfolders are adapters")
+    c.add_argument("adapters", nargs="*", help=SOURCES_HELP)
+    _source_args(c)
     c.add_argument("--from-store", default=None, metavar="STORE",
                    help="also every adapter of STORE (its source folder if unchanged, else rebuilt from STORE): "
                         "re-cluster a store with its added adapters; --out may be STORE itself")
@@ -76,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("add", help="project new adapters into an existing store")
     a.add_argument("store")
-    a.add_argument("adapters", nargs="+")
+    a.add_argument("adapters", nargs="*", help=SOURCES_HELP)
+    _source_args(a)
     a.add_argument("--max-error", type=float, default=0.5,
                    help="above this error an adapter is stored exactly as its own cluster (default 0.5)")
     a.add_argument("--exact-as", choices=["exact", "compeft"], default="exact",
@@ -136,8 +149,8 @@ def _compress(args: argparse.Namespace) -> None:
                             compeft_encoding=args.encoding)
     if args.recluster_exact and args.from_store is None:
         raise ValueError("--recluster-exact applies to --from-store STORE")
-    s = compress(args.adapters, args.out, config, progress=not args.quiet, from_store=args.from_store,
-                 recluster_exact=args.recluster_exact)
+    s = compress(_sources(args), args.out, config, progress=not args.quiet, from_store=args.from_store,
+                 recluster_exact=args.recluster_exact, fetch_workers=args.fetch_workers)
     m = s.manifest
     errs = sorted(a.error for a in m.adapters.values())
     print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "
@@ -149,6 +162,12 @@ def _compress(args: argparse.Namespace) -> None:
               "(or auto) lowers it", file=sys.stderr)
 
 
+def _sources(args: argparse.Namespace) -> list[str]:
+    from vllm_jd.compress.inputs import source_texts
+
+    return source_texts(args.adapters, args.sources)
+
+
 def _add(args: argparse.Namespace) -> None:
     from vllm_jd.compress.project import add
 
@@ -158,7 +177,11 @@ def _add(args: argparse.Namespace) -> None:
 
         c = CompressConfig(density=args.density, alpha=args.alpha, compeft_encoding=args.encoding)  # validates
         compeft = (c.density, c.alpha, c.compeft_encoding)
-    for r in add(args.store, args.adapters, args.max_error, compeft=compeft):
+    sources = _sources(args)
+    if not sources:
+        raise ValueError("no adapters given: pass adapter sources or --sources FILE")
+    for r in add(args.store, sources, args.max_error, compeft=compeft, fetch_workers=args.fetch_workers,
+                 progress=not args.quiet):
         how = {"exact": "exact singleton", "compeft": "ComPEFT singleton"}.get(r.kind, f"projected ({r.kind})")
         print(f"added {r.name}: cluster {r.cluster}, {how}, error {r.error:.4f}")
 

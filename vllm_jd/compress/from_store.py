@@ -2,7 +2,9 @@
 
 The paper re-clusters everything, added adapters included, every few hours. The best input is
 each adapter's original PEFT folder, which the manifest records (``source``, ``checksum``): it
-is used when it still exists unchanged. Otherwise the adapter is rebuilt from the store itself,
+is used when it still exists unchanged (a Hub or URL source is fetched again first: a Hub
+source is recorded pinned to its commit, so the bytes are the same unless it was deleted).
+Otherwise the adapter is rebuilt from the store itself,
 ``lora_A = V_cᵀ`` [r_c, d_in], ``lora_B = U_c Σ_i`` [d_out, r_c] (scale 1): exact for exact
 singletons, and for shared clusters the stored approximation, whose error then adds to the new
 one's; each such adapter is named in a warning.
@@ -16,6 +18,8 @@ from pathlib import Path
 import torch
 
 from vllm_jd.compress.peft_io import ModuleSpec, PeftAdapter, check_update, open_adapter
+from vllm_jd.sources.fetch import fetch_all
+from vllm_jd.sources.spec import parse_source
 from vllm_jd.store.errors import AdapterError
 from vllm_jd.store.format import Manifest, TensorReader, read_manifest, u_key, v_key
 
@@ -65,10 +69,11 @@ def store_adapters(store: str | Path, manifest: Manifest | None = None) -> list[
     store = Path(store)
     manifest = read_manifest(store) if manifest is None else manifest
     reader = TensorReader(store, manifest)
+    folders = fetched_sources(manifest, list(manifest.adapters))
     out: list[PeftAdapter | StoredAdapter] = []
     rebuilt = []
     for name in manifest.adapters:
-        out.append(_best_source(reader, name))
+        out.append(_best_source(reader, name, folders.get(name)))
         if isinstance(out[-1], StoredAdapter):
             rebuilt.append(name)
     if rebuilt:
@@ -81,13 +86,35 @@ def store_adapters(store: str | Path, manifest: Manifest | None = None) -> list[
     return out
 
 
-def _best_source(reader: TensorReader, name: str) -> PeftAdapter | StoredAdapter:
-    """Adapter ``name``'s source folder if it is unchanged (checksum), else its stored copy."""
+def fetched_sources(manifest: Manifest, names: list[str]) -> dict[str, Path]:
+    """Local folders of the adapters ``names`` whose recorded source is a Hub id or a URL, fetched
+    (in parallel, from the cache where it has them); one that cannot be fetched is left out (the
+    store's copy serves instead) with a warning."""
+    remote = []
+    for n in names:
+        try:
+            s = parse_source(manifest.adapters[n].source, exists=lambda _: False)
+        except ValueError:
+            continue  # a local path that no longer exists
+        if s.kind != "local":
+            remote.append((n, s))
+    got = fetch_all([s for _, s in remote], progress=False, tolerate=True)
+    out = {n: f[0].folder for (n, _), f in zip(remote, got, strict=True) if len(f) == 1}
+    if missed := [n for n, _ in remote if n not in out]:
+        logger.warning("%d sources could not be fetched again (their stored copies serve): %s", len(missed),
+                       ", ".join(missed[:5]))
+    return out
+
+
+def _best_source(reader: TensorReader, name: str, fetched: Path | None = None) -> PeftAdapter | StoredAdapter:
+    """Adapter ``name``'s source folder (``fetched``: where its remote source was fetched to) if
+    it is unchanged (checksum), else its stored copy."""
     info = reader.manifest.adapters[name]
-    src = Path(info.source)
+    src = fetched or Path(info.source)
     if src.is_dir():
         try:
             a = open_adapter(name, src)
+            a.source = info.source
             if a.checksum() == info.checksum:
                 return a
         except ValueError:
@@ -127,7 +154,8 @@ def carry_over(store: Path, snapshot: Manifest, max_error: float):
             new.adapters.pop(n, None)
         if changed:
             reader = TensorReader(store, current)
-            adapters = [_best_source(reader, n) for n in changed]
+            folders = fetched_sources(current, changed)
+            adapters = [_best_source(reader, n, folders.get(n)) for n in changed]
             place(TensorReader(staging.dir, new), new, adapters, staging.dir, max_error)
         for n, (entry, why) in [*current._broken.items(), *snapshot._broken.items()]:
             # unservable, but never dropped; quarantined, because their cluster and row numbers would

@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 from vllm_jd.compress import solvers
 from vllm_jd.compress.clustering import Reference
 from vllm_jd.compress.factors import ModuleFactors, load_module, normalize, reconstruction_losses
-from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter, recorded_source
+from vllm_jd.compress.inputs import Input, gather
+from vllm_jd.compress.peft_io import PeftAdapter, open_adapter, recorded_source
 from vllm_jd.compress.project import place
 from vllm_jd.compress.selection import Choice, choose
 from vllm_jd.compress.summary import Summary, module_table
 from vllm_jd.compress.svd import exact_diag, truncated_svd
 from vllm_jd.config import CompressConfig
+from vllm_jd.sources.fetch import DEFAULT_WORKERS
 from vllm_jd.store.dtypes import encode, roundtrip
 from vllm_jd.store.errors import AdapterError
 from vllm_jd.store.format import (
@@ -64,15 +66,22 @@ def load_references(adapters: list[PeftAdapter], names: list[str], device: str) 
     return refs
 
 
+def _opened(i: Input) -> PeftAdapter:
+    a = open_adapter(i.name, i.folder)
+    a.source = i.source
+    return a
+
+
 def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, progress: bool = True,
-             from_store: str | Path | None = None, recluster_exact: bool = False) -> Summary:
-    """Compress the PEFT adapters under ``paths`` (and every adapter of ``from_store``) into a new
+             from_store: str | Path | None = None, recluster_exact: bool = False,
+             fetch_workers: int = DEFAULT_WORKERS) -> Summary:
+    """Compress the PEFT adapters of ``paths`` (folders, Hub ids or URLs: ``inputs.gather``) (and every adapter of ``from_store``) into a new
     store at ``out`` (atomic; ``out`` may be ``from_store`` itself: then whatever was added to or
     removed from it while this ran is carried over, so no acknowledged ``add`` is lost).
 
     The exact singletons of ``from_store`` stay exact (not refitted into a shared basis, where
     the auto settings only bound the *mean* error) unless ``recluster_exact``."""
-    adapters = [open_adapter(name, p) for name, p in discover(paths)] if paths or from_store is None else []
+    adapters = [_opened(i) for i in gather(paths, fetch_workers, progress)] if paths or from_store is None else []
     exact, merge = [], None
     if from_store is not None:
         from vllm_jd.compress.from_store import carry_over, store_adapters

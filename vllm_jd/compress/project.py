@@ -22,8 +22,10 @@ from safetensors.torch import save_file
 from vllm_jd.compress import solvers
 from vllm_jd.compress.compeft_store import Singleton, encode_singleton, sigma_of
 from vllm_jd.compress.factors import ModuleFactors, load_module, reconstruction_losses
-from vllm_jd.compress.peft_io import PeftAdapter, discover, open_adapter, recorded_source
+from vllm_jd.compress.inputs import gather
+from vllm_jd.compress.peft_io import PeftAdapter, open_adapter, recorded_source
 from vllm_jd.compress.svd import exact_diag, exact_full
+from vllm_jd.sources.fetch import DEFAULT_WORKERS
 from vllm_jd.store.dtypes import encode, roundtrip
 from vllm_jd.store.errors import AdapterError, StoreError
 from vllm_jd.store.format import (
@@ -69,17 +71,21 @@ def _check_modules(manifest: Manifest, adapter: PeftAdapter) -> None:
 
 
 def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5,
-        compeft: tuple[float, float, str] | None = None) -> list[Added]:
-    """Add the PEFT adapters under ``paths`` to ``store``; returns where each one went.
+        compeft: tuple[float, float, str] | None = None, fetch_workers: int = DEFAULT_WORKERS,
+        progress: bool = False) -> list[Added]:
+    """Add the PEFT adapters of ``paths`` (folders, Hub ids or URLs: ``inputs.gather``) to
+    ``store``; returns where each one went.
 
     compeft: (density, alpha, encoding) to store singletons ComPEFT-coded instead of exactly.
     """
-    return add_named(store, discover(paths), max_error, compeft)
+    inputs = gather(paths, fetch_workers, progress)
+    return add_named(store, [(i.name, i.folder) for i in inputs], max_error, compeft,
+                     sources=[i.source for i in inputs])
 
 
 def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float = 0.5,
               compeft: tuple[float, float, str] | None = None, lock_timeout: float | None = None,
-              still_wanted: Callable[[], bool] | None = None, sources: list[str] | None = None,
+              still_wanted: Callable[[], bool] | None = None, sources: list[str | None] | None = None,
               generation: str | None = None) -> list[Added]:
     """``add`` with explicit (name, adapter folder) pairs (a server registers under the request's name).
 
