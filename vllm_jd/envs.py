@@ -28,6 +28,25 @@ VLLM_JD_UNLOAD_DELETES = "VLLM_JD_UNLOAD_DELETES"
 as vLLM's unload)."""
 
 
+VLLM_JD_RESOLVE = "VLLM_JD_RESOLVE"
+"""``hf``, ``fs`` or ``hf,fs``: unknown model names that are Hub ids / URLs allowed by
+``VLLM_JD_RESOLVE_ALLOW`` are fetched and registered on first request (unset: never)."""
+VLLM_JD_RESOLVE_ALLOW = "VLLM_JD_RESOLVE_ALLOW"
+"""Newline-separated patterns (fnmatch) of the model names that may be resolved."""
+
+
+def resolve() -> tuple[frozenset[str], list[str]] | None:
+    """(source kinds, allowed patterns) of on-demand registration, or None when it is off."""
+    from vllm_jd.sources.allow import check_patterns, parse_kinds
+
+    if not (value := os.environ.get(VLLM_JD_RESOLVE)):
+        return None
+    kinds = parse_kinds(value)
+    patterns = [p for p in os.environ.get(VLLM_JD_RESOLVE_ALLOW, "").splitlines() if p.strip()]
+    check_patterns(patterns, kinds)
+    return kinds, patterns
+
+
 def registration_timeout() -> float:
     return _seconds(VLLM_JD_REGISTRATION_TIMEOUT, "120")
 

@@ -110,8 +110,10 @@ def run_python(code: str, env: dict, timeout: int = 300) -> subprocess.Completed
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_vllm_jd(model: Path, store: Path, log: Path, *extra: str, max_num_seqs: int = 32, timeout: float = 300):
+def start_vllm_jd(model: Path, store: Path, log: Path, *extra: str, max_num_seqs: int = 32, timeout: float = 300,
+                  env_overrides: dict[str, str | None] | None = None):
     """Start ``vllm-jd serve`` (vLLM's default multi-process mode) and wait for /health.
+    env_overrides: variables set (None: removed) on top of the test environment.
 
     Returns (process, base url); fails the test with the log's tail if it exits or times out.
     """
@@ -124,6 +126,8 @@ def start_vllm_jd(model: Path, store: Path, log: Path, *extra: str, max_num_seqs
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_JD_STORE", None)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    for k, v in (env_overrides or {}).items():
+        env.pop(k, None) if v is None else env.__setitem__(k, v)
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(exe), "serve", str(model), "--jd-store", str(store), *extra, "--host", "127.0.0.1",
                                  "--port", str(port), "--dtype", "float32", "--max-model-len", "256",

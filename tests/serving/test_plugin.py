@@ -143,12 +143,29 @@ def test_jd_options_become_environment(serving_store, tmp_path, monkeypatch):
     ({"--jd-max-wait": "2"}, "add --jd-max-resident-clusters"),
     ({"--jd-max-resident-clusters": "2", "--jd-max-wait": "0"}, "expected seconds > 0"),
     ({"--jd-max-resident-clusters": "2", "--jd-scheduler-policy": "lifo"}, "expected one of cluster, fcfs"),
+    ({"--jd-resolve": "hf"}, "needs --jd-resolve-allow"),
+    ({"--jd-resolve": "git", "--jd-resolve-allow": "a/*"}, "unknown source kind 'git'"),
+    ({"--jd-resolve": "hf", "--jd-resolve-allow": "*"}, "allows every name"),
+    ({"--jd-resolve-allow": "a/*"}, "applies to --jd-resolve"),
 ])
 def test_jd_option_errors(opts, message):
     from vllm_jd.serving.serve import jd_environment
 
     with pytest.raises(ValueError, match=message):
         jd_environment(opts)
+
+
+def test_resolve_options_take_a_list_of_patterns(monkeypatch):
+    from vllm_jd.serving.serve import jd_environment, split_jd_options
+
+    monkeypatch.setenv("VLLM_PLUGINS", "vllm_jd")
+    ours, rest = split_jd_options(["/m", "--jd-resolve", "hf,fs", "--jd-resolve-allow", "myorg/*", "s3://b/a/*",
+                                   "--port", "9000", "--jd-resolve-allow=team/*"])
+    assert rest == ["/m", "--port", "9000"]
+    assert jd_environment(ours) == {"VLLM_JD_RESOLVE": "hf,fs", "VLLM_JD_RESOLVE_ALLOW": "myorg/*\ns3://b/a/*\nteam/*",
+                                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    with pytest.raises(ValueError, match="needs at least one value"):
+        split_jd_options(["/m", "--jd-resolve-allow", "--port", "1"])
 
 
 def test_resident_budget_sets_the_scheduler(serving_store, monkeypatch):

@@ -10,6 +10,10 @@
     vllm_jd_cluster_load_stall_seconds_total   with a budget: time steps waited for a copy
     vllm_jd_registered_adapter_error           histogram of the projection error of adapters
                                                registered while serving
+    vllm_jd_resolutions_total{outcome}         unknown model names tried by --jd-resolve: resolved,
+                                               not_found (fetch found nothing), failed (bad adapter,
+                                               store or load); disallowed names never get here
+    vllm_jd_resolution_seconds{phase}          histogram: fetch, add (to the store), load (workers)
     vllm_jd_adapter_requests_total{adapter}    only with --jd-adapter-metrics (one series per
                                                adapter: thousands of series)
 
@@ -56,6 +60,11 @@ class JDMetrics:
         self.registered_error = Histogram("vllm_jd_registered_adapter_error",
                                           "Projection error of adapters registered while serving",
                                           buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0))
+        self.resolutions = Counter("vllm_jd_resolutions", "Unknown model names fetched and registered on "
+                                   "first request, per outcome", ["outcome"])
+        self.resolution_seconds = Histogram("vllm_jd_resolution_seconds", "Seconds of each phase of an "
+                                            "on-demand registration", ["phase"],
+                                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.adapter_requests = (Counter("vllm_jd_adapter_requests", "Requests per adapter", ["adapter"])
                                  if adapter_labels else None)
         counts: dict[int, int] = {}
@@ -104,6 +113,12 @@ class JDMetrics:
         self.adapters.labels(str(cluster)).inc()
         if new_cluster and self.resident is not None:
             self.resident.inc()
+
+    def resolved(self, outcome: str, seconds: dict[str, float]) -> None:
+        """One on-demand registration ended with ``outcome``; ``seconds``: phase → time it took."""
+        self.resolutions.labels(outcome).inc()
+        for phase, t in seconds.items():
+            self.resolution_seconds.labels(phase).observe(t)
 
     def unregistered(self, name: str) -> None:
         c = self.cluster_of.pop(name, None)

@@ -63,7 +63,8 @@ def install() -> None:
         register_store_adapters(self)
 
     OpenAIServingModels.init_static_loras = init_static_loras
-    _runtime_registration(OpenAIServingModels)
+    routes = _runtime_registration(OpenAIServingModels)
+    _on_demand_registration(OpenAIServingModels, routes)
     _count_requests()
     _pass_slot_table()
     _worker_switch_method()
@@ -125,6 +126,42 @@ def _runtime_registration(OpenAIServingModels) -> None:
 
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
     OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+    return routes
+
+
+def _on_demand_registration(OpenAIServingModels, routes: _Registrations) -> None:
+    """With ``--jd-resolve``: vllm-jd's ``LoRAResolver`` (``resolver``) in vLLM's registry, and
+    ``resolve_lora`` wrapped to take the name's registration lock before vLLM's (the load route's
+    order), count the outcome, record the adapter's ids and roll back an adapter the workers
+    could not load (vLLM only logs that)."""
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from vllm_jd.envs import resolve
+    from vllm_jd.serving.resolver import CURRENT_MODELS, JDResolver
+    from vllm_jd.serving.servable import lora_path
+
+    if (settings := resolve()) is None:
+        return
+    resolver = JDResolver(*settings, register=routes.register_fetched,
+                          lora_path=lambda models, a: lora_path(store_path(), models.jd_generation, a.cluster,
+                                                                a.block, a.row))
+    LoRAResolverRegistry.register_resolver("vllm-jd", resolver)
+    original = OpenAIServingModels.resolve_lora
+
+    async def resolve_lora(self, lora_name):
+        if lora_name in self.lora_requests or not resolver.wants(lora_name):
+            return await original(self, lora_name)  # no lock entry for every unknown name a client sends
+        async with routes.lock(lora_name):
+            token, result = CURRENT_MODELS.set(self), None
+            try:
+                result = await original(self, lora_name)
+                return result
+            finally:  # an error our resolver raised is the client's answer: counted all the same
+                CURRENT_MODELS.reset(token)
+                if (res := resolver.take(lora_name)) is not None:
+                    await routes.resolved(self, res, result)
+
+    OpenAIServingModels.resolve_lora = resolve_lora
 
 
 class _Registrations:
@@ -162,7 +199,9 @@ class _Registrations:
         if adapter_root() is None:
             return _error("this server serves a vllm-jd store; start it with --jd-adapter-root DIR to register "
                           "adapters from DIR while serving", 400)
-        added = await self._register(models, request)
+        from vllm_jd.serving.registration import register
+
+        added = await self.bounded(models, name, register, request.lora_path, adapter_root())
         if not hasattr(added, "cluster"):
             return added  # an error response
         if added.new and name not in models.lora_requests:
@@ -185,21 +224,42 @@ class _Registrations:
         _ids(models).setdefault(name, set()).add(models.lora_requests[name].lora_int_id)
         return result
 
-    async def _register(self, models, request):
-        """``registration.register`` on the pool, bounded in time and in number: Added, or an error response."""
+    async def register_fetched(self, models, name, fetched):
+        """A fetched adapter (``resolver``) added to the store like a registration: Added, or an error response."""
+        from vllm_jd.serving.registration import add_folder
+
+        return await self.bounded(models, name, add_folder, fetched.folder, fetched.recorded)
+
+    async def resolved(self, models, res, result) -> None:
+        """After vLLM's ``resolve_lora`` ran ours (``res``): metrics, ids, or the rollback."""
+        from vllm_jd.serving.metrics import metrics
+        from vllm_jd.serving.registration import rollback
+
+        added, m = res.added, metrics(store_path())
+        if added is not None and name_loaded(models, res.name):
+            res.outcome = "resolved"
+            if added.new:
+                m.registered(res.name, added.cluster, added.error, added.kind != "shared")
+            _ids(models).setdefault(res.name, set()).add(models.lora_requests[res.name].lora_int_id)
+        elif added is not None and added.new:  # the workers could not load it: vLLM logged why
+            await self.in_pool(rollback, store_path(), res.name)
+        m.resolved(res.outcome, res.seconds)
+
+    async def bounded(self, models, name, fn, *args):
+        """``fn(store, name, *args, max_error, timeout, ticket, generation)`` (``registration``) on
+        the pool, bounded in time and in number: Added, or an error response."""
         import asyncio
 
-        from vllm_jd.envs import adapter_root, max_error, registration_timeout
-        from vllm_jd.serving.registration import Ticket, register
+        from vllm_jd.envs import max_error, registration_timeout
+        from vllm_jd.serving.registration import Ticket
         from vllm_jd.store.errors import StoreBusy
 
-        name = request.lora_name
         if self.waiting >= MAX_WAITING_REGISTRATIONS:
             return _error(f"{self.waiting} registrations are in progress; try again shortly", 503)
         timeout, ticket = registration_timeout(), Ticket()
         self.waiting += 1
-        job = asyncio.ensure_future(self.in_pool(register, store_path(), name, request.lora_path, adapter_root(),
-                                                 max_error(), timeout, ticket, getattr(models, "jd_generation", None)))
+        job = asyncio.ensure_future(self.in_pool(fn, store_path(), name, *args, max_error(), timeout, ticket,
+                                                 getattr(models, "jd_generation", None)))
         try:
             return await asyncio.wait_for(asyncio.shield(job), timeout)
         except TimeoutError:
@@ -258,6 +318,10 @@ class _Registrations:
             return
         for lora_id in sorted(_ids(models).pop(name, ())):
             await models.engine_client.remove_lora(lora_id)
+
+
+def name_loaded(models, name: str) -> bool:
+    return name in models.lora_requests
 
 
 def _ids(models) -> dict[str, set[int]]:

@@ -170,19 +170,28 @@ def register(store: str | Path, name: str, lora_path: str, root: str, max_error:
 
     generation: the store version the server serves; a store recompressed since is refused (its
     new clusters are not the ones the workers hold)."""
-    t0 = time.perf_counter()
     path = resolve_under_root(lora_path, root)
     manifest = read_manifest(Path(store))
     with tempfile.TemporaryDirectory(prefix="vllm-jd-register-") as tmp:
         copy_under_root(path, root, Path(tmp), manifest, ticket)
-        if (stored := already_stored(manifest, name, Path(tmp))) is not None:
-            return stored
-        still_wanted: Callable[[], bool] | None = ticket.go if ticket is not None else None
-        [added] = add_named(store, [(name, Path(tmp))], max_error, lock_timeout=lock_timeout,
-                            still_wanted=still_wanted, sources=[str(path)], generation=generation)
-        logger.info("vllm-jd: registered %s from %s: cluster %d (%s), error %.4f, %.3f s", name, path, added.cluster,
-                    added.kind, added.error, time.perf_counter() - t0)
-        return added
+        return add_folder(store, name, Path(tmp), str(path), max_error, lock_timeout, ticket, generation)
+
+
+def add_folder(store: str | Path, name: str, folder: Path, source: str, max_error: float,
+               lock_timeout: float | None = None, ticket: Ticket | None = None, generation: str | None = None,
+               ) -> Added:
+    """The adapter in ``folder`` (a private copy, or a fetched source) added to ``store`` under
+    ``name`` as ``vllm-jd add`` would, recording ``source``; the store's entry if it already
+    holds these exact weights under ``name`` (``already_stored``)."""
+    t0 = time.perf_counter()
+    if (stored := already_stored(read_manifest(Path(store)), name, folder)) is not None:
+        return stored
+    still_wanted: Callable[[], bool] | None = ticket.go if ticket is not None else None
+    [added] = add_named(store, [(name, folder)], max_error, lock_timeout=lock_timeout, still_wanted=still_wanted,
+                        sources=[source], generation=generation)
+    logger.info("vllm-jd: registered %s from %s: cluster %d (%s), error %.4f, %.3f s", name, source, added.cluster,
+                added.kind, added.error, time.perf_counter() - t0)
+    return added
 
 
 def already_stored(manifest, name: str, folder: Path) -> Added | None:

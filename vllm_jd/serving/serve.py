@@ -48,6 +48,8 @@ from vllm_jd.envs import (
     VLLM_JD_MAX_RESIDENT_CLUSTERS,
     VLLM_JD_MAX_WAIT,
     VLLM_JD_REGISTRATION_TIMEOUT,
+    VLLM_JD_RESOLVE,
+    VLLM_JD_RESOLVE_ALLOW,
     VLLM_JD_RUNTIME_DIR,
     VLLM_JD_SCHEDULER_POLICY,
     VLLM_JD_SPARE_ADAPTERS,
@@ -83,7 +85,10 @@ def _option(args: list[str], name: str) -> str | None:
 JD_OPTIONS = {"--jd-store": None, "--jd-adapter-root": VLLM_JD_ADAPTER_ROOT, "--jd-max-error": VLLM_JD_MAX_ERROR,
               "--jd-spare-adapters": VLLM_JD_SPARE_ADAPTERS, "--jd-registration-timeout": VLLM_JD_REGISTRATION_TIMEOUT,
               "--jd-max-resident-clusters": VLLM_JD_MAX_RESIDENT_CLUSTERS, "--jd-max-wait": VLLM_JD_MAX_WAIT,
-              "--jd-scheduler-policy": VLLM_JD_SCHEDULER_POLICY}
+              "--jd-scheduler-policy": VLLM_JD_SCHEDULER_POLICY, "--jd-resolve": VLLM_JD_RESOLVE,
+              "--jd-resolve-allow": VLLM_JD_RESOLVE_ALLOW}
+JD_LISTS = ("--jd-resolve-allow",)
+"""Options taking every value up to the next option (``--jd-resolve-allow 'a/*' 'b/*'``)."""
 JD_SCHEDULER_CLS = "vllm_jd.scheduler.scheduler.JDScheduler"
 JD_FLAGS = ("--jd-adapter-metrics", "--jd-admin", "--jd-unload-deletes")
 """Our options (and the environment variable each becomes for vLLM's processes)."""
@@ -96,6 +101,13 @@ def split_jd_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
         name, eq, value = argv[i].partition("=")
         if argv[i] in JD_FLAGS:  # no value
             ours[argv[i]] = "1"
+        elif name in JD_LISTS:
+            values = [value] if eq else []
+            while not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                values, i = [*values, argv[i + 1]], i + 1
+            if not values:
+                raise ValueError(f"{name} needs at least one value")
+            ours[name] = "\n".join(filter(None, (ours.get(name), *values)))
         elif name in JD_OPTIONS:
             if not eq:
                 if i + 1 >= len(argv):
@@ -133,6 +145,7 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
             raise ValueError(f"--jd-adapter-root {root}: not a folder")
         env[VLLM_JD_ADAPTER_ROOT] = str(Path(root).resolve())
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # vLLM's switch for /v1/load_lora_adapter
+    env.update(_resolve_environment(ours))
     for flag, (name, accepts, expected) in JD_VALUES.items():
         if (value := ours.get(flag)) is not None:
             if not accepts(value):
@@ -146,6 +159,20 @@ def jd_environment(ours: dict[str, str]) -> dict[str, str]:
         # plugins (our admin routes) it will not load: name the general ones, load the same
         env["VLLM_PLUGINS"] = ",".join(general_plugins())
     return env
+
+
+def _resolve_environment(ours: dict[str, str]) -> dict[str, str]:
+    """--jd-resolve KINDS --jd-resolve-allow PATTERN…: checked here, read by the API server's resolver."""
+    from vllm_jd.sources.allow import check_patterns, parse_kinds
+
+    if "--jd-resolve" not in ours:
+        if "--jd-resolve-allow" in ours:
+            raise ValueError("--jd-resolve-allow applies to --jd-resolve hf|fs|hf,fs")
+        return {}
+    patterns = ours.get("--jd-resolve-allow", "").split("\n")
+    check_patterns([p for p in patterns if p], parse_kinds(ours["--jd-resolve"]))
+    return {VLLM_JD_RESOLVE: ours["--jd-resolve"], VLLM_JD_RESOLVE_ALLOW: ours["--jd-resolve-allow"],
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}  # vLLM asks resolvers only with runtime updating on
 
 
 def general_plugins() -> list[str]:
