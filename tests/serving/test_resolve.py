@@ -44,6 +44,8 @@ def setup(tiny_model, serving_store, tmp_path_factory):
     hub.add_repo("acme/wrong", hub_files(wrong))
     hub.add_repo("acme/broken", {FILES[0]: (near / FILES[0]).read_bytes(), FILES[1]: b"\0" * 64})
     hub.add_repo("other/near", hub_files(near))
+    hub.add_repo("acme/loaded", hub_files(make_adapters(tmp / "src", 1, mods, rank=8, structure="shared", seed=5,
+                                                        alpha=16, prefix="loaded")[0]))
     env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp / "hf"),
            "HF_HUB_DISABLE_TELEMETRY": "1", "VLLM_JD_CACHE": str(tmp / "jd-cache")}
     proc, url = start_vllm_jd(tiny_model, store, tmp / "server.log", "--jd-resolve", "hf,fs", "--jd-resolve-allow",
@@ -109,6 +111,19 @@ def test_disallowed_missing_and_broken_names(setup):
     assert post(url, "acme/broken").status_code == 400 and weight_gets(hub, "acme/broken") == gets  # remembered
     assert tree_digest(store) == before
     assert post(url, str(setup["model"])).status_code == 200  # still serving
+
+
+def test_load_route_fetches_an_allowed_lora_path(setup):
+    url = setup["url"]
+    r = requests.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "mine", "lora_path": "acme/loaded"},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    assert read_manifest(setup["store"]).adapters["mine"].source.startswith("hf://acme/loaded@")
+    assert complete(url, "mine", PROMPTS[2]) == reference_of(setup, ["mine"])(PROMPTS[2], "mine")
+    r = requests.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "other/near"}, timeout=60)
+    assert r.status_code == 400 and "--jd-adapter-root" in r.text, r.text  # not allowed: read as a local path
+    r = requests.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": "acme/missing"}, timeout=60)
+    assert r.status_code == 404 and "no Hub repository acme/missing" in r.text, r.text
 
 
 def test_metrics_count_resolutions(setup):

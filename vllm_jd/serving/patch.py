@@ -146,6 +146,7 @@ def _on_demand_registration(OpenAIServingModels, routes: _Registrations) -> None
                           lora_path=lambda models, a: lora_path(store_path(), models.jd_generation, a.cluster,
                                                                 a.block, a.row))
     LoRAResolverRegistry.register_resolver("vllm-jd", resolver)
+    routes.resolver = resolver  # /v1/load_lora_adapter fetches allowed lora_paths too
     original = OpenAIServingModels.resolve_lora
 
     async def resolve_lora(self, lora_name):
@@ -177,6 +178,7 @@ class _Registrations:
         self.waiting = 0  # registrations accepted and not finished (one event loop: no lock needed)
         self.locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.forgetting: set = set()  # background tasks that drop unloaded ids (kept from the GC)
+        self.resolver = None  # with --jd-resolve: the JDResolver (fetches allowed Hub ids and URLs)
 
     def lock(self, name):
         return self.locks[str(name)]
@@ -187,7 +189,6 @@ class _Registrations:
         return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args))
 
     async def load(self, models, request, base_model_name):
-        from vllm_jd.envs import adapter_root
         from vllm_jd.serving.metrics import metrics
         from vllm_jd.serving.registration import rollback
         from vllm_jd.serving.servable import lora_path
@@ -196,12 +197,7 @@ class _Registrations:
         if (not name or not request.lora_path or models.is_base_model(name)
                 or (name in models.lora_requests and not request.load_inplace)):
             return await self.original_load(models, request, base_model_name)  # vLLM's own 400s
-        if adapter_root() is None:
-            return _error("this server serves a vllm-jd store; start it with --jd-adapter-root DIR to register "
-                          "adapters from DIR while serving", 400)
-        from vllm_jd.serving.registration import register
-
-        added = await self.bounded(models, name, register, request.lora_path, adapter_root())
+        added = await self._add_for_load(models, request)
         if not hasattr(added, "cluster"):
             return added  # an error response
         if added.new and name not in models.lora_requests:
@@ -223,6 +219,26 @@ class _Registrations:
             metrics(store_path()).registered(name, added.cluster, added.error, added.kind != "shared")
         _ids(models).setdefault(name, set()).add(models.lora_requests[name].lora_int_id)
         return result
+
+    async def _add_for_load(self, models, request):
+        """The load route's adapter into the store: a ``lora_path`` that ``--jd-resolve`` allows
+        (Hub id, URL) fetched first, any other read from under ``--jd-adapter-root``. Added, or an
+        error response."""
+        from vllm.exceptions import GracefulHTTPError
+
+        from vllm_jd.envs import adapter_root
+        from vllm_jd.serving.registration import register
+
+        if self.resolver is not None and self.resolver.wants(request.lora_path):
+            try:
+                fetched = await self.resolver.fetch_for(request.lora_name, request.lora_path)
+            except GracefulHTTPError as e:
+                return _error(e.message, int(e.http_status))
+            return await self.register_fetched(models, request.lora_name, fetched)
+        if adapter_root() is None:
+            return _error("this server serves a vllm-jd store; start it with --jd-adapter-root DIR to register "
+                          "adapters from DIR while serving (or --jd-resolve … to fetch Hub ids and URLs)", 400)
+        return await self.bounded(models, request.lora_name, register, request.lora_path, adapter_root())
 
     async def register_fetched(self, models, name, fetched):
         """A fetched adapter (``resolver``) added to the store like a registration: Added, or an error response."""
@@ -335,7 +351,8 @@ def _error(message: str, status: int):
 
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    kind = {400: "InvalidUserInput", 403: "ForbiddenError", 409: "ConflictError", 503: "ServiceUnavailableError"}
+    kind = {400: "InvalidUserInput", 403: "ForbiddenError", 404: "NotFoundError", 409: "ConflictError",
+            503: "ServiceUnavailableError"}
     return create_error_response(message, kind[status], HTTPStatus(status))
 
 

@@ -92,6 +92,14 @@ class JDResolver(LoRAResolver):
         res.added = added
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=self.lora_path(CURRENT_MODELS.get(), added))
 
+    async def fetch_for(self, name: str, text: str) -> Fetched:
+        """The allowed source ``text`` fetched for ``/v1/load_lora_adapter`` (name ``name``);
+        GracefulHTTPError as for a resolution."""
+        source = resolvable(text, self.kinds, self.patterns)
+        if source is None:
+            raise GracefulHTTPError(f"{text!r} is not an allowed source", HTTPStatus.FORBIDDEN)
+        return await self._fetch(Resolution(name, source))
+
     async def _fetch_and_add(self, res: Resolution, models):
         fetched = await self._fetch(res)
         t0 = time.perf_counter()
