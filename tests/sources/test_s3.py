@@ -1,35 +1,59 @@
-"""s3:// sources through s3fs against a local S3 emulator (moto's server): a bucket folder of
-adapters fetched, recorded by URL, fetched again from the cache without a download."""
+"""s3:// sources through s3fs against a local S3 emulator (moto's server, in a child process: its
+Flask globals must not enter this process, where vLLM's kernel rebinding walks every module):
+a bucket folder of adapters fetched, recorded by URL, fetched again from the cache without a
+download."""
 
 from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from hub_cache import FILES
 
-s3fs = pytest.importorskip("s3fs", reason="s3fs is in the test extra; `make setup` installs it")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+from vllm_jd.sources.fetch import fetch_one
+from vllm_jd.sources.spec import parse_source
 
-from vllm_jd.sources.fetch import fetch_one  # noqa: E402
-from vllm_jd.sources.spec import parse_source  # noqa: E402
+if importlib.util.find_spec("s3fs") is None or importlib.util.find_spec("moto") is None:
+    pytest.skip("s3fs and moto[server] are in the test extra; `make setup` installs them", allow_module_level=True)
+import s3fs  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
 def bucket(zoo, monkeypatch):
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("adapters")
-    for a in sorted(zoo.iterdir()):
-        for f in FILES:
-            fs.pipe(f"adapters/team/{a.name}/{f}", (a / f).read_bytes())
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("adapters")
+        for a in sorted(zoo.iterdir()):
+            for f in FILES:
+                fs.pipe(f"adapters/team/{a.name}/{f}", (a / f).read_bytes())
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.terminate()
+        server.wait(30)
 
 
 def test_s3_folder_of_adapters(bucket, zoo, monkeypatch):
