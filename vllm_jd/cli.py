@@ -23,6 +23,13 @@ def _int_or_auto(value: str) -> int | None:
     return v
 
 
+def _positive_int(value: str) -> int:
+    v = _int_or_auto(value)
+    if v is None:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return v
+
+
 def _compeft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=float, default=0.1, help="ComPEFT: fraction of parameters kept (default 0.1)")
     p.add_argument("--alpha", type=float, default=1.0, help="ComPEFT: kept entries become ±alpha·std (default 1)")
@@ -31,9 +38,9 @@ def _compeft_args(p: argparse.ArgumentParser) -> None:
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sources", default=None, metavar="FILE",
-                   help="a text file of more adapter sources, one a line (# comments)")
-    p.add_argument("--fetch-workers", type=int, default=8, metavar="N",
+    p.add_argument("--sources", action="append", default=[], metavar="FILE",
+                   help="a text file of more adapter sources, one a line (# comments); may be repeated")
+    p.add_argument("--fetch-workers", type=_positive_int, default=8, metavar="N",
                    help="Hub / URL sources fetched in parallel (default 8)")
 
 
@@ -296,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2", "httpcore", "huggingface_hub", "botocore", "aiobotocore", "s3fs", "fsspec"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # a line per HTTP request would bury the progress bar
     try:
         return _run(args)
     except BrokenPipeError:  # the reader stopped early (`vllm-jd inspect S | head`): not our error

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import fsspec
+import pytest
 from helpers import tree_digest
 from hub_cache import COMMIT_ONE, COMMIT_ZOO, FILES
 
@@ -34,6 +35,17 @@ def test_compress_from_hub_ids_and_a_sources_file_records_pinned_sources(hf_cach
     assert all(m2.adapters[n].checksum == a.checksum for n, a in m.adapters.items())
 
 
+def test_sources_files_may_be_repeated(hf_cache, tmp_path):
+    (tmp_path / "a.txt").write_text("acme/sql-lora\n")
+    (tmp_path / "b.txt").write_text("acme/zoo/adapter-0001\n")
+    out = tmp_path / "store"
+    assert cli(["-q", "compress", "--sources", str(tmp_path / "a.txt"), "--sources", str(tmp_path / "b.txt"),
+                "--out", str(out), "--rank", "4"]) == 0
+    assert sorted(read_manifest(out).adapters) == ["acme/sql-lora", "acme/zoo/adapter-0001"]
+    with pytest.raises(SystemExit):
+        cli(["-q", "compress", "acme/sql-lora", "--fetch-workers", "0", "--out", str(tmp_path / "x")])
+
+
 def test_from_store_rebuilds_what_cannot_be_fetched(hf_cache, zoo, tmp_path, caplog):
     out = tmp_path / "store"
     assert cli(["-q", "compress", "acme/sql-lora", "acme/zoo", "--out", str(out), "--rank", "4",
@@ -59,6 +71,14 @@ def test_add_from_the_hub_and_bad_sources_exit_2_with_the_store_unchanged(hf_cac
         assert says in err and err.count("\n") == 1, err
         assert tree_digest(out) == before
     assert cli(["-q", "add", str(out)]) == 2 and "no adapters given" in capsys.readouterr().err
+    # the cheap checks come before any download (acme/absent would fail with another message)
+    assert cli(["-q", "add", str(tmp_path / "nostore"), "acme/absent"]) == 2
+    assert "acme/absent" not in capsys.readouterr().err
+    assert cli(["-q", "add", str(out), "acme/absent", "--max-error", "-1"]) == 2
+    assert "max_error" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert cli(["-q", "compress", "acme/absent", "--out", str(tmp_path / "afile")]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
     assert cli(["add", str(out), "acme/zoo", "--max-error", "0.9"]) == 0
     printed = capsys.readouterr().out
     assert "added acme/zoo/adapter-0001" in printed and "added acme/zoo/adapter-0002" in printed

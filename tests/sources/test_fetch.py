@@ -121,3 +121,47 @@ def test_remote_cache_keys_do_not_collide(zoo, cache):
     a = fetch_one(parse_source("memory://m4/adapter-0000"))[0].folder
     b = fetch_one(parse_source("memory://m4/adapter-0001"))[0].folder
     assert a != b and a.parent == b.parent == remote.cache_root()
+
+
+def test_the_same_url_twice_in_one_command_is_fetched_once_at_a_time(zoo, tmp_path):
+    src = tmp_path / "big"
+    shutil.copytree(zoo / "adapter-0001", src)
+    got = gather([f"a=file://{src}", f"b=file://{src}", f"c=file://{src}"], workers=3, progress=False)
+    assert len({i.folder for i in got}) == 1 and same_files(got[0].folder, src)
+    assert [p.name for p in got[0].folder.iterdir() if p.suffix == ".part"] == []
+
+
+def test_without_etag_or_mtime_every_fetch_downloads_again(zoo, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    shutil.copytree(zoo / "adapter-0002", root / "swap")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_header(self, key, value):
+            if key.lower() != "last-modified":  # like a server that tells neither etag nor mtime
+                super().send_header(key, value)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/swap"
+        [first] = fetch_one(parse_source(url))
+        assert same_files(first.folder, zoo / "adapter-0002")
+        shutil.copy(zoo / "adapter-0000" / FILES[1], root / "swap" / FILES[1])  # retrained: same shapes, same size
+        [again] = fetch_one(parse_source(url))
+        assert (again.folder / FILES[1]).read_bytes() == (zoo / "adapter-0000" / FILES[1]).read_bytes()
+    finally:
+        server.shutdown()
+
+
+def test_a_name_for_a_folder_of_adapters_is_refused_everywhere(zoo, hf_cache):
+    put_memory(zoo, "m5")
+    for text in ("x=memory://m5", "x=acme/zoo"):
+        with pytest.raises(AdapterError, match="x= names one adapter, but"):
+            fetch_one(parse_source(text))

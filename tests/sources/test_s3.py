@@ -67,3 +67,17 @@ def test_s3_folder_of_adapters(bucket, zoo, monkeypatch):
                         real(self, path, *a, **k))
     again = fetch_one(parse_source("s3://adapters/team/adapter-0001"))
     assert again[0].folder == got[1].folder and opened == []  # unchanged (etag, size): nothing downloaded
+
+
+def test_a_resumed_download_is_checked_against_the_md5_etag(bucket, zoo):
+    [f] = fetch_one(parse_source("s3://adapters/team/adapter-0002"))
+    weights = f.folder / FILES[1]
+    good = weights.read_bytes()
+    part = weights.with_name(weights.name + ".part")
+    part.write_bytes(b"\0" * (len(good) // 2))  # a partial file of other bytes, its note still matching
+    weights.unlink()
+    with pytest.raises(ValueError, match="does not match the source's MD5 etag"):
+        fetch_one(parse_source("s3://adapters/team/adapter-0002"))
+    assert not part.exists() and not weights.exists()
+    [g] = fetch_one(parse_source("s3://adapters/team/adapter-0002"))  # the next fetch starts over
+    assert (g.folder / FILES[1]).read_bytes() == good

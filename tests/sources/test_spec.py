@@ -38,11 +38,25 @@ def test_pinned_source_names_the_commit_and_the_subfolder():
     ("s3://bucket/adapters/sql/", "s3://bucket/adapters/sql", "sql"),
     ("memory://zoo/a", "memory://zoo/a", "a"),
     ("x=file:///tmp/zoo/a", "file:///tmp/zoo/a", "x"),
-    ("https://host/a?sig=1", "https://host/a?sig=1", "a?sig=1"),
+    ("https://host/a?sig=1", "https://host/a?sig=1", "a"),
 ])
 def test_urls(text, url, name):
     s = parse_source(text, nothing_exists)
     assert (s.kind, s.url, s.default_name) == ("url", url, name)
+
+
+def test_recorded_urls_carry_no_credentials():
+    s = parse_source("https://user:secret@host/zoo/a/?X-Amz-Signature=abc#f", nothing_exists)
+    assert s.public == "https://host/zoo/a" and s.default_name == "a"
+    assert s.url.startswith("https://user:secret@")  # still fetched with them
+
+
+@pytest.mark.parametrize("text", ["~nosuchuser_xyz/adapters", "n" * 256 + "=acme/one", "a" * 5000])
+def test_odd_paths_parse_without_os_errors(text):
+    try:  # no RuntimeError (unknown ~user) or OSError (name too long) escapes, only our ValueError
+        parse_source(text)
+    except ValueError as e:
+        assert len(str(e)) < 400  # the text is shortened in the message
 
 
 def test_an_existing_path_is_local_even_when_it_looks_like_a_hub_id(tmp_path):
@@ -79,6 +93,8 @@ def test_source_list_skips_comments_and_blank_lines(tmp_path):
     f = tmp_path / "list.txt"
     f.write_text("# my adapters\norg/a\n\n  s3://b/c  # the bucket one\nd=org/e@v1\n")
     assert read_source_list(f) == ["org/a", "s3://b/c", "d=org/e@v1"]
+    f.write_bytes("\ufefforg/a\r\norg/b\r\n".encode())  # a BOM and CRLF, as some editors save
+    assert read_source_list(f) == ["org/a", "org/b"]
     f.write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="lists no adapter source"):
         read_source_list(f)

@@ -63,13 +63,14 @@ class StoredAdapter:
         return self.info.checksum  # the identity of the source adapter, carried over
 
 
-def store_adapters(store: str | Path, manifest: Manifest | None = None) -> list[PeftAdapter | StoredAdapter]:
+def store_adapters(store: str | Path, manifest: Manifest | None = None,
+                   progress: bool = False) -> list[PeftAdapter | StoredAdapter]:
     """Every adapter of ``store`` (``manifest``: its manifest as already read): its unchanged
-    source folder if it still exists, else rebuilt."""
+    source folder if it still exists, else rebuilt. progress: a bar over remote sources fetched."""
     store = Path(store)
     manifest = read_manifest(store) if manifest is None else manifest
     reader = TensorReader(store, manifest)
-    folders = fetched_sources(manifest, list(manifest.adapters))
+    folders = fetched_sources(manifest, list(manifest.adapters), progress)
     out: list[PeftAdapter | StoredAdapter] = []
     rebuilt = []
     for name in manifest.adapters:
@@ -86,7 +87,7 @@ def store_adapters(store: str | Path, manifest: Manifest | None = None) -> list[
     return out
 
 
-def fetched_sources(manifest: Manifest, names: list[str]) -> dict[str, Path]:
+def fetched_sources(manifest: Manifest, names: list[str], progress: bool = False) -> dict[str, Path]:
     """Local folders of the adapters ``names`` whose recorded source is a Hub id or a URL, fetched
     (in parallel, from the cache where it has them); one that cannot be fetched is left out (the
     store's copy serves instead) with a warning."""
@@ -98,7 +99,7 @@ def fetched_sources(manifest: Manifest, names: list[str]) -> dict[str, Path]:
             continue  # a local path that no longer exists
         if s.kind != "local":
             remote.append((n, s))
-    got = fetch_all([s for _, s in remote], progress=False, tolerate=True)
+    got = fetch_all([s for _, s in remote], progress=progress, tolerate=True)
     out = {n: f[0].folder for (n, _), f in zip(remote, got, strict=True) if len(f) == 1}
     if missed := [n for n, _ in remote if n not in out]:
         logger.warning("%d sources could not be fetched again (their stored copies serve): %s", len(missed),

@@ -25,9 +25,9 @@ class Input:
     source: str | None = None
 
 
-def source_texts(adapters: Sequence[str], sources_file: str | None) -> list[str]:
-    """The command line's sources followed by those of ``--sources FILE``."""
-    return [*map(str, adapters), *(read_source_list(sources_file) if sources_file else [])]
+def source_texts(adapters: Sequence[str], sources_files: Sequence[str] = ()) -> list[str]:
+    """The command line's sources followed by those of each ``--sources FILE``, in order."""
+    return [*map(str, adapters), *(s for f in sources_files for s in read_source_list(f))]
 
 
 def gather(texts: Sequence[str | Path], workers: int = DEFAULT_WORKERS, progress: bool = True) -> list[Input]:

@@ -42,7 +42,7 @@ from vllm_jd.store.format import (
     u_key,
     v_key,
 )
-from vllm_jd.store.transaction import publish, writing
+from vllm_jd.store.transaction import check_writable, publish, writing
 from vllm_jd.store.validate import check_store
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, p
 
     The exact singletons of ``from_store`` stay exact (not refitted into a shared basis, where
     the auto settings only bound the *mean* error) unless ``recluster_exact``."""
+    check_writable(out)  # before any download: a wrong --out must not cost one
     adapters = [_opened(i) for i in gather(paths, fetch_workers, progress)] if paths or from_store is None else []
     exact, merge = [], None
     if from_store is not None:
@@ -89,7 +90,7 @@ def compress(paths: list[str | Path], out: str | Path, config: CompressConfig, p
         names = {a.name for a in adapters}
         snapshot = read_manifest(from_store)
         check_store(from_store, snapshot).set_aside(snapshot)  # never fit a basis to NaN
-        for a in store_adapters(from_store, snapshot):
+        for a in store_adapters(from_store, snapshot, progress=progress):
             if a.name in names:
                 raise AdapterError(a.name, f"is both given and in --from-store {from_store}", a.path)
             kind = snapshot.clusters[snapshot.adapters[a.name].cluster].kind

@@ -78,6 +78,9 @@ def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5,
 
     compeft: (density, alpha, encoding) to store singletons ComPEFT-coded instead of exactly.
     """
+    if not max_error > 0:  # the cheap checks before any download
+        raise ValueError(f"`max_error` must be > 0, got {max_error}")
+    read_manifest(Path(store))
     inputs = gather(paths, fetch_workers, progress)
     return add_named(store, [(i.name, i.folder) for i in inputs], max_error, compeft,
                      sources=[i.source for i in inputs])

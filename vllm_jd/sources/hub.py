@@ -50,14 +50,19 @@ def fetch_hub(source: Source) -> list[tuple[str, Path, str]]:
         if not folders:
             raise AdapterError(source.default_name, f"no {CONFIG} in {source.repo_id}/{sub} or its subfolders "
                                                     f"at revision {commit[:12]}", source.text)
-    rel = [f"{p.relative_to(top).as_posix()}/" if p != top else "" for p in folders]
-    _snapshot(source, commit, [f"{r}{w}" for r in rel for w in WEIGHTS])
-    if len(folders) == 1 and (base / CONFIG).is_file():
+    if source.name is not None and folders != [base]:
+        raise AdapterError(source.name, f"{source.name}= names one adapter, but {source.repo_id}/{sub} holds "
+                                        f"{len(folders)}", source.text)
+    rel = {p: f"{p.relative_to(top).as_posix()}/" if p != top else "" for p in folders}
+    _snapshot(source, commit, [f"{r}{WEIGHTS[0]}" for r in rel.values()])
+    if lacking := [p for p in folders if not (p / WEIGHTS[0]).is_file()]:  # .bin only where no safetensors
+        _snapshot(source, commit, [f"{rel[p]}{WEIGHTS[1]}" for p in lacking])
+    if folders == [base]:
         return [(source.default_name, base, source.pinned(commit))]
     out = []
     for p in folders:
         subfolder = p.relative_to(top).as_posix()
-        name = f"{source.name}/{p.name}" if source.name else f"{source.repo_id}/{subfolder}"
+        name = f"{source.repo_id}/{subfolder}"
         out.append((name, p, source.pinned(commit, subfolder)))
     return out
 

@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 HUB_PREFIX = "hf://"
 _URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
@@ -59,8 +60,16 @@ class Source:
         if self.kind == "hub":
             return "/".join(p for p in (self.repo_id, self.subfolder) if p)
         if self.kind == "url":
-            return self.url.rstrip("/").rsplit("/", 1)[-1]
-        return Path(self.path).name
+            return self.public.rsplit("/", 1)[-1]
+        return Path(self.path).resolve().name if Path(self.path).name in ("", ".", "..") else Path(self.path).name
+
+    @property
+    def public(self) -> str:
+        """The URL without credentials, query or fragment: what a store records and logs show
+        (a signed URL's signature, or ``user:password@``, must not end up in a manifest)."""
+        parts = urlsplit(self.url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit((parts.scheme, host, parts.path, "", "")).rstrip("/")
 
     def pinned(self, revision: str, subfolder: str | None = None) -> str:
         """What a store records for this Hub source at commit ``revision`` (optionally one of its
@@ -69,7 +78,15 @@ class Source:
         return f"{HUB_PREFIX}{'/'.join(p for p in (self.repo_id, sub) if p)}@{revision}"
 
 
-def parse_source(text: str, exists: Callable[[str], bool] = lambda p: Path(p).exists()) -> Source:
+def path_exists(text: str) -> bool:
+    """Whether ``text`` is an existing path (False for text no path can be: too long, NUL, …)."""
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def parse_source(text: str, exists: Callable[[str], bool] = path_exists) -> Source:
     """``text`` as a Source; ValueError naming it when it is none of the forms above."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"an adapter source must be a non-empty string, got {text!r}")
@@ -79,11 +96,23 @@ def parse_source(text: str, exists: Callable[[str], bool] = lambda p: Path(p).ex
         return _hub(text, name, body[len(HUB_PREFIX):], explicit=True)
     if (m := _URL.match(body)) is not None:
         if not m["rest"].strip("/"):
-            raise ValueError(f"adapter source {text!r}: the URL names no folder")
+            raise ValueError(f"adapter source {_shown(text)}: the URL names no folder")
         return Source(text, "url", name, url=body.rstrip("/"))
     if exists(body) or body.startswith(("/", "./", "../", "~", "\\")) or body in (".", ".."):
-        return Source(text, "local", name, path=Path(body).expanduser())  # a missing path: the reader says so
+        return Source(text, "local", name, path=_expand(body))  # a missing path: the reader says so
     return _hub(text, name, body, explicit=False)
+
+
+def _shown(text: str) -> str:
+    """``text`` for an error line: quoted, at most 200 characters."""
+    return repr(text if len(text) <= 200 else text[:200] + "…")
+
+
+def _expand(body: str) -> Path:
+    try:
+        return Path(body).expanduser()
+    except RuntimeError:  # ~user of no such user: the path, as typed, does not exist
+        return Path(body)
 
 
 def _split_name(text: str, exists: Callable[[str], bool]) -> tuple[str | None, str]:
@@ -91,7 +120,7 @@ def _split_name(text: str, exists: Callable[[str], bool]) -> tuple[str | None, s
     if not sep or not _NAME.match(head) or exists(text):
         return None, text
     if not rest:
-        raise ValueError(f"adapter source {text!r}: nothing after {head}=")
+        raise ValueError(f"adapter source {_shown(text)}: nothing after {head}=")
     return head, rest
 
 
@@ -101,8 +130,8 @@ def _hub(text: str, name: str | None, body: str, explicit: bool) -> Source:
     ok = len(parts) >= 2 and all(_REPO_PART.match(p) and "--" not in p and ".." not in p for p in parts[:2])
     if not ok or any(p in ("", ".", "..") for p in parts[2:]) or (at and not revision):
         if explicit:
-            raise ValueError(f"adapter source {text!r}: expected hf://org/name[/subfolder][@revision]")
-        raise ValueError(f"adapter source {text!r}: no such file or folder, and not a Hugging Face Hub id "
+            raise ValueError(f"adapter source {_shown(text)}: expected hf://org/name[/subfolder][@revision]")
+        raise ValueError(f"adapter source {_shown(text)}: no such file or folder, and not a Hugging Face Hub id "
                          "(org/name[/subfolder][@revision]) or a URL (s3://, gs://, az://, file://, …)")
     return Source(text, "hub", name, repo_id="/".join(parts[:2]), subfolder="/".join(parts[2:]),
                   revision=revision or None, guessed=not explicit)
@@ -113,7 +142,7 @@ def read_source_list(path: str | Path) -> list[str]:
     ValueError naming the file when it is missing, unreadable or lists nothing."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM some editors write is no source
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--sources {path}: cannot read it ({e.__class__.__name__}: {e})") from None
     out = [s for line in lines if (s := line.split(" #", 1)[0].strip()) and not s.startswith("#")]

@@ -171,6 +171,15 @@ class Staging:
         return f"{TENSORS}/{self.generation[:8]}-{stem}.safetensors"
 
 
+def check_writable(out: str | Path) -> Path:
+    """``out`` if a store may be written there (absent, an empty folder, or a store), else StoreError:
+    asked before long work (downloads, compression) as well as when writing starts."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise StoreError(f"refusing to overwrite {out}: it exists and is not a vllm-jd store")
+    return out
+
+
 @contextmanager
 def writing(out: str | Path) -> Iterator[Staging]:
     """Stage a new store version for ``out`` (absent, an empty folder, or a store).
@@ -180,9 +189,7 @@ def writing(out: str | Path) -> Iterator[Staging]:
     ``out`` is untouched. A new store is built in a sibling folder renamed into place; an existing
     one gets its new shards and manifest in one commit under its lock.
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
-        raise StoreError(f"refusing to overwrite {out}: it exists and is not a vllm-jd store")
+    out = check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     generation = uuid.uuid4().hex
     replaces = (out / MANIFEST).exists()
