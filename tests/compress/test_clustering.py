@@ -7,8 +7,7 @@ from vllm_jd.compress.clustering import Reference, _fill_empty
 from vllm_jd.compress.factors import ModuleFactors, normalize
 from vllm_jd.compress.kmeans import kmeans
 from vllm_jd.compress.peft_io import discover, open_adapter
-from vllm_jd.compress.pipeline import load_references, reference_modules
-from vllm_jd.compress.selection import choose
+from vllm_jd.compress.selection import choose, load_references, reference_modules
 from vllm_jd.store.format import ModuleInfo
 
 

@@ -11,7 +11,8 @@ from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from vllm_jd.envs import VLLM_JD_MAX_RESIDENT_CLUSTERS, VLLM_JD_SCHEDULER_POLICY
-from vllm_jd.serving.serve import JD_SCHEDULER_CLS, build_vllm_args, expand_config, jd_environment, split_jd_options
+from vllm_jd.serving.serve import build_vllm_args, expand_config
+from vllm_jd.serving.serve_options import JD_SCHEDULER_CLS, jd_environment, split_jd_options
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -119,7 +119,7 @@ def test_ten_thousand_model_names(tmp_path, monkeypatch):
 
 
 def test_jd_options_become_environment(serving_store, tmp_path, monkeypatch):
-    from vllm_jd.serving.serve import jd_environment, split_jd_options
+    from vllm_jd.serving.serve_options import jd_environment, split_jd_options
 
     monkeypatch.setenv("VLLM_PLUGINS", "vllm_jd")  # set by the user: left alone
 
@@ -149,14 +149,14 @@ def test_jd_options_become_environment(serving_store, tmp_path, monkeypatch):
     ({"--jd-resolve-allow": "a/*"}, "applies to --jd-resolve"),
 ])
 def test_jd_option_errors(opts, message):
-    from vllm_jd.serving.serve import jd_environment
+    from vllm_jd.serving.serve_options import jd_environment
 
     with pytest.raises(ValueError, match=message):
         jd_environment(opts)
 
 
 def test_resolve_options_take_a_list_of_patterns(monkeypatch):
-    from vllm_jd.serving.serve import jd_environment, split_jd_options
+    from vllm_jd.serving.serve_options import jd_environment, split_jd_options
 
     monkeypatch.setenv("VLLM_PLUGINS", "vllm_jd")
     ours, rest = split_jd_options(["/m", "--jd-resolve", "hf,fs", "--jd-resolve-allow", "myorg/*", "s3://b/a/*",
@@ -169,7 +169,7 @@ def test_resolve_options_take_a_list_of_patterns(monkeypatch):
 
 
 def test_resident_budget_sets_the_scheduler(serving_store, monkeypatch):
-    from vllm_jd.serving.serve import JD_SCHEDULER_CLS, jd_environment, split_jd_options
+    from vllm_jd.serving.serve_options import JD_SCHEDULER_CLS, jd_environment, split_jd_options
 
     monkeypatch.setenv("VLLM_PLUGINS", "vllm_jd")
 
@@ -185,7 +185,7 @@ def test_resident_budget_sets_the_scheduler(serving_store, monkeypatch):
 
 
 def test_admin_flag_names_our_endpoint_plugin_without_turning_others_off():
-    from vllm_jd.serving.serve import admin_plugins, jd_environment
+    from vllm_jd.serving.serve_options import admin_plugins, jd_environment
 
     assert admin_plugins("other") == "other,vllm_jd,vllm_jd_admin"
     assert admin_plugins("vllm_jd_admin,vllm_jd") == "vllm_jd_admin,vllm_jd"
@@ -201,7 +201,7 @@ def test_no_start_up_noise_about_plugins_or_our_variables(monkeypatch):
     from vllm.platforms.interface import Platform
 
     from vllm_jd.serving.patch import register_env_names
-    from vllm_jd.serving.serve import general_plugins, jd_environment
+    from vllm_jd.serving.serve_options import general_plugins, jd_environment
 
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     plugins = jd_environment({})["VLLM_PLUGINS"].split(",")

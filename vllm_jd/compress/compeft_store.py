@@ -84,6 +84,31 @@ def sigma_of(scale: float, r: int, rank: int, full: bool) -> torch.Tensor:
     return torch.diag(d) if full else d
 
 
+def _sigmas_and_errors(i: int, one, raw: dict, modules, rank: int, sigma_dtype: str, tensors: dict):
+    """Adapter ``i``'s Σ (diagonal, as coded) per module into ``tensors``; returns (Σ loss, Σ ‖P‖²,
+    per-module relative errors), measured exactly against its ``raw`` factors."""
+    from vllm_jd.compress.factors import ModuleFactors, reconstruction_losses
+    from vllm_jd.store.dtypes import encode, roundtrip
+    from vllm_jd.store.format import sigma_key
+
+    sq, weight, errs = 0.0, 0.0, []
+    for m in modules:
+        if m.name not in one.bases:
+            errs.append(None)
+            continue
+        U, V, s = one.bases[m.name]
+        r = U.shape[1]
+        sig = sigma_of(s, r, rank, full=False)[None]
+        tensors.update(encode(sigma_key(i, 0, m.name), sig, sigma_dtype, "sigma"))
+        A, B = raw[m.name]
+        one_f = ModuleFactors(A[None], (B.T * s)[None])  # P = s·B A
+        loss = float(reconstruction_losses(one_f, U, V, roundtrip(sig, sigma_dtype, "sigma")[:, :r])[0])
+        nrm2 = float(one_f.norms()[0]) ** 2
+        errs.append(round((loss / nrm2) ** 0.5, 6) if nrm2 > 0 else 0.0)
+        sq, weight = sq + loss, weight + nrm2
+    return sq, weight, errs
+
+
 def compress_compeft(adapters, out, config, progress: bool = True, merge=None):
     """``compress --method compeft``: every adapter its own ComPEFT-coded singleton cluster.
 
@@ -96,11 +121,9 @@ def compress_compeft(adapters, out, config, progress: bool = True, merge=None):
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from vllm_jd.compress.factors import ModuleFactors, reconstruction_losses
     from vllm_jd.compress.peft_io import recorded_source
     from vllm_jd.compress.summary import Summary, module_table
-    from vllm_jd.store.dtypes import encode, roundtrip
-    from vllm_jd.store.format import AdapterInfo, ClusterInfo, Manifest, compeft_key, sigma_key
+    from vllm_jd.store.format import AdapterInfo, ClusterInfo, Manifest, compeft_key
     from vllm_jd.store.transaction import publish, writing
 
     t0 = time.perf_counter()
@@ -118,21 +141,7 @@ def compress_compeft(adapters, out, config, progress: bool = True, merge=None):
             one = encode_singleton(a, config.density, config.alpha, config.compeft_encoding, raw)
             rank = max(one.info.ranks.values())
             tensors = {compeft_key(i): one.payload}
-            sq, weight, errs = 0.0, 0.0, []
-            for m in modules:
-                if m.name not in one.bases:
-                    errs.append(None)
-                    continue
-                U, V, s = one.bases[m.name]
-                r = U.shape[1]
-                sig = sigma_of(s, r, rank, full=False)[None]
-                tensors.update(encode(sigma_key(i, 0, m.name), sig, config.sigma_dtype, "sigma"))
-                A, B = raw[m.name]
-                one_f = ModuleFactors(A[None], (B.T * s)[None])  # P = s·B A
-                loss = float(reconstruction_losses(one_f, U, V, roundtrip(sig, config.sigma_dtype, "sigma")[:, :r])[0])
-                nrm2 = float(one_f.norms()[0]) ** 2
-                errs.append(round((loss / nrm2) ** 0.5, 6) if nrm2 > 0 else 0.0)
-                sq, weight = sq + loss, weight + nrm2
+            sq, weight, errs = _sigmas_and_errors(i, one, raw, modules, rank, config.sigma_dtype, tensors)
             shard = staging.shard(f"c{i:06d}")
             save_file(tensors, str(tmp / shard))
             weight_map.update({k: shard for k in tensors})

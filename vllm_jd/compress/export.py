@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
+from vllm_jd.compress.peft_write import refuse_non_empty, write_adapter_atomic
 from vllm_jd.store.errors import StoreError
 from vllm_jd.store.format import TensorReader, read_manifest, u_key, v_key
 from vllm_jd.store.transaction import locked

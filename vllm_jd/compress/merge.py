@@ -27,7 +27,7 @@ from vllm_jd.compress.ctm import (
 )
 from vllm_jd.compress.factors import ModuleFactors
 from vllm_jd.compress.merge_rules import canonical_rule
-from vllm_jd.compress.peft_io import refuse_non_empty, write_adapter_atomic
+from vllm_jd.compress.peft_write import refuse_non_empty, write_adapter_atomic
 from vllm_jd.store.errors import StoreError
 from vllm_jd.store.format import Manifest, TensorReader, read_manifest, u_key, v_key
 

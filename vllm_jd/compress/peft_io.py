@@ -1,4 +1,4 @@
-"""Read PEFT LoRA adapters lazily, and write standard PEFT adapters.
+"""Read PEFT LoRA adapters lazily (``peft_write`` writes them).
 
 A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or
 ``adapter_model.bin``). Tensor keys look like
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from vllm_jd.store.errors import AdapterError, StoreError
+from vllm_jd.store.errors import AdapterError
 from vllm_jd.store.names import name_problem
 
 CONFIG_NAME = "adapter_config.json"
@@ -289,59 +288,3 @@ def _module_specs(adapter: PeftAdapter, shapes: dict[str, tuple[int, ...]]) -> d
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         specs[module] = ModuleSpec(keys["A"], keys["B"], r, d_in=sa[1], d_out=sb[0], scale=scale)
     return specs
-
-
-def write_adapter(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
-                  base_model: str | None) -> None:
-    """Write a standard PEFT LoRA adapter with scale 1 (``lora_alpha = r``).
-
-    factors: module → ``(A [r_m, d_in], B [d_out, r_m])``; modules may have different ranks
-    (recorded in ``rank_pattern``); ``rank`` is the default ``r``. ``target_modules`` names every
-    module in full, so PEFT adds LoRA to exactly these (no zero LoRA on layers the source skipped).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    tensors, rank_pattern, alpha_pattern = {}, {}, {}
-    for module, (a, b) in factors.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
-        if a.shape[0] != rank:
-            rank_pattern[module] = int(a.shape[0])
-            alpha_pattern[module] = int(a.shape[0])
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": rank, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "target_modules": sorted(factors), "modules_to_save": None,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": True,
-    }
-    save_file(tensors, str(out / SAFETENSORS_NAME))
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def refuse_non_empty(out: Path) -> None:
-    """StoreError unless ``out`` is absent or an empty folder (nothing of the user's is overwritten)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"refusing to write into {out}: it exists and is not an empty folder")
-
-
-def write_adapter_atomic(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
-                         base_model: str | None, extra_files: dict[str, str] | None = None) -> Path:
-    """``write_adapter`` into a sibling temporary folder renamed to ``out`` only when complete
-    (plus ``extra_files``: name → text); on failure nothing is left behind."""
-    import os
-    import shutil
-    import uuid
-
-    refuse_non_empty(out)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write_adapter(tmp, factors, rank, base_model)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

@@ -9,7 +9,6 @@ one layer of factors, never the collection.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,14 +18,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vllm_jd.compress import solvers
-from vllm_jd.compress.clustering import Reference
 from vllm_jd.compress.factors import ModuleFactors, load_module, normalize, reconstruction_losses
 from vllm_jd.compress.inputs import Input, gather
 from vllm_jd.compress.peft_io import PeftAdapter, open_adapter, recorded_source
 from vllm_jd.compress.project import place
-from vllm_jd.compress.selection import Choice, choose
+from vllm_jd.compress.selection import choose, choose_svd_rank, load_references, reference_modules
 from vllm_jd.compress.summary import Summary, module_table
-from vllm_jd.compress.svd import exact_diag, truncated_svd
+from vllm_jd.compress.svd import exact_diag
 from vllm_jd.config import CompressConfig
 from vllm_jd.sources.fetch import DEFAULT_WORKERS
 from vllm_jd.store.dtypes import encode, roundtrip
@@ -46,24 +44,6 @@ from vllm_jd.store.transaction import check_writable, publish, writing
 from vllm_jd.store.validate import check_store
 
 logger = logging.getLogger(__name__)
-
-
-def reference_modules(modules: list[ModuleInfo]) -> list[str]:
-    """The middle layer's modules (paper: "select a LoRA module from the middle of the network")."""
-    layers = sorted({int(m.group(1)) for mi in modules if (m := re.search(r"\.(\d+)\.", mi.name))})
-    if not layers:
-        return [modules[len(modules) // 2].name]
-    mid = layers[len(layers) // 2]
-    return [mi.name for mi in modules if re.search(rf"\.{mid}\.", mi.name)]
-
-
-def load_references(adapters: list[PeftAdapter], names: list[str], device: str) -> list[Reference]:
-    refs = []
-    for m in names:
-        f, present = load_module(adapters, m, device)
-        fn, norms = normalize(f)
-        refs.append(Reference(fn, present, norms.cpu()))
-    return refs
 
 
 def _opened(i: Input) -> PeftAdapter:
@@ -209,7 +189,7 @@ def _select(adapters: list, ref_names: list[str], config: CompressConfig, max_ra
     fixed = config.method != "svd" and config.rank is not None and config.clusters == 1  # nothing to choose
     refs = [] if fixed else load_references(adapters, ref_names, config.device)
     if config.method == "svd":
-        return _choose_svd_rank(refs, n, config, max_rank), torch.arange(n)
+        return choose_svd_rank(refs, n, config, max_rank), torch.arange(n)
     with tqdm(desc="clusters", unit="it", disable=not progress) as sel_bar:
         choice = choose(config.method, refs, n, config.rank, config.clusters, config.max_error, max_rank,
                         config.iters, config.tol, config.seed, config.max_rounds, on_iter=lambda: sel_bar.update(1))
@@ -327,27 +307,6 @@ def _store_dtypes(tensors: dict, f: ModuleFactors, present: torch.Tensor, module
         nrm2 = norms[local].double() ** 2
         sq_err[members, mi] = torch.where(nrm2 > 0, loss / nrm2.clamp_min(1e-300), torch.zeros_like(loss))
     return out
-
-
-def _choose_svd_rank(refs: list[Reference], n: int, config: CompressConfig, max_rank: int) -> Choice:
-    """For --method svd: the given rank, or the smallest power of two below --max-error."""
-    from vllm_jd.compress.clustering import Clustering, relative_errors
-
-    def errors(r: int) -> torch.Tensor:
-        cost = torch.zeros(n, dtype=torch.float64)
-        for ref in refs:
-            _, s, _ = truncated_svd(ref.f, r)
-            cost[ref.present] += (1 - (s.double().cpu() ** 2).sum(1)).clamp_min(0) * ref.norms**2
-        return relative_errors(cost, refs, n)
-
-    tried = []
-    r = config.rank or 1
-    while True:
-        e = errors(r)
-        tried.append((r, n, float(e.mean())))
-        if config.rank is not None or float(e.mean()) < config.max_error or r >= max_rank:
-            return Choice(r, n, Clustering(torch.arange(n), e, 0), tried)
-        r = min(2 * r, max_rank)
 
 
 def _pad_cols(t: torch.Tensor, rank: int) -> torch.Tensor:

