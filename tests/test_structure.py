@@ -131,3 +131,17 @@ def test_readme_layout_lists_every_module_and_only_modules():
         subfolders = {f.split("/")[-1] for f in layout if f.startswith(folder + "/")}
         assert files - subfolders == listed - subfolders, (
             f"{folder}: missing from README's Layout {sorted(files - listed)}, listed but absent {sorted(listed - files)}")
+
+
+def test_functions_stay_short_and_modules_say_why_they_are_long():
+    # the house rules: functions under ~60 lines; a module past ~300 lines says why in its docstring
+    long_functions, long_modules = [], []
+    for path in sorted(ROOT.rglob("*.py")):
+        text = path.read_text()
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 62:
+                long_functions.append(f"{path.relative_to(ROOT.parent)}:{node.name}")
+        if len(text.splitlines()) > 320 and "on purpose" not in (ast.get_docstring(tree) or ""):
+            long_modules.append(str(path.relative_to(ROOT.parent)))
+    assert long_functions == [] and long_modules == []
