@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | gpu-check | serve | serve-ray | bench. Runs the command; parsing is ``cli_parser``, the work is elsewhere."""
+"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | verify | gpu-check | serve | serve-ray | bench. Runs the command; parsing is ``cli_parser``, the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -61,7 +61,44 @@ def _add(args: argparse.Namespace) -> None:
         print(f"added {r.name}: cluster {r.cluster}, {how}, error {r.error:.4f}")
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from vllm_jd.quality.prompts import read_prompts
+    from vllm_jd.quality.verify import original_folder, verify
+
+    if not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold}: expected a fraction in (0, 1]")
+    prompts = read_prompts(args.prompts)
+    results = verify(args.store, args.model, prompts, args.adapters, args.max_tokens, args.device, not args.quiet)
+    _print_quality(results, args, "")
+    below = [r.name for r in results if not r.passes(args.threshold)]
+    if below and args.repair:
+        from vllm_jd.quality.repair import store_exactly
+        from vllm_jd.store.format import read_manifest
+
+        manifest = read_manifest(args.store)
+        added = store_exactly(args.store, {n: original_folder(manifest, n) for n in below})
+        after = verify(args.store, args.model, prompts, below, args.max_tokens, args.device, not args.quiet)
+        _print_quality(after, args, "after repair")
+        print(f"repaired {len(below)} adapters as exact singletons: +{added / 2**20:.2f} MiB of tensors",
+              file=sys.stderr if args.json else sys.stdout)
+        below = [r.name for r in after if not r.passes(args.threshold)]
+    return 1 if below else 0
+
+
+def _print_quality(results, args: argparse.Namespace, stage: str) -> None:
+    from vllm_jd.quality.verify import format_table
+
+    if args.json:
+        for r in results:
+            print(json.dumps({**r.as_dict(), "passes": r.passes(args.threshold), **({"stage": stage} if stage else {})}))
+    else:
+        print(f"{stage}:\n" if stage else "", end="")
+        print(format_table(results, args.threshold))
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "compress":
         _compress(args)
     elif args.command == "add":

@@ -57,7 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parser(sub)
     _export_merge_parsers(sub)
     _store_parsers(sub)
+    _verify_parser(sub)
     return p
+
+
+def _verify_parser(sub) -> None:
+    v = sub.add_parser("verify", help="measure each stored adapter against its original (greedy agreement, KL); "
+                                      "exit 1 if any is below --threshold")
+    v.add_argument("store")
+    v.add_argument("--model", required=True, help="the base model (a folder or Hub id transformers can load)")
+    v.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help='JSON lines of {"prompt": ...} (default: 16 generic prompts built in)')
+    v.add_argument("--adapters", nargs="+", default=None, metavar="NAME", help="only these adapters (default: all)")
+    v.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens generated per prompt (default 32)")
+    v.add_argument("--threshold", type=float, default=0.95,
+                   help="lowest greedy agreement with the original that passes (default 0.95)")
+    v.add_argument("--repair", action="store_true",
+                   help="store the adapters below the threshold exactly (lossless singletons), then verify them again")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    v.add_argument("--json", action="store_true", help="one JSON line per adapter instead of the table")
 
 
 def _compress_parser(sub) -> None:

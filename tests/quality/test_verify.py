@@ -1,0 +1,118 @@
+"""`vllm-jd verify` against the originals: ~perfect for a lossless store and for exact
+singletons; a damaged adapter (its Σ scaled by 0.3) flagged, exit 1, and `--repair` brings it
+back to exact; bad inputs exit 2 with the reason; the store unchanged without --repair."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import tree_digest
+from safetensors.torch import load_file, save_file
+
+from vllm_jd.cli import main as cli
+from vllm_jd.compress.synthetic import make_adapters
+from vllm_jd.quality.prompts import DEFAULT_PROMPTS, read_prompts
+from vllm_jd.store.format import read_manifest, sigma_key
+from vllm_jd.tiny_model import llama_lora_modules, make_tiny_llama
+
+PROMPTS = ["def hello(", "The capital of", "Once upon a time", "SELECT name"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    model = make_tiny_llama(root / "model", dtype=torch.float32)
+    mods = llama_lora_modules()
+    make_adapters(root / "ad", 3, mods, rank=8, structure="shared", seed=0, alpha=64)
+    far = make_adapters(root / "far", 1, mods, rank=8, structure="random", seed=9, alpha=64, prefix="far")[0]
+    store = root / "store"
+    assert cli(["-q", "compress", str(root / "ad"), "--out", str(store), "--rank", "24", "--clusters", "1"]) == 0
+    assert cli(["-q", "add", str(store), str(far), "--max-error", "0.01"]) == 0  # an exact singleton
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
+    return {"root": root, "model": model, "store": store, "prompts": prompts}
+
+
+def run(setup, store, *extra, capsys=None):
+    code = cli(["-q", "verify", str(store), "--model", str(setup["model"]), "--prompts", str(setup["prompts"]),
+                "--max-tokens", "8", "--json", *extra])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")] if capsys else []
+    return code, lines
+
+
+def test_lossless_store_and_exact_singletons_agree_with_their_originals(setup, capsys):
+    before = tree_digest(setup["store"])
+    code, lines = run(setup, setup["store"], capsys=capsys)
+    assert code == 0 and len(lines) == 4
+    for r in lines:
+        assert r["agreement"] == 1.0 and r["kl"] < 1e-5 and r["tokens"] == 4 * 8 and r["passes"], r
+    assert {r["name"]: r["kind"] for r in lines}["far-0000"] == "exact"
+    assert tree_digest(setup["store"]) == before  # verify alone writes nothing
+
+
+def damage(store, name, factor):
+    m = read_manifest(store)
+    info = m.adapters[name]
+    for mod in m.modules:
+        key = sigma_key(info.cluster, info.block, mod.name)
+        shard = store / m.weight_map[key]
+        tensors = load_file(str(shard))
+        tensors[key][info.row] *= factor
+        save_file(tensors, str(shard))
+
+
+def test_a_damaged_adapter_is_flagged_and_repair_makes_it_exact(setup, capsys):
+    store = setup["root"] / "damaged"
+    shutil.copytree(setup["store"], store)
+    damage(store, "adapter-0001", 0.3)
+    before = tree_digest(store)
+    code, lines = run(setup, store, capsys=capsys)
+    assert code == 1
+    by = {r["name"]: r for r in lines}
+    assert not by["adapter-0001"]["passes"] and by["adapter-0001"]["kl"] > 1e-3
+    assert all(r["passes"] for n, r in by.items() if n != "adapter-0001")
+    assert tree_digest(store) == before
+    code, lines = run(setup, store, "--repair", capsys=capsys)
+    assert code == 0
+    after = [r for r in lines if r.get("stage") == "after repair"]
+    assert [(r["name"], r["kind"], r["agreement"]) for r in after] == [("adapter-0001", "exact", 1.0)]
+    m = read_manifest(store)
+    assert m.clusters[m.adapters["adapter-0001"].cluster].kind == "exact"
+    assert m.adapters["adapter-0001"].source == read_manifest(setup["store"]).adapters["adapter-0001"].source
+    assert cli(["-q", "fsck", str(store)]) == 0
+
+
+def test_bad_inputs_exit_2_with_the_reason(setup, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(setup["store"], store)
+    before = tree_digest(store)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    other = make_tiny_llama(tmp_path / "other", hidden=128, dtype=torch.float32)
+    shutil.copytree(setup["root"] / "far", tmp_path / "far-moved")
+    capsys.readouterr()  # the model writer's progress bar
+    cases = [(["--prompts", str(empty)], "no prompts in it"),
+             (["--model", str(other)], "built for another model"),
+             (["--adapters", "nope"], "not in"),
+             (["--threshold", "2"], "expected a fraction")]
+    for extra, says in cases:
+        args = ["-q", "verify", str(store), "--model", str(setup["model"]), "--prompts", str(setup["prompts"]), *extra]
+        assert cli(args) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    shutil.rmtree(setup["root"] / "far")  # the singleton's original is gone
+    try:
+        assert cli(["-q", "verify", str(store), "--model", str(setup["model"])]) == 2
+        assert "far-0000" in (err := capsys.readouterr().err) and "no longer exists" in err, err
+    finally:
+        shutil.copytree(tmp_path / "far-moved", setup["root"] / "far")
+    assert tree_digest(store) == before
+
+
+def test_prompt_files():
+    assert read_prompts(None) == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) == 16
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_prompts("/no/such/file.jsonl")

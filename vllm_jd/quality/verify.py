@@ -1,0 +1,151 @@
+"""``vllm-jd verify``: how close each stored adapter serves to its original.
+
+For every adapter (or those named), on the same prompts: the original (its recorded source, read
+again and checked against its recorded checksum) generates greedily; then both the original and
+the stored adapter (exported, which is exactly what is served: the parity tests check served
+tokens against the export) score that output teacher-forced. Reported per adapter:
+
+- agreement: the fraction of those tokens the stored adapter also ranks first (1.0 = it would
+  generate the same text);
+- kl: mean per-token KL(original ‖ stored) of the next-token distributions, in nats;
+- the stored reconstruction error, next to them.
+
+transformers + PEFT run both, one adapter pair at a time on one loaded base model (memory stays
+bounded), float32 by default so a KL of 1e-6 is a measurement, not rounding.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_jd.compress.export import export
+from vllm_jd.compress.peft_io import open_adapter
+from vllm_jd.sources.fetch import fetch_one
+from vllm_jd.sources.spec import parse_source
+from vllm_jd.store.errors import AdapterError
+from vllm_jd.store.format import Manifest, read_manifest
+
+DEFAULT_THRESHOLD = 0.95
+"""Lowest agreement that passes (1 token in 20 may differ from the original's greedy choice)."""
+
+
+@dataclass
+class AdapterQuality:
+    name: str
+    kind: str
+    error: float
+    agreement: float
+    kl: float
+    tokens: int
+
+    def passes(self, threshold: float) -> bool:
+        return self.agreement >= threshold
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def original_folder(manifest: Manifest, name: str) -> Path:
+    """The local folder of adapter ``name``'s recorded source (fetched again if remote), checked
+    against the recorded checksum. ValueError naming the adapter when it is gone or changed."""
+    info = manifest.adapters[name]
+    try:
+        source = parse_source(info.source)
+        folder = source.path if source.kind == "local" else fetch_one(source)[0].folder
+        if not Path(folder).is_dir():
+            raise AdapterError(name, "its recorded source no longer exists (verify compares against the original)",
+                               info.source)
+        if open_adapter(name, Path(folder)).checksum() != info.checksum:
+            raise AdapterError(name, "its recorded source changed since it was stored", info.source)
+    except AdapterError:
+        raise
+    except ValueError as e:
+        raise AdapterError(name, f"its recorded source cannot be read: {e}", info.source) from None
+    return Path(folder)
+
+
+class Scorer:
+    """One base model and tokenizer; ``score`` one (original, stored) adapter pair."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model)
+        self.base = AutoModelForCausalLM.from_pretrained(model, torch_dtype=dtype).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def score(self, original: Path, stored: Path, prompts: Sequence[str], max_tokens: int) -> tuple[float, float, int]:
+        """(agreement, mean KL, tokens scored) of ``stored`` against ``original`` (see module)."""
+        from peft import PeftModel
+
+        pm = PeftModel.from_pretrained(self.base, str(original), adapter_name="original")
+        try:
+            pm.load_adapter(str(stored), adapter_name="stored")
+            agree, kl, n = 0, 0.0, 0
+            for prompt in prompts:
+                ids = self.tok(prompt, return_tensors="pt").input_ids.to(self.device)
+                pm.set_adapter("original")
+                full = pm.generate(ids, max_new_tokens=max_tokens, do_sample=False,
+                                   pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)[0]
+                out = full[ids.shape[1]:]
+                if out.numel() == 0:
+                    continue
+                lo = self._log_probs(pm, full, ids.shape[1], out.numel())
+                pm.set_adapter("stored")
+                ls = self._log_probs(pm, full, ids.shape[1], out.numel())
+                agree += int((ls.argmax(-1) == out).sum())
+                kl += float((lo.exp() * (lo - ls)).sum(-1).clamp_min(0).sum())
+                n += out.numel()
+        finally:
+            self.base = pm.unload()  # the LoRA layers out again: the next pair starts from the bare base
+        return (agree / n if n else 1.0), (kl / n if n else 0.0), n
+
+    @staticmethod
+    def _log_probs(pm, full: torch.Tensor, n_prompt: int, n_out: int) -> torch.Tensor:
+        logits = pm(full[None]).logits[0, n_prompt - 1:n_prompt - 1 + n_out].float()
+        return logits.log_softmax(-1)
+
+
+def verify(store: str | Path, model: str, prompts: Sequence[str], names: Sequence[str] | None = None,
+           max_tokens: int = 32, device: str = "cpu", progress: bool = True) -> list[AdapterQuality]:
+    """``AdapterQuality`` of each adapter ``names`` (default: all) of ``store``. Every input is
+    checked before any scoring: ValueError on an unknown name, a missing or changed source, a
+    model whose modules are not the store's, no prompts, ``max_tokens`` < 1."""
+    from vllm_jd.serving.preflight import check
+
+    store = Path(store)
+    manifest = read_manifest(store)
+    names = list(manifest.adapters) if names is None else list(names)
+    if unknown := [n for n in names if n not in manifest.adapters]:
+        raise ValueError(f"not in {store}: {', '.join(unknown[:5])}")
+    if not prompts or max_tokens < 1:
+        raise ValueError("verify needs at least one prompt and --max-tokens ≥ 1")
+    check(model, {m.name: (m.d_in, m.d_out) for m in manifest.modules})
+    originals = {n: original_folder(manifest, n) for n in names}
+    scorer = Scorer(model, device)
+    out = []
+    with tempfile.TemporaryDirectory(prefix="vllm-jd-verify-") as tmp:
+        for i, n in enumerate(tqdm(names, desc="verify", unit="adapter", disable=not progress)):
+            stored = export(store, n, Path(tmp) / f"a{i}")
+            agreement, kl, tokens = scorer.score(originals[n], stored, prompts, max_tokens)
+            info = manifest.adapters[n]
+            out.append(AdapterQuality(n, manifest.clusters[info.cluster].kind, info.error, agreement, kl, tokens))
+    return out
+
+
+def format_table(results: Sequence[AdapterQuality], threshold: float) -> str:
+    """One line per adapter, worst agreement first, then a summary line."""
+    rows = [f"{'adapter':<32} {'kind':<7} {'error':>7} {'agreement':>9} {'kl':>10}"]
+    for r in sorted(results, key=lambda r: (r.agreement, -r.kl)):
+        flag = "" if r.passes(threshold) else "  below threshold"
+        rows.append(f"{r.name[:32]:<32} {r.kind:<7} {r.error:>7.4f} {r.agreement:>9.4f} {r.kl:>10.2e}{flag}")
+    below = sum(not r.passes(threshold) for r in results)
+    rows.append(f"{len(results)} adapters, {below} below agreement {threshold}")
+    return "\n".join(rows)
