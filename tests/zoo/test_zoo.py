@@ -148,3 +148,21 @@ def test_quality_bench_refuses_impossible_settings_before_any_engine(micro_zoo, 
     err = capsys.readouterr().err
     assert "no adapters" in err and "adapters" in err, err
     assert not (tmp_path / "q" / "quality.jsonl").exists()
+
+
+def test_a_varied_zoo_mixes_ranks_and_targets(tmp_path):
+    from vllm_jd.zoo.build import varied
+    from vllm_jd.zoo.train import ATTENTION_TARGETS, LoraConfig
+
+    base = LoraConfig()
+    got = [varied(base, j) for j in range(6)]
+    assert [c.rank for c in got] == [4, 8, 16, 4, 8, 16] and all(c.alpha == 2 * c.rank for c in got)
+    assert [c.targets == ATTENTION_TARGETS for c in got] == [False, True] * 3
+    cfg = micro_config(tasks=1, seed=2)
+    cfg.adapters_per_task, cfg.vary = 2, True
+    zoo = make_zoo(tmp_path / "zoo", cfg)
+    configs = [json.loads((tmp_path / "zoo" / "adapters" / n / "adapter_config.json").read_text())
+               for n in zoo["adapters"]]
+    assert [c["r"] for c in configs] == [4, 8]
+    assert sorted(configs[1]["target_modules"]) == sorted(ATTENTION_TARGETS)
+    assert len(configs[0]["target_modules"]) == 7 and zoo["config"]["vary"] is True

@@ -21,7 +21,15 @@ import torch
 
 from vllm_jd.zoo.data import encode_examples, greedy, make_char_tokenizer
 from vllm_jd.zoo.tasks import exact_match, examples, select_tasks
-from vllm_jd.zoo.train import LoraConfig, ModelConfig, TrainConfig, config_dict, train_base, train_lora
+from vllm_jd.zoo.train import (
+    ATTENTION_TARGETS,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    config_dict,
+    train_base,
+    train_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ class ZooConfig:
     base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=350, batch_size=64, lr=3e-3))
     adapter: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=20))
     lora: LoraConfig = field(default_factory=LoraConfig)
+    vary: bool = False
+    """Adapters of a task differ in rank (4, 8, 16 in turn) and targets (every second one on
+    attention only), as a provider's do; otherwise all use ``lora``."""
 
 
 def micro_config(tasks: int = 2, seed: int = 0) -> ZooConfig:
@@ -55,6 +66,14 @@ def accuracy(model, tok, pairs: list[tuple[str, str]], max_new_tokens: int) -> f
     """Exact-match accuracy of greedy decoding on ``(prompt, answer)`` pairs."""
     outs = greedy(model, tok, [p for p, _ in pairs], max_new_tokens)
     return sum(exact_match(o, a) for o, (_, a) in zip(outs, pairs, strict=True)) / len(pairs)
+
+
+def varied(lora: LoraConfig, j: int) -> LoraConfig:
+    """Adapter ``j``'s LoRA settings in a varied zoo: rank 4, 8, 16 in turn (alpha 2·rank), every
+    second one on the attention projections only."""
+    rank = (4, 8, 16)[j % 3]
+    targets = ATTENTION_TARGETS if j % 2 else lora.targets
+    return LoraConfig(rank=rank, alpha=2 * rank, targets=targets)
 
 
 def _mean(xs: list[float]) -> float:
@@ -107,11 +126,13 @@ def make_zoo(out: str | Path, cfg: ZooConfig | None = None) -> dict:
             name = f"{task.name}-{j}"
             seed = cfg.seed * 1000 + 17 * j + tasks.index(task) + 1
             enc = encode_examples(tok, train[task.name][j + 1])
-            peft_model, losses = train_lora(base, enc, cfg.lora, cfg.adapter, seed, name)
+            lora = varied(cfg.lora, j) if cfg.vary else cfg.lora
+            peft_model, losses = train_lora(base, enc, lora, cfg.adapter, seed, name)
             acc = accuracy(peft_model, tok, test[task.name], cfg.max_new_tokens)
             peft_model.save_pretrained(str(out / "adapters" / name), safe_serialization=True)
             base = peft_model.unload()
-            adapters[name] = {"task": task.name, "seed": seed, "accuracy": acc, "base_accuracy": base_acc[task.name],
+            adapters[name] = {"task": task.name, "seed": seed, "rank": lora.rank, "targets": list(lora.targets),
+                              "accuracy": acc, "base_accuracy": base_acc[task.name],
                               "loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])}
             logger.info("adapter %s: accuracy %.3f (base %.3f)", name, acc, base_acc[task.name])
 
@@ -121,7 +142,7 @@ def make_zoo(out: str | Path, cfg: ZooConfig | None = None) -> dict:
            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
            "config": {**config_dict(cfg.model, cfg.lora), "base": config_dict(cfg.base)["TrainConfig"],
                       "adapter": config_dict(cfg.adapter)["TrainConfig"], "tasks": cfg.tasks,
-                      "adapters_per_task": cfg.adapters_per_task, "train_per_task": cfg.train_per_task,
+                      "adapters_per_task": cfg.adapters_per_task, "vary": cfg.vary, "train_per_task": cfg.train_per_task,
                       "test_per_task": cfg.test_per_task},
            "seconds": {"base": round(t_base, 1), "total": round(time.perf_counter() - t_start, 1)},
            "torch_threads": torch.get_num_threads()}

@@ -20,6 +20,7 @@ from vllm_jd.zoo.data import batches
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
