@@ -118,6 +118,18 @@ def test_chat_unknown_names_and_the_cluster_budget(cluster_app, adapter_names):
         assert len(held) <= 2, held
 
 
+def running_on(port: int, timeout: float = 30) -> None:
+    """Return once the replica's own server (``port``) reports a running request."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        if any(line.startswith("vllm:num_requests_running") and float(line.rsplit(" ", 1)[1]) > 0
+               for line in text.splitlines()):
+            return
+        time.sleep(0.01)
+    pytest.fail(f"no request ran on the replica's server (port {port}) within {timeout} s")
+
+
 def test_a_killed_replica_is_replaced(cluster_app, adapter_names):
     name = adapter_names[0]
     info = requests.get(f"{cluster_app}/v1/jd/replica", params={"model": name}, timeout=60).json()
@@ -135,7 +147,7 @@ def test_a_killed_replica_is_replaced(cluster_app, adapter_names):
 
     t = threading.Thread(target=in_flight)
     t.start()
-    time.sleep(0.5)
+    running_on(info["port"])  # killed while the request runs there (a fixed sleep raced a fast request)
     os.kill(info["pid"], signal.SIGKILL)
     t.join(150)
     assert not t.is_alive() and result["status"] != 200 and result["seconds"] < 60, result  # fails fast
