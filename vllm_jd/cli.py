@@ -63,7 +63,7 @@ def _add(args: argparse.Namespace) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from vllm_jd.quality.prompts import read_prompts
-    from vllm_jd.quality.verify import original_folder, verify
+    from vllm_jd.quality.verify import verify
 
     if not 0 < args.threshold <= 1:
         raise ValueError(f"--threshold {args.threshold}: expected a fraction in (0, 1]")
@@ -73,10 +73,8 @@ def _verify(args: argparse.Namespace) -> int:
     below = [r.name for r in results if not r.passes(args.threshold)]
     if below and args.repair:
         from vllm_jd.quality.repair import store_exactly
-        from vllm_jd.store.format import read_manifest
 
-        manifest = read_manifest(args.store)
-        added = store_exactly(args.store, {n: original_folder(manifest, n) for n in below})
+        added = store_exactly(args.store, {r.name: r.original for r in results if not r.passes(args.threshold)})
         after = verify(args.store, args.model, prompts, below, args.max_tokens, args.device, not args.quiet)
         _print_quality(after, args, "after repair")
         print(f"repaired {len(below)} adapters as exact singletons: +{added / 2**20:.2f} MiB of tensors",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -43,12 +43,15 @@ class AdapterQuality:
     agreement: float
     kl: float
     tokens: int
+    original: Path = field(repr=False)
+    """Where the original was read (``repair`` stores it from there)."""
 
     def passes(self, threshold: float) -> bool:
         return self.agreement >= threshold
 
     def as_dict(self) -> dict:
-        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "original"}
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
 
 
 def original_folder(manifest: Manifest, name: str) -> Path:
@@ -136,7 +139,8 @@ def verify(store: str | Path, model: str, prompts: Sequence[str], names: Sequenc
             stored = export(store, n, Path(tmp) / f"a{i}")
             agreement, kl, tokens = scorer.score(originals[n], stored, prompts, max_tokens)
             info = manifest.adapters[n]
-            out.append(AdapterQuality(n, manifest.clusters[info.cluster].kind, info.error, agreement, kl, tokens))
+            out.append(AdapterQuality(n, manifest.clusters[info.cluster].kind, info.error, agreement, kl, tokens,
+                                      originals[n]))
     return out
 
 

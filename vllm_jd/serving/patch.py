@@ -256,7 +256,7 @@ class _Registrations:
         from vllm_jd.serving.registration import rollback
 
         added, m = res.added, metrics(store_path())
-        if added is not None and name_loaded(models, res.name):
+        if added is not None and res.name in models.lora_requests:
             res.outcome = "resolved"
             if added.new:
                 m.registered(res.name, added.cluster, added.error, added.kind != "shared")
@@ -338,10 +338,6 @@ class _Registrations:
             return
         for lora_id in sorted(_ids(models).pop(name, ())):
             await models.engine_client.remove_lora(lora_id)
-
-
-def name_loaded(models, name: str) -> bool:
-    return name in models.lora_requests
 
 
 def _ids(models) -> dict[str, set[int]]:

@@ -174,17 +174,19 @@ def register(store: str | Path, name: str, lora_path: str, root: str, max_error:
     manifest = read_manifest(Path(store))
     with tempfile.TemporaryDirectory(prefix="vllm-jd-register-") as tmp:
         copy_under_root(path, root, Path(tmp), manifest, ticket)
-        return add_folder(store, name, Path(tmp), str(path), max_error, lock_timeout, ticket, generation)
+        return add_folder(store, name, Path(tmp), str(path), max_error, lock_timeout, ticket, generation, manifest)
 
 
 def add_folder(store: str | Path, name: str, folder: Path, source: str, max_error: float,
                lock_timeout: float | None = None, ticket: Ticket | None = None, generation: str | None = None,
-               ) -> Added:
+               manifest=None) -> Added:
     """The adapter in ``folder`` (a private copy, or a fetched source) added to ``store`` under
     ``name`` as ``vllm-jd add`` would, recording ``source``; the store's entry if it already
-    holds these exact weights under ``name`` (``already_stored``)."""
+    holds these exact weights under ``name`` (``already_stored``). manifest: the store's, if the
+    caller has just read it."""
     t0 = time.perf_counter()
-    if (stored := already_stored(read_manifest(Path(store)), name, folder)) is not None:
+    manifest = read_manifest(Path(store)) if manifest is None else manifest
+    if (stored := already_stored(manifest, name, folder)) is not None:
         return stored
     still_wanted: Callable[[], bool] | None = ticket.go if ticket is not None else None
     [added] = add_named(store, [(name, folder)], max_error, lock_timeout=lock_timeout, still_wanted=still_wanted,
