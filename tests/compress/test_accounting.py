@@ -32,3 +32,22 @@ def test_paper_para_saved(n, rank, clusters, method, per, total):
     acc = account(paper_manifest(n, rank, clusters, method))
     assert round(sum(acc.per_adapter_saved) / n, 2) == per
     assert round(acc.total_saved, 2) == total
+
+
+def test_only_the_modules_an_adapter_has_count():
+    """An attention-only adapter stored exactly holds no MLP basis and no MLP Σ: neither is charged."""
+    r, (d_attn, d_mlp) = 8, (256, 384)
+    manifest = Manifest(
+        method="jd-full", sigma="full", rank=16,
+        modules=[ModuleInfo(name="q", d_in=128, d_out=128), ModuleInfo(name="up", d_in=128, d_out=256)],
+        clusters=[ClusterInfo(id=0, rank=16, kind="shared"), ClusterInfo(id=1, rank=r, kind="exact")],
+        adapters={"full": AdapterInfo(cluster=0, block=0, row=0, rank=16, lora_params=16 * (d_attn + d_mlp),
+                                      checksum="", source="", error=0.1, module_errors=[0.1, 0.1]),
+                  "attn": AdapterInfo(cluster=1, block=0, row=0, rank=r, lora_params=r * d_attn,
+                                      checksum="", source="", error=0.0, module_errors=[0.0, None])})
+    acc = account(manifest)
+    assert acc.basis_params == [16 * (d_attn + d_mlp), r * d_attn]
+    assert acc.sigma_params == [2 * 16 * 16, r * r]
+    assert acc.per_adapter_saved[1] == pytest.approx(1 - (r * r + r * d_attn) / (r * d_attn))
+    used = 16 * (d_attn + d_mlp) + r * d_attn + 2 * 256 + r * r
+    assert acc.total_saved == pytest.approx(1 - used / (16 * (d_attn + d_mlp) + r * d_attn))

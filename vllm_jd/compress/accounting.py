@@ -2,7 +2,7 @@
 
 "Para. Saved x / y" = per-adapter saved ratio / total saved ratio:
 - per adapter: 1 − (what adapter i alone needs) / (its LoRA's parameters). What it alone needs is
-  its Σ_i (r² for JD-Full, r for JD-Diag) on every module, plus its basis if the basis is its own
+  its Σ_i (r² for JD-Full, r for JD-Diag) on every module it has, plus its basis if the basis is its own
   (svd and exact singleton clusters; for svd the paper folds Σ_i into V_i and counts only
   r(d_in + d_out)).
 - total: 1 − (all bases + all Σ_i) / (all LoRAs' parameters).
@@ -30,23 +30,33 @@ class Accounting:
 
 
 def account(manifest: Manifest) -> Accounting:
-    """Parameters of ``manifest``'s store against the source LoRAs it was built from."""
-    dims = [(m.d_in, m.d_out) for m in manifest.modules]
-    basis = [sum(c.rank * (d_in + d_out) for d_in, d_out in dims) for c in manifest.clusters]
+    """Parameters of ``manifest``'s store against the source LoRAs it was built from.
+
+    Only modules an adapter has count (``module_errors[m]`` not None): its Σ_i there, and a
+    cluster's basis on the modules at least one member has. The store writes nothing for the rest
+    (an attention-only adapter stored exactly holds no MLP basis), and counting every module would
+    charge such an adapter about twice its own size.
+    """
+    dims = [m.d_in + m.d_out for m in manifest.modules]
+    has = {n: [e is not None for e in a.module_errors] for n, a in manifest.adapters.items()}
+    held: dict[int, list[bool]] = {}
+    for n, a in manifest.adapters.items():
+        prev = held.get(a.cluster, [False] * len(dims))
+        held[a.cluster] = [x or y for x, y in zip(prev, has[n], strict=True)]
+    basis = [sum(c.rank * d for d, h in zip(dims, held.get(c.id, [True] * len(dims)), strict=True) if h)
+             for c in manifest.clusters]
     own_basis = {c.id for c in manifest.clusters if c.kind in ("svd", "exact", "compeft")}
-    sizes: dict[int, int] = {}
-    for a in manifest.adapters.values():
-        sizes[a.cluster] = sizes.get(a.cluster, 0) + 1
     per, sig = [], []
-    for a in manifest.adapters.values():
+    for n, a in manifest.adapters.items():
         r = manifest.clusters[a.cluster].rank
-        s = 0 if manifest.method == "svd" else len(dims) * (r * r if manifest.sigma == "full" else r)
+        s = 0 if manifest.method == "svd" else sum(has[n]) * (r * r if manifest.sigma == "full" else r)
         sig.append(s)
         own = s + (basis[a.cluster] if a.cluster in own_basis else 0)
         per.append(1 - own / a.lora_params)
     lora = sum(a.lora_params for a in manifest.adapters.values())
-    used = sum(b for c, b in enumerate(basis) if sizes.get(c, 0) > 0) + sum(sig)
+    used = sum(b for c, b in enumerate(basis) if c in held) + sum(sig)
     return Accounting(per, 1 - used / lora if lora else 0.0, lora, basis, sig)
+
 
 STORE_BYTES_PER_PARAM = 4
 """Stores keep float32 tensors; serving casts to the model's dtype (2 bytes for bf16)."""
