@@ -7,7 +7,7 @@ from vllm_jd.compress.clustering import Reference, _fill_empty
 from vllm_jd.compress.factors import ModuleFactors, normalize
 from vllm_jd.compress.kmeans import kmeans
 from vllm_jd.compress.peft_io import discover, open_adapter
-from vllm_jd.compress.selection import choose, load_references, reference_modules
+from vllm_jd.compress.selection import SIGMA_SHARE, choose, load_references, one_cluster_cap, reference_modules
 from vllm_jd.store.format import ModuleInfo
 
 
@@ -49,6 +49,21 @@ def test_auto_clusters_doubles_until_error_below_target(planted_adapters):
     counts = [k for _, k, _ in choice.tried]
     assert counts == [1, 2, 4][: len(counts)] and choice.clusters == counts[-1]
     assert choice.tried[-1][2] < 0.05 and all(e >= 0.05 for _, _, e in choice.tried[:-1])
+
+
+def test_one_cluster_rule_needs_sigma_smaller_than_the_adapters(planted_adapters):
+    """≤ 100 adapters: the rule's rank ⌈n/2⌉ + 7 is tried first only while its Σ_i (r²) costs at most
+    SIGMA_SHARE of the mean adapter; otherwise the cluster search at rank 16 starts at once."""
+    adapters = [open_adapter(n, p) for n, p in discover([planted_adapters])]
+    n, rule = len(adapters), (len(adapters) + 1) // 2 + 7
+    per_module = sum(a.lora_params / len(a.modules) for a in adapters) / n
+    cap = one_cluster_cap("jd-full", adapters)
+    assert cap == int((SIGMA_SHARE * per_module) ** 0.5) and one_cluster_cap("jd-diag", adapters) >= cap ** 2
+    refs = load_references(adapters, ["model.layers.1.self_attn.q_proj"], "cpu")
+    run = lambda cap: choose("jd-full", refs, n, rank=None, clusters=None, max_error=0.5, max_rank=32,  # noqa: E731
+                             iters=5, tol=None, seed=0, one_cluster_max=cap).tried
+    assert run(rule)[0][:2] == (rule, 1)
+    assert run(rule - 1)[0][:2] == (16, 1) and all(r == 16 for r, _, _ in run(rule - 1))
 
 
 def test_reference_modules_are_the_middle_layer():

@@ -22,7 +22,7 @@ from vllm_jd.compress.factors import ModuleFactors, load_module, normalize, reco
 from vllm_jd.compress.inputs import Input, gather
 from vllm_jd.compress.peft_io import PeftAdapter, open_adapter, recorded_source
 from vllm_jd.compress.project import place
-from vllm_jd.compress.selection import choose, choose_svd_rank, load_references, reference_modules
+from vllm_jd.compress.selection import choose, choose_svd_rank, load_references, one_cluster_cap, reference_modules
 from vllm_jd.compress.summary import Summary, module_table
 from vllm_jd.compress.svd import exact_diag
 from vllm_jd.config import CompressConfig
@@ -192,7 +192,8 @@ def _select(adapters: list, ref_names: list[str], config: CompressConfig, max_ra
         return choose_svd_rank(refs, n, config, max_rank), torch.arange(n)
     with tqdm(desc="clusters", unit="it", disable=not progress) as sel_bar:
         choice = choose(config.method, refs, n, config.rank, config.clusters, config.max_error, max_rank,
-                        config.iters, config.tol, config.seed, config.max_rounds, on_iter=lambda: sel_bar.update(1))
+                        config.iters, config.tol, config.seed, config.max_rounds, on_iter=lambda: sel_bar.update(1),
+                        one_cluster_max=one_cluster_cap(config.method, adapters))
     return choice, choice.clustering.labels
 
 

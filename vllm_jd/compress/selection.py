@@ -1,7 +1,8 @@
 """Pick rank and cluster count from reconstruction error (paper 001 §6.4, App. F).
 
 The paper's recipe, run on the reference (middle-layer) modules only:
-- ≤ 100 adapters: one cluster at rank ⌈n/2⌉ + 7, if its mean error is below the target;
+- ≤ 100 adapters: one cluster at rank ⌈n/2⌉ + 7, if its mean error is below the target and its
+  Σ_i costs at most ``SIGMA_SHARE`` of the mean adapter (``one_cluster_cap``; ours, not the paper's);
 - otherwise rank 16 and the smallest cluster count in 1, 2, 4, 8, … whose mean error is below
   the target (``--max-error``, default 0.5: "below 0.5 reconstruction loss reliably translates
   into preserving 99% or more of the LoRA performance").
@@ -26,6 +27,13 @@ RECIPE_RANK = 16
 """The paper's rank for the cluster search (001 §6.4)."""
 
 
+SIGMA_SHARE = 0.25
+"""The one-cluster rule is skipped when its Σ_i (r² per module for JD-Full, r for JD-Diag) would
+exceed this share of the mean adapter's parameters per module. The paper's models are wide
+(Σ_i at rank 57 is 2.5% of a rank-16 Mistral-7B adapter); on hidden 128 the rule's rank-55 Σ_i
+was 1.3× a rank-9 adapter and the store saved −63% (docs/quality.md)."""
+
+
 @dataclass
 class Choice:
     rank: int
@@ -37,10 +45,11 @@ class Choice:
 
 def choose(method: str, refs: list[Reference], n: int, rank: int | None, clusters: int | None,
            max_error: float, max_rank: int, iters: int, tol: float | None, seed: int,
-           max_rounds: int = 10, on_iter=None) -> Choice:
+           max_rounds: int = 10, on_iter=None, one_cluster_max: int | None = None) -> Choice:
     """Resolve ``rank``/``clusters`` given as None ("auto") by the recipe above.
 
-    max_rank: the smallest module dimension (a rank above it is invalid).
+    max_rank: the smallest module dimension (a rank above it is invalid); one_cluster_max: the
+    largest rank the one-cluster rule may take (``one_cluster_cap``; None: no bound).
     """
     tried: list[tuple[int, int, float]] = []
 
@@ -64,11 +73,14 @@ def choose(method: str, refs: list[Reference], n: int, rank: int | None, cluster
             if float(res.errors.mean()) < max_error or r >= max_rank:
                 return Choice(r, clusters, res, tried)
             r = min(2 * r, max_rank)
-    if rank is None and n <= 100:
-        r = min((n + 1) // 2 + 7, max_rank)
+    r = min((n + 1) // 2 + 7, max_rank)
+    if rank is None and n <= 100 and (one_cluster_max is None or r <= one_cluster_max):
         res = run(r, 1)
         if float(res.errors.mean()) < max_error:
             return Choice(r, 1, res, tried)
+    elif rank is None and n <= 100:
+        logger.info("auto: one cluster at rank %d skipped: its Σ_i would cost more than %.0f%% of the mean adapter",
+                    r, 100 * SIGMA_SHARE)
     r = rank if rank is not None else min(RECIPE_RANK, max_rank)
     k = 1
     while True:
@@ -76,6 +88,14 @@ def choose(method: str, refs: list[Reference], n: int, rank: int | None, cluster
         if float(res.errors.mean()) < max_error or k >= n:
             return Choice(r, k, res, tried)
         k = min(2 * k, n)
+
+
+def one_cluster_cap(method: str, adapters: list) -> int:
+    """The largest rank whose Σ_i is at most ``SIGMA_SHARE`` of the mean adapter's parameters per
+    module it has (``a.lora_params / len(a.modules)``)."""
+    per_module = sum(a.lora_params / max(len(a.modules), 1) for a in adapters) / max(len(adapters), 1)
+    budget = SIGMA_SHARE * per_module
+    return int(budget) if method == "jd-diag" else int(budget ** 0.5)
 
 
 def reference_modules(modules: list) -> list[str]:
