@@ -94,7 +94,12 @@ def test_bad_inputs_exit_2_with_the_reason(setup, tmp_path, capsys):
     other = make_tiny_llama(tmp_path / "other", hidden=128, dtype=torch.float32)
     shutil.copytree(setup["root"] / "far", tmp_path / "far-moved")
     capsys.readouterr()  # the model writer's progress bar
+    unknown, partial = tmp_path / "unknown.jsonl", tmp_path / "partial.jsonl"
+    unknown.write_text(json.dumps({"prompt": "x", "adapters": ["adapter-0000", "nope"]}) + "\n")
+    partial.write_text(json.dumps({"prompt": "x", "adapter": "adapter-0000"}) + "\n")
     cases = [(["--prompts", str(empty)], "no prompts in it"),
+             (["--prompts", str(unknown)], "the prompts name adapters not in"),
+             (["--prompts", str(partial)], "no prompts for 3 adapter(s)"),
              (["--model", str(other)], "built for another model"),
              (["--adapters", "nope"], "not in"),
              (["--threshold", "2"], "expected a fraction")]
@@ -113,6 +118,25 @@ def test_bad_inputs_exit_2_with_the_reason(setup, tmp_path, capsys):
 
 
 def test_prompt_files():
-    assert read_prompts(None) == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) == 16
+    assert read_prompts(None).shared == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) == 16
     with pytest.raises(ValueError, match="cannot read it"):
         read_prompts("/no/such/file.jsonl")
+
+
+def test_prompts_of_one_adapter_are_measured_on_it_only(setup, tmp_path, capsys):
+    """A line with "adapters" adds to those adapters' shared prompts: each adapter can be measured
+    on its own traffic (a provider's per-customer prompts)."""
+    path = tmp_path / "own.jsonl"
+    path.write_text("\n".join([json.dumps(PROMPTS[0]), json.dumps({"prompt": PROMPTS[1], "adapters": ["adapter-0001"]}),
+                               json.dumps({"prompt": PROMPTS[2], "adapter": "far-0000"})]) + "\n")
+    read = read_prompts(path)
+    assert read.shared == PROMPTS[:1] and read.own == {"adapter-0001": PROMPTS[1:2], "far-0000": PROMPTS[2:3]}
+    assert read.for_adapter("far-0000") == [PROMPTS[0], PROMPTS[2]]
+    code = cli(["-q", "verify", str(setup["store"]), "--model", str(setup["model"]), "--prompts", str(path),
+                "--max-tokens", "8", "--json"])
+    tokens = {r["name"]: r["tokens"] for x in capsys.readouterr().out.splitlines() if (r := json.loads(x))}
+    assert code == 0 and tokens == {"adapter-0000": 8, "adapter-0001": 16, "adapter-0002": 8, "far-0000": 16}
+    for bad in ({"prompt": "x", "adapters": []}, {"prompt": "x", "adapters": [3]}, {"prompt": "x", "adapter": ""}):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match="must be a non-empty list"):
+            read_prompts(path)

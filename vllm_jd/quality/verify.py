@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from vllm_jd.compress.export import export
 from vllm_jd.compress.peft_io import open_adapter
+from vllm_jd.quality.prompts import PromptSet
 from vllm_jd.sources.fetch import fetch_one
 from vllm_jd.sources.spec import parse_source
 from vllm_jd.store.errors import AdapterError
@@ -116,11 +117,13 @@ class Scorer:
         return logits.log_softmax(-1)
 
 
-def verify(store: str | Path, model: str, prompts: Sequence[str], names: Sequence[str] | None = None,
+def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], names: Sequence[str] | None = None,
            max_tokens: int = 32, device: str = "cpu", progress: bool = True) -> list[AdapterQuality]:
-    """``AdapterQuality`` of each adapter ``names`` (default: all) of ``store``. Every input is
-    checked before any scoring: ValueError on an unknown name, a missing or changed source, a
-    model whose modules are not the store's, no prompts, ``max_tokens`` < 1."""
+    """``AdapterQuality`` of each adapter ``names`` (default: all) of ``store``, on its prompts
+    (``PromptSet.for_adapter``; a plain list: the same for all). Every input is checked before any
+    scoring: ValueError on an unknown name (asked for, or named in the prompts), a missing or
+    changed source, a model whose modules are not the store's, an adapter without prompts,
+    ``max_tokens`` < 1."""
     from vllm_jd.serving.preflight import check
 
     store = Path(store)
@@ -128,8 +131,14 @@ def verify(store: str | Path, model: str, prompts: Sequence[str], names: Sequenc
     names = list(manifest.adapters) if names is None else list(names)
     if unknown := [n for n in names if n not in manifest.adapters]:
         raise ValueError(f"not in {store}: {', '.join(unknown[:5])}")
-    if not prompts or max_tokens < 1:
-        raise ValueError("verify needs at least one prompt and --max-tokens ≥ 1")
+    prompts = prompts if isinstance(prompts, PromptSet) else PromptSet(list(prompts))
+    if unknown := [n for n in prompts.own if n not in manifest.adapters]:
+        raise ValueError(f"the prompts name adapters not in {store}: {', '.join(unknown[:5])}")
+    if without := [n for n in names if not prompts.for_adapter(n)]:
+        raise ValueError(f"no prompts for {len(without)} adapter(s), e.g. {', '.join(without[:5])}: give shared "
+                         f"prompts (lines without \"adapters\") or prompts naming them")
+    if max_tokens < 1:
+        raise ValueError("verify needs --max-tokens ≥ 1")
     check(model, {m.name: (m.d_in, m.d_out) for m in manifest.modules})
     originals = {n: original_folder(manifest, n) for n in names}
     scorer = Scorer(model, device)
@@ -137,7 +146,7 @@ def verify(store: str | Path, model: str, prompts: Sequence[str], names: Sequenc
     with tempfile.TemporaryDirectory(prefix="vllm-jd-verify-") as tmp:
         for i, n in enumerate(tqdm(names, desc="verify", unit="adapter", disable=not progress)):
             stored = export(store, n, Path(tmp) / f"a{i}")
-            agreement, kl, tokens = scorer.score(originals[n], stored, prompts, max_tokens)
+            agreement, kl, tokens = scorer.score(originals[n], stored, prompts.for_adapter(n), max_tokens)
             info = manifest.adapters[n]
             out.append(AdapterQuality(n, manifest.clusters[info.cluster].kind, info.error, agreement, kl, tokens,
                                       originals[n]))
