@@ -13,7 +13,7 @@ from pathlib import Path
 from vllm_jd.cli_parser import build_parser, serve_ray_parser
 
 
-def _compress(args: argparse.Namespace) -> None:
+def _compress(args: argparse.Namespace) -> int:
     from vllm_jd.compress.pipeline import compress
     from vllm_jd.config import CompressConfig
 
@@ -24,6 +24,7 @@ def _compress(args: argparse.Namespace) -> None:
                             compeft_encoding=args.encoding)
     if args.recluster_exact and args.from_store is None:
         raise ValueError("--recluster-exact applies to --from-store STORE")
+    prompts = _gate_prompts(args)  # a bad prompts file or threshold stops before any work
     s = compress(_sources(args), args.out, config, progress=not args.quiet, from_store=args.from_store,
                  recluster_exact=args.recluster_exact, fetch_workers=args.fetch_workers)
     m = s.manifest
@@ -35,6 +36,33 @@ def _compress(args: argparse.Namespace) -> None:
         print(f"warning: {above} of {len(errs)} adapters have error above --max-error {args.max_error} (worst "
               f"{errs[-1]:.4f}); `vllm-jd inspect {args.out}` lists them. A higher --rank or more --clusters "
               "(or auto) lowers it", file=sys.stderr)
+    return _gate(args, prompts) if prompts is not None else 0
+
+
+def _gate_prompts(args: argparse.Namespace):
+    """--verify-model: the prompts to verify on (checked before compressing), else None."""
+    if args.verify_model is None:
+        if args.verify_prompts is not None:
+            raise ValueError("--verify-prompts applies to --verify-model MODEL")
+        return None
+    from vllm_jd.quality.prompts import read_prompts
+
+    _check_threshold(args.threshold)
+    return read_prompts(args.verify_prompts)
+
+
+def _gate(args: argparse.Namespace, prompts) -> int:
+    """compress --verify-model: every adapter below --threshold is stored exactly (``verify --repair``)."""
+    from vllm_jd.quality.repair import verify_and_repair
+
+    args.json = False
+    try:
+        before, after, added = verify_and_repair(args.out, args.verify_model, prompts, args.threshold,
+                                                 max_tokens=args.verify_max_tokens, device=args.device,
+                                                 progress=not args.quiet)
+    except ValueError as e:
+        raise ValueError(f"{args.out} was written but not verified: {e}") from None
+    return _report_quality(args, before, after, added)
 
 
 def _sources(args: argparse.Namespace) -> list[str]:
@@ -63,21 +91,26 @@ def _add(args: argparse.Namespace) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from vllm_jd.quality.prompts import read_prompts
-    from vllm_jd.quality.verify import verify
+    from vllm_jd.quality.repair import verify_and_repair
 
-    if not 0 < args.threshold <= 1:
-        raise ValueError(f"--threshold {args.threshold}: expected a fraction in (0, 1]")
-    prompts = read_prompts(args.prompts)
-    results = verify(args.store, args.model, prompts, args.adapters, args.max_tokens, args.device, not args.quiet)
-    _print_quality(results, args, "")
-    below = [r.name for r in results if not r.passes(args.threshold)]
-    if below and args.repair:
-        from vllm_jd.quality.repair import store_exactly
+    _check_threshold(args.threshold)
+    before, after, added = verify_and_repair(args.store, args.model, read_prompts(args.prompts), args.threshold,
+                                             args.adapters, args.max_tokens, args.device, not args.quiet, args.repair)
+    return _report_quality(args, before, after, added)
 
-        added = store_exactly(args.store, {r.name: r.original for r in results if not r.passes(args.threshold)})
-        after = verify(args.store, args.model, prompts, below, args.max_tokens, args.device, not args.quiet)
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 < threshold <= 1:
+        raise ValueError(f"--threshold {threshold}: expected a fraction in (0, 1]")
+
+
+def _report_quality(args: argparse.Namespace, before: list, after: list, added: int) -> int:
+    """Print the verify results (and the repair's); 1 if any adapter is still below the threshold."""
+    _print_quality(before, args, "")
+    below = [r.name for r in before if not r.passes(args.threshold)]
+    if after:
         _print_quality(after, args, "after repair")
-        print(f"repaired {len(below)} adapters as exact singletons: +{added / 2**20:.2f} MiB of tensors",
+        print(f"repaired {len(after)} adapters as exact singletons: +{added / 2**20:.2f} MiB of tensors",
               file=sys.stderr if args.json else sys.stdout)
         below = [r.name for r in after if not r.passes(args.threshold)]
     return 1 if below else 0
@@ -98,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         return _verify(args)
     if args.command == "compress":
-        _compress(args)
+        return _compress(args)
     elif args.command == "add":
         _add(args)
     elif args.command == "gpu-check":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vllm_jd.config import DEFAULT_THRESHOLD, PLACE_MAX_ERROR, RECIPE_MAX_ERROR
+
 
 def _int_or_auto(value: str) -> int | None:
     if value == "auto":
@@ -67,11 +69,12 @@ def _verify_parser(sub) -> None:
     v.add_argument("store")
     v.add_argument("--model", required=True, help="the base model (a folder or Hub id transformers can load)")
     v.add_argument("--prompts", default=None, metavar="FILE.jsonl",
-                   help='JSON lines of {"prompt": ...} (default: 16 generic prompts built in)')
+                   help='JSON lines of {"prompt": ...}, optionally with "adapters": [names] to measure only those '
+                        'adapters on it (default: 16 generic prompts built in)')
     v.add_argument("--adapters", nargs="+", default=None, metavar="NAME", help="only these adapters (default: all)")
     v.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens generated per prompt (default 32)")
-    v.add_argument("--threshold", type=float, default=0.95,
-                   help="lowest greedy agreement with the original that passes (default 0.95)")
+    v.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"lowest greedy agreement with the original that passes (default {DEFAULT_THRESHOLD})")
     v.add_argument("--repair", action="store_true",
                    help="store the adapters below the threshold exactly (lossless singletons), then verify them again")
     v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -93,7 +96,17 @@ def _compress_parser(sub) -> None:
                    help="jd-full (default), jd-diag, svd (per-adapter baseline), compeft (per-adapter sparse ternary)")
     c.add_argument("--rank", type=_int_or_auto, default=None, help="rank r, or auto (default)")
     c.add_argument("--clusters", type=_int_or_auto, default=None, help="cluster count, or auto (default)")
-    c.add_argument("--max-error", type=float, default=0.5, help="target mean relative error for auto (default 0.5)")
+    c.add_argument("--max-error", type=float, default=RECIPE_MAX_ERROR,
+                   help=f"target mean relative error for auto (default {RECIPE_MAX_ERROR}: docs/quality.md)")
+    c.add_argument("--verify-model", default=None, metavar="MODEL",
+                   help="then verify every adapter against its original on MODEL and store exactly those below "
+                        "--threshold (verify --repair): per-adapter quality measured, not guessed")
+    c.add_argument("--verify-prompts", default=None, metavar="FILE.jsonl",
+                   help="prompts for --verify-model (default: 16 generic prompts; see verify --prompts)")
+    c.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"with --verify-model: lowest greedy agreement that stays shared (default {DEFAULT_THRESHOLD})")
+    c.add_argument("--verify-max-tokens", type=_positive_int, default=32,
+                   help="with --verify-model: tokens generated per prompt (default 32)")
     c.add_argument("--iters", type=int, default=10, help="JD iterations (default 10)")
     c.add_argument("--tol", type=float, default=None, help="stop early at this subspace change (paper: 1e-3)")
     c.add_argument("--max-rounds", type=int, default=10, help="cap on clustering rounds (default 10)")
@@ -122,8 +135,9 @@ def _add_parser(sub) -> None:
     a.add_argument("store")
     a.add_argument("adapters", nargs="*", help=SOURCES_HELP)
     _source_args(a)
-    a.add_argument("--max-error", type=float, default=0.5,
-                   help="above this error an adapter is stored exactly as its own cluster (default 0.5)")
+    a.add_argument("--max-error", type=float, default=PLACE_MAX_ERROR,
+                   help=f"above this error an adapter is stored exactly as its own cluster (default {PLACE_MAX_ERROR}: "
+                        "docs/quality.md)")
     a.add_argument("--exact-as", choices=["exact", "compeft"], default="exact",
                    help="how such a singleton is stored: exact (lossless) or compeft (sparse ternary, ~55x smaller)")
     _compeft_args(a)

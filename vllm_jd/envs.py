@@ -15,7 +15,7 @@ def store_path() -> str | None:
 VLLM_JD_ADAPTER_ROOT = "VLLM_JD_ADAPTER_ROOT"
 """Folder under which /v1/load_lora_adapter may read adapters. Unset: registration is refused."""
 VLLM_JD_MAX_ERROR = "VLLM_JD_MAX_ERROR"
-"""Projection error above which a registered adapter is stored exactly (default 0.5)."""
+"""Projection error above which a registered adapter is stored exactly (default ``config.PLACE_MAX_ERROR``, 0.1)."""
 VLLM_JD_SPARE_ADAPTERS = "VLLM_JD_SPARE_ADAPTERS"
 """Σ rows each worker reserves at start for adapters registered while serving (default 256)."""
 
@@ -60,7 +60,9 @@ def adapter_root() -> str | None:
 
 
 def max_error() -> float:
-    return float(os.environ.get(VLLM_JD_MAX_ERROR) or 0.5)
+    from vllm_jd.config import PLACE_MAX_ERROR
+
+    return float(os.environ.get(VLLM_JD_MAX_ERROR) or PLACE_MAX_ERROR)
 
 
 VLLM_JD_MAX_RESIDENT_CLUSTERS = "VLLM_JD_MAX_RESIDENT_CLUSTERS"

@@ -140,3 +140,26 @@ def test_prompts_of_one_adapter_are_measured_on_it_only(setup, tmp_path, capsys)
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match="must be a non-empty list"):
             read_prompts(path)
+
+
+def test_compress_verify_model_stores_exactly_what_fails(setup, tmp_path, capsys):
+    """compress --verify-model: the store is fitted as usual, then every adapter below --threshold
+    is stored exactly, so each one passes; bad gate options stop before anything is written."""
+    src = tmp_path / "src"
+    for d in ("ad", "far"):
+        shutil.copytree(setup["root"] / d, src / d)
+    out = tmp_path / "gated"
+    base = ["-q", "compress", str(src / "ad"), str(src / "far"), "--out", str(out), "--rank", "2", "--clusters", "1"]
+    for extra, says in [(["--verify-prompts", str(setup["prompts"])], "applies to --verify-model"),
+                        (["--verify-model", str(setup["model"]), "--verify-prompts", str(tmp_path / "no.jsonl")],
+                         "cannot read it"),
+                        (["--verify-model", str(setup["model"]), "--threshold", "0"], "expected a fraction")]:
+        assert cli(base + extra) == 2 and says in capsys.readouterr().err and not out.exists()
+    code = cli(base + ["--verify-model", str(setup["model"]), "--verify-prompts", str(setup["prompts"]),
+                       "--verify-max-tokens", "8"])
+    printed = capsys.readouterr().out
+    m = read_manifest(out)
+    exact = sorted(n for n, a in m.adapters.items() if m.clusters[a.cluster].kind == "exact")
+    assert code == 0 and "far-0000" in exact and f"repaired {len(exact)} adapters" in printed, printed
+    assert cli(["-q", "verify", str(out), "--model", str(setup["model"]), "--prompts", str(setup["prompts"]),
+                "--max-tokens", "8"]) == 0

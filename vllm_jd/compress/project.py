@@ -25,6 +25,7 @@ from vllm_jd.compress.factors import ModuleFactors, load_module, reconstruction_
 from vllm_jd.compress.inputs import gather
 from vllm_jd.compress.peft_io import PeftAdapter, open_adapter, recorded_source
 from vllm_jd.compress.svd import exact_diag, exact_full
+from vllm_jd.config import PLACE_MAX_ERROR
 from vllm_jd.sources.fetch import DEFAULT_WORKERS
 from vllm_jd.store.dtypes import encode, roundtrip
 from vllm_jd.store.errors import AdapterError, StoreError
@@ -70,7 +71,7 @@ def _check_modules(manifest: Manifest, adapter: PeftAdapter) -> None:
                                              f"{dims[m][0]}→{dims[m][1]}", adapter.path)
 
 
-def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5,
+def add(store: str | Path, paths: list[str | Path], max_error: float = PLACE_MAX_ERROR,
         compeft: tuple[float, float, str] | None = None, fetch_workers: int = DEFAULT_WORKERS,
         progress: bool = False) -> list[Added]:
     """Add the PEFT adapters of ``paths`` (folders, Hub ids or URLs: ``inputs.gather``) to
@@ -86,7 +87,7 @@ def add(store: str | Path, paths: list[str | Path], max_error: float = 0.5,
                      sources=[i.source for i in inputs])
 
 
-def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float = 0.5,
+def add_named(store: str | Path, named: list[tuple[str, Path]], max_error: float = PLACE_MAX_ERROR,
               compeft: tuple[float, float, str] | None = None, lock_timeout: float | None = None,
               still_wanted: Callable[[], bool] | None = None, sources: list[str | None] | None = None,
               generation: str | None = None) -> list[Added]:

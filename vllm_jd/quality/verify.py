@@ -32,9 +32,6 @@ from vllm_jd.sources.spec import parse_source
 from vllm_jd.store.errors import AdapterError
 from vllm_jd.store.format import Manifest, read_manifest
 
-DEFAULT_THRESHOLD = 0.95
-"""Lowest agreement that passes (1 token in 20 may differ from the original's greedy choice)."""
-
 
 @dataclass
 class AdapterQuality:
