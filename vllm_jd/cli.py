@@ -14,7 +14,6 @@ from vllm_jd.cli_parser import build_parser, serve_ray_parser
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from vllm_jd.compress.pipeline import compress
     from vllm_jd.config import CompressConfig
 
     config = CompressConfig(method=args.method, rank=args.rank, clusters=args.clusters, max_error=args.max_error,
@@ -25,43 +24,62 @@ def _compress(args: argparse.Namespace) -> int:
     if args.recluster_exact and args.from_store is None:
         raise ValueError("--recluster-exact applies to --from-store STORE")
     prompts = _gate_prompts(args)  # a bad prompts file or threshold stops before any work
-    s = compress(_sources(args), args.out, config, progress=not args.quiet, from_store=args.from_store,
+    if prompts is None:
+        _compress_into(args, config, args.out, warn=True)
+        return 0
+    from vllm_jd.quality.gate import gated
+
+    with gated(args.out) as folder:  # published at --out only once verified and repaired
+        _compress_into(args, config, folder, warn=False)  # the gate measures each adapter instead
+        return _gate(args, prompts, folder)
+
+
+def _compress_into(args: argparse.Namespace, config, out, warn: bool) -> None:
+    from vllm_jd.compress.pipeline import compress
+
+    s = compress(_sources(args), out, config, progress=not args.quiet, from_store=args.from_store,
                  recluster_exact=args.recluster_exact, fetch_workers=args.fetch_workers)
     m = s.manifest
     errs = sorted(a.error for a in m.adapters.values())
     print(f"compressed {len(m.adapters)} adapters × {len(m.modules)} modules → {args.out}: {m.method} rank {m.rank}, "
           f"{len(m.clusters)} clusters, error median {statistics.median(errs):.4f} max {errs[-1]:.4f}, "
           f"{s.seconds:.1f} s")
-    if (above := sum(e > args.max_error for e in errs)) and args.method != "compeft":
+    if warn and (above := sum(e > args.max_error for e in errs)) and args.method != "compeft":
         print(f"warning: {above} of {len(errs)} adapters have error above --max-error {args.max_error} (worst "
               f"{errs[-1]:.4f}); `vllm-jd inspect {args.out}` lists them. A higher --rank or more --clusters "
               "(or auto) lowers it", file=sys.stderr)
-    return _gate(args, prompts) if prompts is not None else 0
 
 
 def _gate_prompts(args: argparse.Namespace):
     """--verify-model: the prompts to verify on (checked before compressing), else None."""
     if args.verify_model is None:
-        if args.verify_prompts is not None:
-            raise ValueError("--verify-prompts applies to --verify-model MODEL")
+        given = [f for f, v in (("--verify-prompts", args.verify_prompts), ("--threshold", args.threshold),
+                                ("--verify-max-tokens", args.verify_max_tokens)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} applies to --verify-model MODEL")
         return None
+    from vllm_jd.config import DEFAULT_THRESHOLD
+    from vllm_jd.quality.gate import check_new
     from vllm_jd.quality.prompts import read_prompts
 
+    args.threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    args.verify_max_tokens = args.verify_max_tokens or 32
     _check_threshold(args.threshold)
-    return read_prompts(args.verify_prompts)
+    check_new(args.out)
+    return read_prompts(args.verify_prompts, flag="--verify-prompts")
 
 
-def _gate(args: argparse.Namespace, prompts) -> int:
+def _gate(args: argparse.Namespace, prompts, folder) -> int:
     """compress --verify-model: every adapter below --threshold is stored exactly (``verify --repair``)."""
     from vllm_jd.quality.repair import verify_and_repair
 
     args.json = False
     try:
-        before, after, added = verify_and_repair(args.out, args.verify_model, prompts, args.threshold,
+        before, after, added = verify_and_repair(folder, args.verify_model, prompts, args.threshold,
                                                  max_tokens=args.verify_max_tokens, device=args.device,
                                                  progress=not args.quiet)
     except ValueError as e:
-        raise ValueError(f"{args.out} was written but not verified: {e}") from None
+        raise ValueError(f"nothing was written to {args.out}: {e}".replace(str(folder), str(args.out))) from None
     return _report_quality(args, before, after, added)
 
 
@@ -221,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)  # a line per HTTP request would bury the progress bar
     try:
         return _run(args)
+    except KeyboardInterrupt:  # every write is staged: what was interrupted left nothing half-written
+        print(f"vllm-jd {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader stopped early (`vllm-jd inspect S | head`): not our error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0

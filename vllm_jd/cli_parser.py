@@ -20,8 +20,11 @@ def _int_or_auto(value: str) -> int | None:
 
 
 def _positive_int(value: str) -> int:
-    v = _int_or_auto(value)
-    if v is None:
+    try:
+        v = int(value)
+    except ValueError:
+        v = 0
+    if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return v
 
@@ -100,12 +103,12 @@ def _compress_parser(sub) -> None:
                    help=f"target mean relative error for auto (default {RECIPE_MAX_ERROR}: docs/quality.md)")
     c.add_argument("--verify-model", default=None, metavar="MODEL",
                    help="then verify every adapter against its original on MODEL and store exactly those below "
-                        "--threshold (verify --repair): per-adapter quality measured, not guessed")
+                        "--threshold (verify --repair); --out is published only after (it must be new)")
     c.add_argument("--verify-prompts", default=None, metavar="FILE.jsonl",
                    help="prompts for --verify-model (default: 16 generic prompts; see verify --prompts)")
-    c.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    c.add_argument("--threshold", type=float, default=None,
                    help=f"with --verify-model: lowest greedy agreement that stays shared (default {DEFAULT_THRESHOLD})")
-    c.add_argument("--verify-max-tokens", type=_positive_int, default=32,
+    c.add_argument("--verify-max-tokens", type=_positive_int, default=None,
                    help="with --verify-model: tokens generated per prompt (default 32)")
     c.add_argument("--iters", type=int, default=10, help="JD iterations (default 10)")
     c.add_argument("--tol", type=float, default=None, help="stop early at this subspace change (paper: 1e-3)")

@@ -140,26 +140,61 @@ def test_prompts_of_one_adapter_are_measured_on_it_only(setup, tmp_path, capsys)
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match="must be a non-empty list"):
             read_prompts(path)
+    path.write_text(json.dumps({"prompt": "x", "adapter": "a", "adapters": ["b"]}) + "\n")
+    with pytest.raises(ValueError, match="not both"):
+        read_prompts(path)
+    path.write_text(json.dumps({"prompt": "x", "adapters": ["a", "a", "b"]}) + "\n")
+    assert read_prompts(path).own == {"a": ["x"], "b": ["x"]}  # a name given twice is measured once
 
 
 def test_compress_verify_model_stores_exactly_what_fails(setup, tmp_path, capsys):
     """compress --verify-model: the store is fitted as usual, then every adapter below --threshold
-    is stored exactly, so each one passes; bad gate options stop before anything is written."""
+    is stored exactly, and only then published at --out; bad gate options, a model that does not
+    fit, prompts naming unknown adapters or an existing --out leave nothing at --out."""
     src = tmp_path / "src"
     for d in ("ad", "far"):
         shutil.copytree(setup["root"] / d, src / d)
     out = tmp_path / "gated"
     base = ["-q", "compress", str(src / "ad"), str(src / "far"), "--out", str(out), "--rank", "2", "--clusters", "1"]
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"prompt": "x", "adapters": ["nope"]}) + "\n")
+    other = make_tiny_llama(tmp_path / "other", hidden=128, dtype=torch.float32)
+    gate = ["--verify-model", str(setup["model"])]
     for extra, says in [(["--verify-prompts", str(setup["prompts"])], "applies to --verify-model"),
-                        (["--verify-model", str(setup["model"]), "--verify-prompts", str(tmp_path / "no.jsonl")],
-                         "cannot read it"),
-                        (["--verify-model", str(setup["model"]), "--threshold", "0"], "expected a fraction")]:
-        assert cli(base + extra) == 2 and says in capsys.readouterr().err and not out.exists()
-    code = cli(base + ["--verify-model", str(setup["model"]), "--verify-prompts", str(setup["prompts"]),
-                       "--verify-max-tokens", "8"])
+                        (["--threshold", "0.5"], "--threshold applies to --verify-model"),
+                        (gate + ["--verify-prompts", str(tmp_path / "no.jsonl")], "--verify-prompts"),
+                        (gate + ["--threshold", "0"], "expected a fraction"),
+                        (gate + ["--verify-prompts", str(unknown)], "the prompts name adapters not in"),
+                        (["--verify-model", str(other)], "built for another model"),
+                        (["--verify-model", str(tmp_path / "nothere")], "no such folder")]:
+        capsys.readouterr()
+        assert cli(base + extra) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and not out.exists(), (extra, err)
+        assert not list(tmp_path.glob(".gated.*")), extra  # the staged store is gone too
+    code = cli(base + gate + ["--verify-prompts", str(setup["prompts"]), "--verify-max-tokens", "8"])
     printed = capsys.readouterr().out
     m = read_manifest(out)
     exact = sorted(n for n, a in m.adapters.items() if m.clusters[a.cluster].kind == "exact")
     assert code == 0 and "far-0000" in exact and f"repaired {len(exact)} adapters" in printed, printed
     assert cli(["-q", "verify", str(out), "--model", str(setup["model"]), "--prompts", str(setup["prompts"]),
                 "--max-tokens", "8"]) == 0
+    before = tree_digest(out)
+    assert cli(base + gate) == 2 and "choose a new --out" in capsys.readouterr().err
+    assert tree_digest(out) == before
+
+
+def test_an_interrupted_gate_leaves_nothing(tmp_path):
+    """An interrupt (or any failure) inside the gate removes the staged store; --out stays absent."""
+    from vllm_jd.quality.gate import gated
+
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt), gated(out) as folder:
+        folder.mkdir()
+        (folder / "manifest.json").write_text("{}")
+        raise KeyboardInterrupt
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with gated(out) as folder:
+        folder.mkdir()
+        (folder / "x").write_text("1")
+    assert (out / "x").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["s"]

@@ -42,28 +42,28 @@ class PromptSet:
         return self.shared + self.own.get(name, [])
 
 
-def read_prompts(path: str | Path | None) -> PromptSet:
+def read_prompts(path: str | Path | None, flag: str = "--prompts") -> PromptSet:
     """The prompts in ``path`` (None: ``DEFAULT_PROMPTS``). A line's ``"adapters": [names]`` (or
     ``"adapter": name``) makes it a prompt of those adapters only: each adapter can be measured on
-    its own traffic. ValueError naming the file and line when it is missing, unreadable, malformed
-    or empty."""
+    its own traffic (a name given twice in a line counts once). ValueError naming ``flag``, the file
+    and line when it is missing, unreadable, malformed or empty."""
     if path is None:
         return PromptSet(list(DEFAULT_PROMPTS))
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--prompts {path}: cannot read it ({e.__class__.__name__}: {e})") from None
+        raise ValueError(f"{flag} {path}: cannot read it ({e.__class__.__name__}: {e})") from None
     out = PromptSet([])
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        prompt, names = _parse_line(line, f"--prompts {path}:{i}")
+        prompt, names = _parse_line(line, f"{flag} {path}:{i}")
         for n in names or ():
             out.own.setdefault(n, []).append(prompt)
         if names is None:
             out.shared.append(prompt)
     if not out.shared and not out.own:
-        raise ValueError(f"--prompts {path}: no prompts in it")
+        raise ValueError(f"{flag} {path}: no prompts in it")
     return out
 
 
@@ -78,9 +78,11 @@ def _parse_line(line: str, where: str) -> tuple[str, list[str] | None]:
         raise ValueError(f"{where}: expected {{\"prompt\": \"...\"}} or a JSON string")
     if not isinstance(item, dict) or ("adapter" not in item and "adapters" not in item):
         return prompt, None
+    if "adapter" in item and "adapters" in item:
+        raise ValueError(f"{where}: give \"adapter\" or \"adapters\", not both")
     names = item.get("adapters", [item.get("adapter")])
     if isinstance(names, str):
         names = [names]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"{where}: \"adapters\" must be a non-empty list of adapter names")
-    return prompt, names
+    return prompt, list(dict.fromkeys(names))

@@ -45,7 +45,7 @@ class AdapterQuality:
     """Where the original was read (``repair`` stores it from there)."""
 
     def passes(self, threshold: float) -> bool:
-        return self.agreement >= threshold
+        return self.tokens > 0 and self.agreement >= threshold  # no token scored is no evidence
 
     def as_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "original"}
@@ -114,6 +114,20 @@ class Scorer:
         return logits.log_softmax(-1)
 
 
+def check_model_folder(model: str) -> None:
+    """A ``--model`` that names a local path must be a model folder (a Hub id is left to the Hub);
+    one line instead of transformers' guesses at a repo id or tokenizer backend."""
+    path = Path(model).expanduser()
+    if model.startswith(("/", "./", "../", "~")) or path.exists():
+        if not path.is_dir():
+            raise ValueError(f"--model {model}: no such folder")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {model}: not a model folder (no config.json)")
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            raise ValueError(f"--model {model}: no tokenizer in it (tokenizer.json, tokenizer.model or "
+                             "tokenizer_config.json): verify generates text")
+
+
 def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], names: Sequence[str] | None = None,
            max_tokens: int = 32, device: str = "cpu", progress: bool = True) -> list[AdapterQuality]:
     """``AdapterQuality`` of each adapter ``names`` (default: all) of ``store``, on its prompts
@@ -125,7 +139,7 @@ def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], na
 
     store = Path(store)
     manifest = read_manifest(store)
-    names = list(manifest.adapters) if names is None else list(names)
+    names = list(manifest.adapters) if names is None else list(dict.fromkeys(names))
     if unknown := [n for n in names if n not in manifest.adapters]:
         raise ValueError(f"not in {store}: {', '.join(unknown[:5])}")
     prompts = prompts if isinstance(prompts, PromptSet) else PromptSet(list(prompts))
@@ -136,6 +150,7 @@ def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], na
                          f"prompts (lines without \"adapters\") or prompts naming them")
     if max_tokens < 1:
         raise ValueError("verify needs --max-tokens ≥ 1")
+    check_model_folder(model)
     check(model, {m.name: (m.d_in, m.d_out) for m in manifest.modules})
     originals = {n: original_folder(manifest, n) for n in names}
     scorer = Scorer(model, device)
