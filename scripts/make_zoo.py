@@ -3,7 +3,7 @@ corpus, then one PEFT LoRA per task (``--adapters-per-task`` for more, each with
 and training sample), plus held-out examples per task.
 
     python scripts/make_zoo.py --out DIR [--tasks 8] [--adapters-per-task 1] [--seed 0]
-                               [--vary] [--base-steps 350] [--adapter-steps 300] [--threads N] [--micro]
+                               [--vary] [--hidden 128] [--base-steps 350] [--adapter-steps 300] [--threads N] [--micro]
 
 Writes DIR/model, DIR/adapters/<task>-<j>, DIR/tasks/<task>.jsonl and DIR/zoo.json (see
 ``vllm_jd.zoo.build``). The default takes a few minutes on 2 cores.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_jd.zoo.build import ZooConfig, make_zoo, micro_config
+from vllm_jd.zoo.build import ZooConfig, make_zoo, micro_config, widened
 from vllm_jd.zoo.tasks import TASKS
 
 
@@ -35,12 +35,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads (default 1: at this model size more threads mostly add overhead)")
     ap.add_argument("--vary", action="store_true",
                     help="adapters of a task differ in rank (4/8/16) and targets (all linear / attention only)")
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="model width, a multiple of 64 (default 128; wider is closer to real models, slower)")
     ap.add_argument("--micro", action="store_true", help="a seconds-long toy config (tests)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     cfg = micro_config(args.tasks, args.seed) if args.micro else ZooConfig(tasks=args.tasks, seed=args.seed)
     cfg.adapters_per_task, cfg.vary = args.adapters_per_task, args.vary
+    try:
+        if args.hidden is not None:
+            cfg.model = widened(cfg.model, args.hidden)
+    except ValueError as e:
+        print(f"make_zoo: error: {e}", file=sys.stderr)
+        return 2
     if args.base_steps is not None:
         cfg.base.steps = args.base_steps
     if args.adapter_steps is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_jd.zoo.build import make_zoo, micro_config, read_tasks
+from vllm_jd.zoo.build import make_zoo, micro_config, read_tasks, widened
 from vllm_jd.zoo.data import encode_examples, make_char_tokenizer
 from vllm_jd.zoo.tasks import TASKS, exact_match, examples, select_tasks
 
@@ -166,3 +166,13 @@ def test_a_varied_zoo_mixes_ranks_and_targets(tmp_path):
     assert [c["r"] for c in configs] == [4, 8]
     assert sorted(configs[1]["target_modules"]) == sorted(ATTENTION_TARGETS)
     assert len(configs[0]["target_modules"]) == 7 and zoo["config"]["vary"] is True
+
+
+def test_widened_model_keeps_64_wide_heads():
+    from vllm_jd.zoo.train import ModelConfig
+
+    m = widened(ModelConfig(), 512)
+    assert (m.hidden, m.heads, m.kv_heads, m.intermediate, m.layers) == (512, 8, 4, 1024, ModelConfig().layers)
+    assert widened(ModelConfig(), 64).kv_heads == 1
+    with pytest.raises(ValueError, match="multiple of 64"):
+        widened(ModelConfig(), 100)

@@ -74,11 +74,14 @@ def original_folder(manifest: Manifest, name: str) -> Path:
 class Scorer:
     """One base model and tokenizer; ``score`` one (original, stored) adapter pair."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        if not progress:  # -q: not even transformers' weight-loading bar
+            hf_logging.disable_progress_bar()
         self.tok = AutoTokenizer.from_pretrained(model)
-        self.base = AutoModelForCausalLM.from_pretrained(model, torch_dtype=dtype).to(device).eval()
+        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
         self.device = device
 
     @torch.no_grad()
@@ -153,7 +156,7 @@ def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], na
     check_model_folder(model)
     check(model, {m.name: (m.d_in, m.d_out) for m in manifest.modules})
     originals = {n: original_folder(manifest, n) for n in names}
-    scorer = Scorer(model, device)
+    scorer = Scorer(model, device, progress=progress)
     out = []
     with tempfile.TemporaryDirectory(prefix="vllm-jd-verify-") as tmp:
         for i, n in enumerate(tqdm(names, desc="verify", unit="adapter", disable=not progress)):

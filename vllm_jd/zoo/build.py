@@ -53,6 +53,17 @@ class ZooConfig:
     attention only), as a provider's do; otherwise all use ``lora``."""
 
 
+def widened(model: ModelConfig, hidden: int) -> ModelConfig:
+    """``model`` at width ``hidden`` (a multiple of 64): 64-wide heads, half as many KV heads,
+    MLP 2 × hidden. Wider layers are the regime of real models, where a shared basis and Σ_i are
+    small next to each adapter (docs/quality.md)."""
+    if hidden < 64 or hidden % 64:
+        raise ValueError(f"--hidden {hidden}: expected a multiple of 64")
+    heads = hidden // 64
+    return ModelConfig(hidden=hidden, layers=model.layers, heads=heads, kv_heads=max(1, heads // 2),
+                       intermediate=2 * hidden, vocab_size=model.vocab_size)
+
+
 def micro_config(tasks: int = 2, seed: int = 0) -> ZooConfig:
     """A zoo small enough for unit tests (seconds): 1 layer, hidden 64, few steps, few examples."""
     return ZooConfig(tasks=tasks, seed=seed, train_per_task=200, test_per_task=20, max_new_tokens=10,
