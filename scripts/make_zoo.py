@@ -3,7 +3,7 @@ corpus, then one PEFT LoRA per task (``--adapters-per-task`` for more, each with
 and training sample), plus held-out examples per task.
 
     python scripts/make_zoo.py --out DIR [--tasks 8] [--adapters-per-task 1] [--seed 0]
-                               [--vary] [--hidden 128] [--base-steps 350] [--adapter-steps 300] [--threads N] [--micro]
+                               [--vary] [--hidden 128] [--resume] [--base-steps 350] [--adapter-steps 300] [--threads N] [--micro]
 
 Writes DIR/model, DIR/adapters/<task>-<j>, DIR/tasks/<task>.jsonl and DIR/zoo.json (see
 ``vllm_jd.zoo.build``). The default takes a few minutes on 2 cores.
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=None,
                     help="model width, a multiple of 64 (default 128; wider is closer to real models, slower)")
     ap.add_argument("--micro", action="store_true", help="a seconds-long toy config (tests)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --out (same options): saved base and adapters are kept")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora_rank is not None:
         cfg.lora.rank, cfg.lora.alpha = args.lora_rank, 2 * args.lora_rank
     try:
-        zoo = make_zoo(args.out, cfg)
+        zoo = make_zoo(args.out, cfg, resume=args.resume)
     except ValueError as e:
         print(f"make_zoo: error: {e}", file=sys.stderr)
         return 2

@@ -176,3 +176,29 @@ def test_widened_model_keeps_64_wide_heads():
     assert widened(ModelConfig(), 64).kv_heads == 1
     with pytest.raises(ValueError, match="multiple of 64"):
         widened(ModelConfig(), 100)
+
+
+def test_a_resumed_zoo_is_the_zoo_an_uninterrupted_run_writes(one_thread, micro_zoo, tmp_path):
+    """An interrupted run (here: its last adapter and zoo.json gone) resumed with --resume keeps
+    the saved base and adapters and trains the rest to the same weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "z"
+    shutil.copytree(micro_zoo, out)
+    last = sorted((out / "adapters").iterdir())[-1]
+    kept = sorted((out / "adapters").iterdir())[0]
+    kept_mtime = (kept / "adapter_model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(last)
+    (out / "zoo.json").unlink()
+    with pytest.raises(ValueError, match="--resume continues"):
+        make_zoo(out, micro_config(tasks=2, seed=1))
+    with pytest.raises(ValueError, match="another config"):
+        make_zoo(out, micro_config(tasks=2, seed=2), resume=True)
+    zoo = make_zoo(out, micro_config(tasks=2, seed=1), resume=True)
+    assert (kept / "adapter_model.safetensors").stat().st_mtime_ns == kept_mtime  # not trained again
+    again = load_file(str(last / "adapter_model.safetensors"))
+    first = load_file(str(micro_zoo / "adapters" / last.name / "adapter_model.safetensors"))
+    assert again.keys() == first.keys() and all(torch.allclose(again[k], first[k], atol=1e-6) for k in first)
+    assert zoo["adapters"] == json.loads((micro_zoo / "zoo.json").read_text())["adapters"]
