@@ -3,7 +3,7 @@ corpus, then one PEFT LoRA per task (``--adapters-per-task`` for more, each with
 and training sample), plus held-out examples per task.
 
     python scripts/make_zoo.py --out DIR [--tasks 8] [--adapters-per-task 1] [--seed 0]
-                               [--vary] [--hidden 128] [--resume] [--base-steps 350] [--adapter-steps 300] [--threads N] [--micro]
+                               [--vary] [--hidden 128] [--resume] [--base-steps 350] [--base-lr 3e-3] [--adapter-steps 300] [--threads N] [--micro]
 
 Writes DIR/model, DIR/adapters/<task>-<j>, DIR/tasks/<task>.jsonl and DIR/zoo.json (see
 ``vllm_jd.zoo.build``). The default takes a few minutes on 2 cores.
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapters-per-task", type=int, default=1, help="adapters per task, distinct seeds (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-steps", type=int, default=None, help="base pre-training steps (default 350)")
+    ap.add_argument("--base-lr", type=float, default=None, help="base pre-training learning rate (default 3e-3)")
     ap.add_argument("--adapter-steps", type=int, default=None, help="LoRA steps per adapter (default 300)")
     ap.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8, alpha = 2 × rank)")
     ap.add_argument("--threads", type=int, default=1,
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.base_steps is not None:
         cfg.base.steps = args.base_steps
+    if args.base_lr is not None:
+        cfg.base.lr = args.base_lr
     if args.adapter_steps is not None:
         cfg.adapter.steps = args.adapter_steps
     if args.lora_rank is not None:
