@@ -5,8 +5,8 @@ the adapters below the threshold are stored exactly; only then is the folder ren
 ``--out``. A failure (a model that does not fit, prompts naming unknown adapters, a missing
 original) or an interrupt removes the folder: ``--out`` is never a store that skipped the gate.
 ``--out`` must therefore be new (absent or an empty folder): an existing store is verified in
-place with ``vllm-jd verify STORE --repair``. A folder left by a killed run (``kill -9``) is
-named in the next run's refusal only if it sits at ``--out``; it is never served.
+place with ``vllm-jd verify STORE --repair``. A run killed outright (SIGKILL) cannot clean up:
+its ``.<out>.gate-<id>`` folder stays beside ``--out`` (never at it, never served) until deleted.
 """
 
 from __future__ import annotations
