@@ -74,14 +74,13 @@ def choose(method: str, refs: list[Reference], n: int, rank: int | None, cluster
             if float(res.errors.mean()) < max_error or r >= max_rank:
                 return Choice(r, clusters, res, tried)
             r = min(2 * r, max_rank)
-    r = min((n + 1) // 2 + 7, max_rank)
-    if rank is None and n <= 100 and (one_cluster_max is None or r <= one_cluster_max):
-        res = run(r, 1)
-        if float(res.errors.mean()) < max_error:
+    if rank is None and n <= 100:
+        r = min((n + 1) // 2 + 7, max_rank)
+        if one_cluster_max is not None and r > one_cluster_max:
+            logger.info("auto: one cluster at rank %d skipped: its Σ_i would cost more than %.0f%% of the mean "
+                        "adapter", r, 100 * SIGMA_SHARE)
+        elif float((res := run(r, 1)).errors.mean()) < max_error:
             return Choice(r, 1, res, tried)
-    elif rank is None and n <= 100:
-        logger.info("auto: one cluster at rank %d skipped: its Σ_i would cost more than %.0f%% of the mean adapter",
-                    r, 100 * SIGMA_SHARE)
     r = rank if rank is not None else min(RECIPE_RANK, max_rank)
     k = 1
     while True:
