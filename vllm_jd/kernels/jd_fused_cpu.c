@@ -4,7 +4,8 @@
  *
  * Tokens come grouped by cluster (tok[], cstart[]). A tile of up to 16 tokens of one cluster is
  * gathered, shrunk (h = x V_c, fp32), gets each token's Σ applied (g = Σ h, rounded to bf16 as
- * the torch path rounds it), and is expanded straight into its rows of y (fp32 accumulate, y
+ * the torch path rounds it; on AVX-512 and AMX up to 4 tokens of one adapter in a row share each
+ * Σ load), and is expanded straight into its rows of y (fp32 accumulate, y
  * read, added and rounded once). Nothing goes through memory between the three steps, a
  * cluster's bases are read once per tile (from cache once per 4 tokens on the vector ISAs), and
  * y is written in place; tokens not listed (no adapter) are never touched.
@@ -67,6 +68,7 @@ static inline void vstore_bf16(uint16_t *p, vf v) { /* round to nearest even; Na
 #define vpair_even(b) _mm512_castsi512_ps(_mm512_slli_epi32(b, 16))
 #define vpair_odd(b) _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u)))
 #define NV_MAX 4 /* vectors per block: 64 columns */
+#define SIGMA_TOKENS 4 /* tokens sharing a Σ per pass: 16 accumulators */
 #elif defined(__AVX2__)
 #define VL 8
 typedef __m256 vf;
@@ -94,6 +96,7 @@ static inline void vstore_bf16(uint16_t *p, vf v) { /* round to nearest even; Na
 #define vpair_even(b) _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))
 #define vpair_odd(b) _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xFFFF0000u)))
 #define NV_MAX 2 /* vectors per block: 16 columns */
+#define SIGMA_TOKENS 1 /* tokens per Σ pass: 2 (8 accumulators of 16 registers) was 3% slower (bench/kernel_ab.py) */
 #else
 #error "jd_fused_cpu.c needs AVX2 or AVX-512 (built with -mavx2 -mfma or -mavx512f ...)"
 #endif
@@ -270,26 +273,53 @@ static void expand(uint16_t *const *ys, int mt, const uint16_t *g, const uint16_
 }
 #endif
 
-/* g[s*R + j] = bf16(sum_k Σ[row, s][j, k] h[s*R + k]) (full) or bf16(σ[row, s][j] h[s*R + j]). */
-static void apply_sigma(const float *h, const uint16_t *sig, int diag, int64_t row, int64_t S, int64_t R,
+/* g_t[j] = bf16(sum_k Σᵀ[k, j] h_t[k]) for nt tokens t sharing one Σ (st [R(k), R(j)], h_t = h + t*SR,
+ * g_t = g + t*SR): each Σ vector is loaded and widened once for all nt tokens (a prefill's tokens
+ * share their adapter), and every token's sum runs in the same order as alone, so the result
+ * does not depend on nt. nt is a constant at every call site: the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void sigma_full(const float *h, const uint16_t *st, int64_t R, int64_t SR,
+                                                             uint16_t *g, const int nt) {
+  for (int64_t j0 = 0; j0 < R; j0 += 4 * VL) { /* 4 vectors of columns per pass */
+    int64_t nb = (R - j0) / VL < 4 ? (R - j0) / VL : 4;
+    vf acc[SIGMA_TOKENS][4];
+    for (int t = 0; t < nt; t++)
+      for (int64_t b = 0; b < 4; b++) acc[t][b] = vzero();
+    for (int64_t k = 0; k < R; k++) {
+      vf sv[4];
+      for (int64_t b = 0; b < nb; b++) sv[b] = vload_bf16(st + k * R + j0 + VL * b);
+      for (int t = 0; t < nt; t++) {
+        vf hk = vset1(h[t * SR + k]);
+        for (int64_t b = 0; b < nb; b++) acc[t][b] = vfma(hk, sv[b], acc[t][b]);
+      }
+    }
+    for (int t = 0; t < nt; t++)
+      for (int64_t b = 0; b < nb; b++) vstore_bf16(g + t * SR + j0 + VL * b, acc[t][b]);
+  }
+}
+
+/* g_t[s*R + j] = bf16(sum_k Σ[row, s][j, k] h_t[s*R + k]) (full) or bf16(σ[row, s][j] h_t[s*R + j])
+ * for nt ≤ SIGMA_TOKENS tokens t of the same Σ row (h_t = h + t*SR, g_t = g + t*SR). */
+static void apply_sigma(const float *h, int nt, const uint16_t *sig, int diag, int64_t row, int64_t S, int64_t R,
                         uint16_t *g) {
+  const int64_t SR = S * R;
   for (int64_t s = 0; s < S; s++) {
-    const float *hs = h + s * R;
-    uint16_t *gs = g + s * R;
     if (diag) {
       const uint16_t *d = sig + (row * S + s) * R;
-      for (int64_t j0 = 0; j0 < R; j0 += VL) vstore_bf16(gs + j0, vmul(vload_bf16(d + j0), vloadf(hs + j0)));
+      for (int t = 0; t < nt; t++)
+        for (int64_t j0 = 0; j0 < R; j0 += VL)
+          vstore_bf16(g + t * SR + s * R + j0, vmul(vload_bf16(d + j0), vloadf(h + t * SR + s * R + j0)));
       continue;
     }
     const uint16_t *st = sig + (row * S + s) * R * R; /* st[k*R + j] = Σ[j, k] */
-    for (int64_t j0 = 0; j0 < R; j0 += 4 * VL) {       /* 4 accumulators per pass */
-      int64_t nb = (R - j0) / VL < 4 ? (R - j0) / VL : 4;
-      vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
-      for (int64_t k = 0; k < R; k++) {
-        vf hk = vset1(hs[k]);
-        for (int64_t b = 0; b < nb; b++) acc[b] = vfma(hk, vload_bf16(st + k * R + j0 + VL * b), acc[b]);
-      }
-      for (int64_t b = 0; b < nb; b++) vstore_bf16(gs + j0 + VL * b, acc[b]);
+    const float *hs = h + s * R;
+    uint16_t *gs = g + s * R;
+    switch (nt) {
+#if SIGMA_TOKENS == 4
+    case 4: sigma_full(hs, st, R, SR, gs, 4); break;
+    case 3: sigma_full(hs, st, R, SR, gs, 3); break;
+    case 2: sigma_full(hs, st, R, SR, gs, 2); break;
+#endif
+    default: sigma_full(hs, st, R, SR, gs, 1); break;
     }
   }
 }
@@ -327,7 +357,10 @@ int jd_fused_bf16(const uint16_t *x, int64_t ldx, uint16_t *y, int64_t ldy, cons
         ys[m] = m < mt ? y + tok[i + m] * ldy : NULL;
       }
       shrink(xt, mt, Vc, d_in, SR, h);
-      for (int m = 0; m < mt; m++) apply_sigma(h + m * SR, sig, diag, row[i + m], S, R, g + m * SR);
+      for (int m = 0, nt; m < mt; m += nt) { /* runs of tokens with the same Σ row share its loads */
+        for (nt = 1; nt < SIGMA_TOKENS && m + nt < mt && row[i + m + nt] == row[i + m];) nt++;
+        apply_sigma(h + m * SR, nt, sig, diag, row[i + m], S, R, g + m * SR);
+      }
       expand(ys, mt, g, Uc, R, D, SR, n_slice, c);
     }
   }

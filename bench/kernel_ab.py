@@ -1,0 +1,104 @@
+"""Two builds of the fused CPU kernel, timed in turn on the same layers: a git revision's
+``vllm_jd/kernels/jd_fused_cpu.c`` against the working tree's (kernel work is judged by A/B
+ratios in one run: this machine's speed drifts by tens of percent within a minute).
+
+The layer and mixes are ``bench/jd_lora_layer.py``'s (bf16 q/k/v of hidden 512, 1,024 adapters,
+8 clusters, 4 layers with new adapters every step), JD-Full Σ. Both builds must take the same
+C arguments. Checks that both write bit-identical y. One JSON line per variant and mix.
+
+    python bench/kernel_ab.py --old-rev HEAD~1 [--rank 64] [--isas amx,avx512bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from jd_lora_layer import MIXES, best_interleaved, vllm_gemm
+from machine import machine
+
+from vllm_jd.kernels import jd_fused_cpu
+from vllm_jd.kernels.metadata import build_meta
+from vllm_jd.kernels.weights import JDLayerWeights
+from vllm_jd.testing.cases import random_layer, token_rows
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def compiled(source: Path, isa: str, out: Path):
+    """The kernel entry point of ``source`` built for variant ``isa`` into ``out``."""
+    subprocess.run(["cc", "-O3", *jd_fused_cpu._BUILD_FLAGS[isa], "-shared", "-fPIC", str(source), "-o", str(out)],
+                   check=True)
+    fn = ctypes.CDLL(str(out)).jd_fused_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_P, _I, _P, _I, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I, _I, _P]
+    return fn
+
+
+def run_layer(fn, x, y, w: JDLayerWeights, order, isa: str) -> None:
+    bases = w.fused_bases(isa)
+    sig = w.sigma.transpose(-1, -2)
+    rc = fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), bases.Vp.data_ptr(), bases.Up.data_ptr(),
+            sig.data_ptr(), 0, order.tok.ctypes.data, order.row.ctypes.data, order.cstart.ctypes.data,
+            w.num_clusters, x.shape[1], len(w.UT), w.rank, y.shape[1], bases.n_slice.ctypes.data)
+    if rc != 0:
+        raise RuntimeError(f"kernel returned {rc}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old-rev", required=True, help="git revision whose jd_fused_cpu.c is the baseline")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--isas", default=None, help="variants (default: every one this CPU runs)")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    repo = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp())
+    old_src = tmp / "old.c"
+    old_src.write_text(subprocess.run(["git", "-C", str(repo), "show", f"{args.old_rev}:vllm_jd/kernels/jd_fused_cpu.c"],
+                                      check=True, capture_output=True, text=True).stdout)
+    d_in, d_out, dt, N, C = 512, [512, 256, 256], torch.bfloat16, 1024, 8
+    isas = args.isas.split(",") if args.isas else [i for i in jd_fused_cpu.ISAS if jd_fused_cpu.runs_here(i)]
+    layers = [JDLayerWeights.from_bases(*random_layer(3, C, N, args.rank, d_in, d_out, False, dt, i)[:3]) for i in range(4)]
+    gemms = [vllm_gemm((torch.randn(sum(d_out), d_in) / d_in**0.5).to(dt)) for _ in layers]
+    cluster = np.random.default_rng(0).integers(0, C, N + 1)
+    for isa in isas:
+        old = compiled(old_src, isa, tmp / f"old-{isa}.so")
+        new = compiled(jd_fused_cpu._SOURCE, isa, tmp / f"new-{isa}.so")
+        for mix, (seqs, lens) in MIXES.items():
+            metas = [build_meta(token_rows("uniform", seqs, lens, N, 0.0, k), cluster, N) for k in range(12)]
+            x = torch.randn(metas[0].num_tokens, d_in).to(dt)
+            y = torch.zeros(metas[0].num_tokens, sum(d_out), dtype=dt)
+
+            def timed(fn, x=x, y=y, metas=metas, isa=isa):
+                def run():
+                    for meta in metas:
+                        for w in layers:
+                            run_layer(fn, x, y, w, meta.cluster_order(C), isa)
+                return run
+
+            def base(x=x, metas=metas):
+                for _ in metas:
+                    for gemm in gemms:
+                        gemm(x)
+
+            y_old, y_new = y.clone(), y.clone()
+            run_layer(old, x, y_old, layers[0], metas[0].cluster_order(C), isa)
+            run_layer(new, x, y_new, layers[0], metas[0].cluster_order(C), isa)
+            base_ms, old_ms, new_ms = (ms / (len(metas) * len(layers))
+                                       for ms in best_interleaved([base, timed(old), timed(new)], args.repeats))
+            print(json.dumps({"bench": "kernel_ab", **machine(), "isa": isa, "rank": args.rank, "mix": mix,
+                              "old_rev": args.old_rev, "base_gemm_ms": round(base_ms, 3), "old_ms": round(old_ms, 3),
+                              "new_ms": round(new_ms, 3), "new_vs_old": round(new_ms / old_ms, 3),
+                              "bit_identical": bool(torch.equal(y_old, y_new))}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
