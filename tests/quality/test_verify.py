@@ -112,8 +112,15 @@ def test_bad_inputs_exit_2_with_the_reason(setup, tmp_path, capsys):
     try:
         assert cli(["-q", "verify", str(store), "--model", str(setup["model"])]) == 2
         assert "far-0000" in (err := capsys.readouterr().err) and "no longer exists" in err, err
+        shutil.move(setup["root"] / "ad" / "adapter-0001", tmp_path / "adapter-0001")  # and a second one
+        assert cli(["-q", "verify", str(store), "--model", str(setup["model"])]) == 2
+        err = capsys.readouterr().err
+        assert "2 adapters cannot be verified" in err and "far-0000" in err and "adapter-0001" in err, err
+        assert err.count("\n") == 1, err
     finally:
         shutil.copytree(tmp_path / "far-moved", setup["root"] / "far")
+        if (tmp_path / "adapter-0001").exists():
+            shutil.move(tmp_path / "adapter-0001", setup["root"] / "ad" / "adapter-0001")
     assert tree_digest(store) == before
 
 

@@ -71,6 +71,23 @@ def original_folder(manifest: Manifest, name: str) -> Path:
     return Path(folder)
 
 
+def original_folders(manifest: Manifest, names: Sequence[str]) -> dict[str, Path]:
+    """``original_folder`` of every adapter named. ValueError listing every adapter whose original
+    is gone or changed, not just the first: with 1,000 adapters, one run shows them all."""
+    folders, problems = {}, []
+    for n in names:
+        try:
+            folders[n] = original_folder(manifest, n)
+        except AdapterError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{len(problems)} adapters cannot be verified: {'; '.join(problems[:3])}{more}")
+    return folders
+
+
 class Scorer:
     """One base model and tokenizer; ``score`` one (original, stored) adapter pair."""
 
@@ -155,7 +172,7 @@ def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], na
         raise ValueError("verify needs --max-tokens ≥ 1")
     check_model_folder(model)
     check(model, {m.name: (m.d_in, m.d_out) for m in manifest.modules})
-    originals = {n: original_folder(manifest, n) for n in names}
+    originals = original_folders(manifest, names)
     scorer = Scorer(model, device, progress=progress)
     out = []
     with tempfile.TemporaryDirectory(prefix="vllm-jd-verify-") as tmp:
