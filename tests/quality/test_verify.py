@@ -205,3 +205,23 @@ def test_an_interrupted_gate_leaves_nothing(tmp_path):
         folder.mkdir()
         (folder / "x").write_text("1")
     assert (out / "x").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_a_killed_gates_staged_folder_is_removed_by_the_next_gate_and_a_live_one_kept(tmp_path):
+    """SIGKILL leaves ``.<out>.gate-<id>`` and its free lock file; the next gated run to the same
+    --out removes them, but not a folder whose run still holds its lock (a concurrent run)."""
+    import fcntl
+
+    from vllm_jd.quality.gate import gated
+
+    out = tmp_path / "s"
+    for run in ("dead", "live"):
+        (tmp_path / f".s.gate-{run}").mkdir()
+        (tmp_path / f".s.gate-{run}" / "manifest.json").write_text("{}")
+        (tmp_path / f".s.gate-{run}.lock").write_text("")
+    with open(tmp_path / ".s.gate-live.lock") as live:
+        fcntl.flock(live, fcntl.LOCK_EX)
+        with gated(out) as folder:
+            folder.mkdir()
+            (folder / "x").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.gate-live", ".s.gate-live.lock", "s"]
