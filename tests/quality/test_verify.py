@@ -64,7 +64,12 @@ def damage(store, name, factor):
         save_file(tensors, str(shard))
 
 
-def test_a_damaged_adapter_is_flagged_and_repair_makes_it_exact(setup, capsys):
+def test_a_damaged_adapter_is_flagged_and_repair_makes_it_exact(setup, capsys, monkeypatch):
+    from vllm_jd.quality.verify import Scorer
+
+    loads = []
+    real_load = Scorer._load
+    monkeypatch.setattr(Scorer, "_load", lambda self: (loads.append(self.model), real_load(self))[1])
     store = setup["root"] / "damaged"
     shutil.copytree(setup["store"], store)
     damage(store, "adapter-0001", 0.3)
@@ -75,8 +80,9 @@ def test_a_damaged_adapter_is_flagged_and_repair_makes_it_exact(setup, capsys):
     assert not by["adapter-0001"]["passes"] and by["adapter-0001"]["kl"] > 1e-3
     assert all(r["passes"] for n, r in by.items() if n != "adapter-0001")
     assert tree_digest(store) == before
+    loads.clear()
     code, lines = run(setup, store, "--repair", capsys=capsys)
-    assert code == 0
+    assert code == 0 and len(loads) == 1  # verify, repair, verify again: the model is read once
     after = [r for r in lines if r.get("stage") == "after repair"]
     assert [(r["name"], r["kind"], r["agreement"]) for r in after] == [("adapter-0001", "exact", 1.0)]
     m = read_manifest(store)

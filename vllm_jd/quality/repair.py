@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vllm_jd.compress.peft_io import open_adapter
 from vllm_jd.compress.project import place
-from vllm_jd.quality.verify import AdapterQuality, verify
+from vllm_jd.quality.verify import AdapterQuality, Scorer, verify
 from vllm_jd.store.errors import AdapterError
 from vllm_jd.store.format import TensorReader, read_manifest
 from vllm_jd.store.transaction import STAGING_PREFIX, commit, locked, staging_folder
@@ -49,9 +49,10 @@ def verify_and_repair(store: str | Path, model: str, prompts, threshold: float, 
                       ) -> tuple[list[AdapterQuality], list[AdapterQuality], int]:
     """``verify``; with ``repair``, store the adapters below ``threshold`` exactly and verify those
     again. Returns (before, after: the repaired ones re-verified, bytes the repair added)."""
-    before = verify(store, model, prompts, names, max_tokens, device, progress)
+    scorer = Scorer(model, device, progress=progress)  # the model is read once for both passes
+    before = verify(store, model, prompts, names, max_tokens, device, progress, scorer)
     below = {r.name: r.original for r in before if not r.passes(threshold)}
     if not (repair and below):
         return before, [], 0
     added = store_exactly(store, below)
-    return before, verify(store, model, prompts, list(below), max_tokens, device, progress), added
+    return before, verify(store, model, prompts, list(below), max_tokens, device, progress, scorer), added

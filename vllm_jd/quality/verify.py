@@ -89,23 +89,30 @@ def original_folders(manifest: Manifest, names: Sequence[str]) -> dict[str, Path
 
 
 class Scorer:
-    """One base model and tokenizer; ``score`` one (original, stored) adapter pair."""
+    """One base model and tokenizer; ``score`` one (original, stored) adapter pair. The model is
+    read at the first ``score`` (so a Scorer shared by verify → repair → verify reads it once, and
+    a run whose inputs are refused never reads it)."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True):
+        self.model, self.device, self.dtype, self.progress = model, device, dtype, progress
+        self.tok = self.base = None
+
+    def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        if not progress:  # -q: not even transformers' weight-loading bar
+        if not self.progress:  # -q: not even transformers' weight-loading bar
             hf_logging.disable_progress_bar()
-        self.tok = AutoTokenizer.from_pretrained(model)
-        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
-        self.device = device
+        self.tok = AutoTokenizer.from_pretrained(self.model)
+        self.base = AutoModelForCausalLM.from_pretrained(self.model, dtype=self.dtype).to(self.device).eval()
 
     @torch.no_grad()
     def score(self, original: Path, stored: Path, prompts: Sequence[str], max_tokens: int) -> tuple[float, float, int]:
         """(agreement, mean KL, tokens scored) of ``stored`` against ``original`` (see module)."""
         from peft import PeftModel
 
+        if self.base is None:
+            self._load()
         pm = PeftModel.from_pretrained(self.base, str(original), adapter_name="original")
         try:
             pm.load_adapter(str(stored), adapter_name="stored")
@@ -149,12 +156,13 @@ def check_model_folder(model: str) -> None:
 
 
 def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], names: Sequence[str] | None = None,
-           max_tokens: int = 32, device: str = "cpu", progress: bool = True) -> list[AdapterQuality]:
+           max_tokens: int = 32, device: str = "cpu", progress: bool = True,
+           scorer: Scorer | None = None) -> list[AdapterQuality]:
     """``AdapterQuality`` of each adapter ``names`` (default: all) of ``store``, on its prompts
     (``PromptSet.for_adapter``; a plain list: the same for all). Every input is checked before any
     scoring: ValueError on an unknown name (asked for, or named in the prompts), a missing or
     changed source, a model whose modules are not the store's, an adapter without prompts,
-    ``max_tokens`` < 1."""
+    ``max_tokens`` < 1. ``scorer``: one to reuse (its model must be ``model``)."""
     from vllm_jd.serving.preflight import check
 
     store = Path(store)
@@ -173,7 +181,7 @@ def verify(store: str | Path, model: str, prompts: PromptSet | Sequence[str], na
     check_model_folder(model)
     check(model, {m.name: (m.d_in, m.d_out) for m in manifest.modules})
     originals = original_folders(manifest, names)
-    scorer = Scorer(model, device, progress=progress)
+    scorer = scorer or Scorer(model, device, progress=progress)
     out = []
     with tempfile.TemporaryDirectory(prefix="vllm-jd-verify-") as tmp:
         for i, n in enumerate(tqdm(names, desc="verify", unit="adapter", disable=not progress)):
