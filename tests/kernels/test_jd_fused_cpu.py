@@ -58,7 +58,7 @@ def _case(popularity, lens, C=4, R=64, d_in=256, d_out=(128, 64, 64), diag=False
 MIXES = {"decode": [1] * 37, "mixed": [24, 1, 1, 7, 1, 24, 1, 1, 1, 2, 1, 1, 17, 1], "prefill": [40, 33, 17]}
 
 
-@pytest.mark.parametrize("isa, R, diag", [  # every rank the variant takes (AMX: multiples of 32)
+@pytest.mark.parametrize("isa, R, diag", [  # every rank the variant takes (multiples of 16)
     pytest.param(*p.values, R, diag, marks=p.marks, id=f"{p.values[0]}-R{R}{'-diag' if diag else ''}")
     for p in EVERY_ISA for R, diag in [(16, False), (32, False), (64, False), (128, False), (64, True)]
     if R % jd_fused_cpu.RANK_MULTIPLE[p.values[0]] == 0])
@@ -149,8 +149,8 @@ def test_auto_takes_the_kernel_only_with_one_torch_thread(monkeypatch):
 
 @pytest.mark.parametrize("dtype, R, d_in, d_out, isa", [
     (torch.float32, 64, 256, (128, 64, 64), "avx2"),  # not bf16
-    (torch.bfloat16, 16, 256, (128, 64, 64), "amx"),  # a rank that is not a whole AMX tile row (32)
-    (torch.bfloat16, 8, 256, (128, 64, 64), "avx512bf16"),  # nor the vector variants' 16 lanes
+    (torch.bfloat16, 8, 256, (128, 64, 64), "amx"),  # a rank that is not a multiple of 16
+    (torch.bfloat16, 8, 256, (128, 64, 64), "avx512bf16"),  # (the Σ step's 16 lanes)
     (torch.bfloat16, 64, 123, (128, 64, 64), "avx2"),  # d_in not even
     (torch.bfloat16, 64, 96 + 2, (128, 64, 64), "amx"),  # nor a multiple of 32 on AMX
     (torch.bfloat16, 64, 256, (128, 40, 40), "avx512"),  # slice widths not multiples of 16
@@ -246,17 +246,17 @@ def test_env_switches_turn_the_kernels_off(monkeypatch, variable, reader, cache,
 
 
 @pytest.mark.parametrize("rank, dtype, dims, isa, threads, want", [
-    (16, torch.bfloat16, [(512, 512), (512, 256)], "amx", 1, 32),  # the default rank-16 store on AMX: padded
-    (8, torch.bfloat16, [(512, 512)], "amx", 1, 32),  # exact rank-8 singletons only
-    (40, torch.bfloat16, [(512, 512)], "amx", 1, 64),
-    (64, torch.bfloat16, [(512, 512)], "amx", 1, 64),  # already a multiple of 32
+    (16, torch.bfloat16, [(512, 512), (512, 256)], "amx", 1, 16),  # the default rank-16 store: as it is
+    (8, torch.bfloat16, [(512, 512)], "amx", 1, 16),  # exact rank-8 singletons only: padded
+    (40, torch.bfloat16, [(512, 512)], "amx", 1, 48),
+    (64, torch.bfloat16, [(512, 512)], "amx", 1, 64),
     (16, torch.bfloat16, [(512, 512), (512, 256)], "avx512bf16", 1, 16),  # no AMX: rank 16 runs as it is
     (8, torch.bfloat16, [(512, 512)], "avx512bf16", 1, 16),  # rank-8 singletons: padded to 16
     (40, torch.bfloat16, [(512, 512)], "avx2", 1, 48),
     (16, torch.float32, [(512, 512)], "amx", 1, 16),  # the kernel is bf16 only
     (16, torch.bfloat16, [(512, 512)], None, 1, 16),  # no kernel (VLLM_JD_CPU_FUSED=0, no compiler): torch ops
-    (16, torch.bfloat16, [(512, 512)], "amx", 2, 16),  # more torch threads: torch ops, where padding costs
-    (16, torch.bfloat16, [(500, 512)], "amx", 1, 16),  # a d_in AMX cannot take
+    (8, torch.bfloat16, [(512, 512)], "amx", 2, 8),  # more torch threads: torch ops, where padding costs
+    (8, torch.bfloat16, [(500, 512)], "amx", 1, 8),  # a d_in AMX cannot take
     (8, torch.bfloat16, [(500, 512)], "avx2", 1, 16),  # which a vector variant can
 ])
 def test_served_rank_policy(rank, dtype, dims, isa, threads, want, monkeypatch):
@@ -308,15 +308,13 @@ def test_cpu_isa_variable_picks_the_variant(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("diag", [False, True])
-def test_a_rank_16_layer_padded_to_32_runs_the_kernel_and_serves_the_same(diag):
-    """What the server does with a rank-16 store here: zero-padded bases and Σ at rank 32 take the
-    fused kernel and give what the unpadded layer gives on torch ops."""
-    V, U, sigma, cluster = random_layer(3, 4, N, 16, 512, [512, 256, 256], diag, torch.bfloat16, 3)
-    pad = lambda t, dims: torch.nn.functional.pad(t, [0, 16] * dims)  # noqa: E731
+def test_a_rank_8_layer_padded_to_16_runs_the_kernel_and_serves_the_same(diag):
+    """What the server does with exact rank-8 singletons: zero-padded bases and Σ at rank 16 take
+    the fused kernel and give what the unpadded layer gives on torch ops."""
+    V, U, sigma, cluster = random_layer(3, 4, N, 8, 512, [512, 256, 256], diag, torch.bfloat16, 3)
+    pad = lambda t, dims: torch.nn.functional.pad(t, [0, 8] * dims)  # noqa: E731
     padded = JDLayerWeights.from_bases(pad(V, 1), [pad(u, 1) for u in U], pad(sigma, 1 if diag else 2))
     plain = JDLayerWeights.from_bases(V, U, sigma)
-    if jd_fused_cpu.RANK_MULTIPLE[jd_fused_cpu.kernel_isa()] == 16:
-        pytest.skip(f"{jd_fused_cpu.kernel_isa()} runs rank 16 unpadded")
     assert plain.fused_bases() is None and padded.fused_bases() is not None
     rows = token_rows("zipf", 12, [1] * 10 + [17, 9], N, 0.2, 4)
     meta = build_meta(rows, cluster, N)

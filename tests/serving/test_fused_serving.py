@@ -1,7 +1,8 @@
 """The fused CPU kernel inside a served bf16 model (single-process engine): every shared-basis
 layer runs it, and its prompt log-probabilities match the torch-ops path of the same engine. Run
 with this CPU's own variant and, where that is AMX, again with the vector variant a machine
-without AMX takes (``VLLM_JD_CPU_ISA``): the rank-16 store is served at 32 on AMX, at 16 without.
+without AMX takes (``VLLM_JD_CPU_ISA``): the rank-8 store (as exact rank-8 singletons) is served
+zero-padded to 16, the rank every variant takes (on AMX: the expand's half tiles).
 
 A random tiny bf16 Llama is near-uniform (log-probs ≈ −7.6) with large activations, so single
 positions move by up to ~0.6 between two bf16 roundings (either path against a float32 merged
@@ -31,8 +32,8 @@ def bf16_engine(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("fused")
     model = make_tiny_llama(root / "model", dtype=torch.bfloat16)
     make_adapters(root / "adapters", 8, llama_lora_modules(), rank=8, structure="shared", seed=1, alpha=16)
-    assert cli(["-q", "compress", str(root / "adapters"), "--out", str(root / "store"), "--rank", "16",
-                "--clusters", "2"]) == 0  # rank 16 (auto's usual pick): served zero-padded to 32, the kernel's rank
+    assert cli(["-q", "compress", str(root / "adapters"), "--out", str(root / "store"), "--rank", "8",
+                "--clusters", "2"]) == 0  # served zero-padded to 16, the kernel's rank multiple
     saved = {k: os.environ.get(k) for k in ("VLLM_JD_STORE", "VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE",
                                             "VLLM_JD_CPU_ISA")}
     os.environ.update(VLLM_JD_STORE=str(root / "store"), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
@@ -85,8 +86,7 @@ def test_served_model_runs_the_kernel_and_matches_the_torch_path(bf16_engine, mo
     kernel = jd_fused_cpu.jd_fused_cpu
     monkeypatch.setattr(jd_fused_cpu, "jd_fused_cpu", lambda *a: calls.append((id(a[2]), a[2].isa)) or kernel(*a))
     manager = engine.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
-    served = {"amx": 32}.get(isa, 16)  # jd_fused_cpu.served_rank: AMX takes multiples of 32, the others of 16
-    assert read_manifest(store).rank == 16 and manager.jd_rank == served
+    assert read_manifest(store).rank == 8 and manager.jd_rank == 16  # jd_fused_cpu.served_rank: multiples of 16
     ops = _prompt_logprobs(engine, store, "ops", adapters, prompts)
     assert not calls
     fused = _prompt_logprobs(engine, store, "fused", adapters, prompts)

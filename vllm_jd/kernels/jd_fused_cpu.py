@@ -46,9 +46,9 @@ _BUILD_FLAGS = {"amx": ["-DJD_AMX", *_AVX512, "-mavx512bf16", "-mamx-tile", "-ma
 _CPU_FLAGS = {"amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "fma"},
               "avx512bf16": {"avx512_bf16", "avx512f", "avx512bw", "avx512vl", "fma"},
               "avx512": {"avx512f", "avx512bw", "avx512vl", "fma"}, "avx2": {"avx2", "fma"}}
-RANK_MULTIPLE = {"amx": 32, "avx512bf16": 16, "avx512": 16, "avx2": 16}
-"""The rank each variant takes a multiple of (AMX: one tile row of bf16 pairs; the vector ISAs:
-the Σ step's 16 lanes)."""
+RANK_MULTIPLE = {"amx": 16, "avx512bf16": 16, "avx512": 16, "avx2": 16}
+"""The rank each variant takes a multiple of: the Σ step's 16 lanes (AMX's expand takes a rank of
+16 mod 32 in half tiles)."""
 _D_IN_MULTIPLE = {"amx": 32, "avx512bf16": 2, "avx512": 2, "avx2": 2}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -175,11 +175,11 @@ def served_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], thre
 
 
 def padded_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], isa: str) -> int:
-    """The next multiple of variant ``isa``'s ``RANK_MULTIPLE`` (32 on AMX, 16 otherwise) where only
-    the rank keeps the kernel from running a store's layers (dims: (d_in, d_out) of every served
-    module), else ``rank``. Zero columns and rows change no product, and the kernel at the padded
-    rank beats torch ops at the store's (docs/measurements.md: 2.2× to 2.8× per layer call at
-    16 → 32 on AMX)."""
+    """The next multiple of variant ``isa``'s ``RANK_MULTIPLE`` (16) where only the rank keeps the
+    kernel from running a store's layers (dims: (d_in, d_out) of every served module), else
+    ``rank``. Zero columns and rows change no product, and the kernel at the padded rank beats
+    torch ops at the store's (docs/measurements.md: 2.2× to 2.8× per layer call at 16 → 32 on AMX,
+    when AMX took multiples of 32 only)."""
     padded = -(-rank // RANK_MULTIPLE[isa]) * RANK_MULTIPLE[isa]
     if padded == rank:
         return rank
