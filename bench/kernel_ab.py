@@ -31,8 +31,6 @@ from vllm_jd.kernels.metadata import build_meta
 from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.testing.cases import random_layer, token_rows
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-
 
 def compiled(source: Path, isa: str, out: Path):
     """The kernel entry point of ``source`` built for variant ``isa`` into ``out``."""
@@ -40,7 +38,7 @@ def compiled(source: Path, isa: str, out: Path):
                    check=True)
     fn = ctypes.CDLL(str(out)).jd_fused_bf16
     fn.restype = ctypes.c_int
-    fn.argtypes = [_P, _I, _P, _I, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I, _I, _P]
+    fn.argtypes = jd_fused_cpu.ARGTYPES
     return fn
 
 

@@ -52,6 +52,8 @@ RANK_MULTIPLE = {"amx": 16, "avx512bf16": 16, "avx512": 16, "avx2": 16}
 _D_IN_MULTIPLE = {"amx": 32, "avx512bf16": 2, "avx512": 2, "avx2": 2}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+ARGTYPES = [_P, _I, _P, _I, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I, _I, _P]
+"""``jd_fused_bf16``'s C arguments (see ``jd_fused_cpu`` below for what each is)."""
 
 
 class Kernel(NamedTuple):
@@ -118,7 +120,7 @@ def load(isa: str) -> Kernel | None:
         return None
     fn = lib.jd_fused_bf16
     fn.restype = ctypes.c_int
-    fn.argtypes = [_P, _I, _P, _I, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I, _I, _P]
+    fn.argtypes = ARGTYPES
     return Kernel(isa, fn)
 
 

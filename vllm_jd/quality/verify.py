@@ -79,12 +79,12 @@ def original_folders(manifest: Manifest, names: Sequence[str]) -> dict[str, Path
         try:
             folders[n] = original_folder(manifest, n)
         except AdapterError as e:
-            problems.append(str(e))
+            problems.append(e)
     if len(problems) == 1:
-        raise ValueError(problems[0])
+        raise problems[0]
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise ValueError(f"{len(problems)} adapters cannot be verified: {'; '.join(problems[:3])}{more}")
+        raise ValueError(f"{len(problems)} adapters cannot be verified: {'; '.join(map(str, problems[:3]))}{more}")
     return folders
 
 
