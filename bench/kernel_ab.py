@@ -32,11 +32,9 @@ from vllm_jd.kernels.weights import JDLayerWeights
 from vllm_jd.testing.cases import random_layer, token_rows
 
 
-def compiled(source: Path, isa: str, out: Path):
-    """The kernel entry point of ``source`` built for variant ``isa`` into ``out``."""
-    subprocess.run(["cc", "-O3", *jd_fused_cpu._BUILD_FLAGS[isa], "-shared", "-fPIC", str(source), "-o", str(out)],
-                   check=True)
-    fn = ctypes.CDLL(str(out)).jd_fused_bf16
+def compiled(source: Path, isa: str, out_dir: Path):
+    """The kernel entry point of ``source`` built for variant ``isa`` (as the server builds it) in ``out_dir``."""
+    fn = ctypes.CDLL(str(jd_fused_cpu.build(isa, out_dir, source))).jd_fused_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = jd_fused_cpu.ARGTYPES
     return fn
@@ -79,8 +77,8 @@ def main() -> None:
     gemms = [vllm_gemm((torch.randn(sum(d_out), d_in) / d_in**0.5).to(dt)) for _ in layers]
     cluster = np.random.default_rng(0).integers(0, C, N + 1)
     for isa in isas:
-        old = compiled(old_src, isa, tmp / f"old-{isa}.so")
-        new = compiled(jd_fused_cpu._SOURCE, isa, tmp / f"new-{isa}.so")
+        old = compiled(old_src, isa, tmp)
+        new = compiled(jd_fused_cpu._SOURCE, isa, tmp)
         for mix, (seqs, lens) in MIXES.items():
             metas = [build_meta(token_rows("uniform", seqs, lens, N, 0.0, k), cluster, N) for k in range(12)]
             x = torch.randn(metas[0].num_tokens, d_in).to(dt)

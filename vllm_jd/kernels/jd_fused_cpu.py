@@ -84,9 +84,10 @@ def choose_isa(flags: set[str], wanted: str, amx_allowed: bool) -> str | None:
     return next((isa for isa in ISAS if _CPU_FLAGS[isa] <= flags and (amx_allowed or isa != "amx")), None)
 
 
-def build(isa: str = "amx", out_dir: Path | None = None) -> Path:
-    """Compile variant ``isa`` of the kernel (if not built yet) and return the shared library's path."""
-    src = _SOURCE.read_bytes()
+def build(isa: str = "amx", out_dir: Path | None = None, source: Path = _SOURCE) -> Path:
+    """Compile variant ``isa`` of the kernel (if not built yet) and return the shared library's path.
+    ``source``: another revision of ``jd_fused_cpu.c`` (bench/kernel_ab.py builds a baseline)."""
+    src = source.read_bytes()
     cc = os.environ.get("CC", "cc")
     flags = ["-O3", *_BUILD_FLAGS[isa], "-shared", "-fPIC"]
     tag = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
@@ -97,7 +98,7 @@ def build(isa: str = "amx", out_dir: Path | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, renamed: no half-written library
         os.close(fd)
         try:
-            subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            subprocess.run([cc, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True)
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
