@@ -1,4 +1,4 @@
-"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | verify | gpu-check | serve | serve-ray | bench. Runs the command; parsing is ``cli_parser``, the work is elsewhere."""
+"""``vllm-jd``: compress | add | export | merge | inspect | fsck | remove | compact | verify | gpu-check | serve | serve-ray | bench. Runs the command; parsing is ``cli_parser``, the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -186,6 +186,11 @@ def _run(args: argparse.Namespace) -> int:
 
         remove_adapters(args.store, args.names)
         print(f"removed {len(args.names)} adapters from {args.store}")
+    elif args.command == "compact":
+        from vllm_jd.store.compact import compact, format_report
+
+        r = compact(args.store, progress=not args.quiet)
+        print(json.dumps(r) if args.json else format_report(args.store, r))
     return 0
 
 

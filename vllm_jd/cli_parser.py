@@ -189,6 +189,11 @@ def _store_parsers(sub) -> None:
     r.add_argument("store")
     r.add_argument("names", nargs="+", metavar="NAME")
 
+    c = sub.add_parser("compact", help="drop the clusters and Σ rows no adapter reads any more (after remove or "
+                                       "verify --repair); every adapter stays bit-for-bit the same")
+    c.add_argument("store")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+
 
 def serve_ray_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-jd serve-ray", description=(

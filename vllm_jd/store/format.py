@@ -309,6 +309,11 @@ class TensorReader:
         x = self._raw(key)
         return decode(x, self._raw(key + SCALE_SUFFIX) if x.dtype == torch.int8 else None)
 
+    def stored(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` exactly as stored: int8 values without their scales, ComPEFT payload bytes
+        (``compact`` copies tensors this way, bit for bit)."""
+        return self._raw(key)
+
     def _raw(self, key: str) -> torch.Tensor:
         shard = self.manifest.weight_map.get(key)
         if shard is None:
