@@ -109,19 +109,20 @@ static inline float bf16_at(const uint16_t *p) {
   return f;
 }
 
-/* acc[m][v] = sum_kk A[m, 2kk:2kk+2] . B[kk, v*VL + lane, 0:2] for m < MB, v < nv: A bf16 rows of
- * stride lda (elements), B pairs of stride ldb (elements) per kk, K2 pairs. nv is a constant at
- * every call site, so the blocks stay in registers. */
+/* acc[m][v] = sum_kk A[m, 2kk:2kk+2] . B[kk, v*VL + lane, 0:2] for m < mb (<= MB), v < nv: A bf16
+ * rows of stride lda (elements), B pairs of stride ldb (elements) per kk, K2 pairs. mb and nv are
+ * constants at every call site, so the blocks stay in registers. */
 static inline __attribute__((always_inline)) void dot_block(const uint16_t *A, int64_t lda, const uint16_t *B,
-                                                            int64_t ldb, int64_t K2, int nv, vf acc[MB][NV_MAX]) {
-  for (int m = 0; m < MB; m++)
+                                                            int64_t ldb, int64_t K2, const int mb, int nv,
+                                                            vf acc[MB][NV_MAX]) {
+  for (int m = 0; m < mb; m++)
     for (int v = 0; v < nv; v++) acc[m][v] = vzero();
   for (int64_t kk = 0; kk < K2; kk++) {
     const uint16_t *b = B + kk * ldb;
 #ifdef __AVX512BF16__
     __m512i bv[NV_MAX];
     for (int v = 0; v < nv; v++) bv[v] = vload_pairs(b + v * VL * 2);
-    for (int m = 0; m < MB; m++) {
+    for (int m = 0; m < mb; m++) {
       int32_t pair;
       memcpy(&pair, A + m * lda + 2 * kk, sizeof pair);
       __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
@@ -133,11 +134,24 @@ static inline __attribute__((always_inline)) void dot_block(const uint16_t *A, i
       vi raw = vload_pairs(b + v * VL * 2);
       be[v] = vpair_even(raw), bo[v] = vpair_odd(raw);
     }
-    for (int m = 0; m < MB; m++) {
+    for (int m = 0; m < mb; m++) {
       vf ae = vset1(bf16_at(A + m * lda + 2 * kk)), ao = vset1(bf16_at(A + m * lda + 2 * kk + 1));
       for (int v = 0; v < nv; v++) acc[m][v] = vfma(ao, bo[v], vfma(ae, be[v], acc[m][v]));
     }
 #endif
+  }
+}
+
+/* dot_block on the mb = min(MB, rows left) rows of a block: a tile's last block computes only its
+ * real tokens (a cluster's 9 decode tokens were 12 rows of work). Each row's sum is the same
+ * whatever mb, so y does not depend on how tokens fall into blocks. */
+static inline __attribute__((always_inline)) void dot_rows(const uint16_t *A, int64_t lda, const uint16_t *B,
+                                                           int64_t ldb, int64_t K2, int mb, int nv, vf acc[MB][NV_MAX]) {
+  switch (mb) {
+  case 1: dot_block(A, lda, B, ldb, K2, 1, nv, acc); break;
+  case 2: dot_block(A, lda, B, ldb, K2, 2, nv, acc); break;
+  case 3: dot_block(A, lda, B, ldb, K2, 3, nv, acc); break;
+  default: dot_block(A, lda, B, ldb, K2, MB, nv, acc);
   }
 }
 
@@ -239,13 +253,14 @@ static inline __attribute__((always_inline)) void shrink_cols(const uint16_t *xt
                                                               int64_t d_in, int64_t SR, float *h, int64_t n0, int nv) {
   vf acc[MB][NV_MAX];
   for (int m0 = 0; m0 < mt; m0 += MB) {
-    dot_block(xt + m0 * d_in, d_in, Vp + n0 * 2, SR * 2, d_in / 2, nv, acc);
-    for (int m = 0; m < MB; m++)
+    int mb = mt - m0 < MB ? mt - m0 : MB;
+    dot_rows(xt + m0 * d_in, d_in, Vp + n0 * 2, SR * 2, d_in / 2, mb, nv, acc);
+    for (int m = 0; m < mb; m++)
       for (int v = 0; v < nv; v++) vstoref(h + (m0 + m) * SR + n0 + v * VL, acc[m][v]);
   }
 }
 
-/* h[m, n] = sum_k xt[m, k] V[k, n] for m < mt (rounded up to MB; xt rows past mt are zero). */
+/* h[m, n] = sum_k xt[m, k] V[k, n] for m < mt. */
 static void shrink(const uint16_t *xt, int mt, const uint16_t *Vp, int64_t d_in, int64_t SR, float *h) {
   int64_t n0 = 0;
   for (; n0 + COLS_MAX <= SR; n0 += COLS_MAX) shrink_cols(xt, mt, Vp, d_in, SR, h, n0, NV_MAX);
@@ -258,8 +273,9 @@ static inline __attribute__((always_inline)) void expand_cols(uint16_t *const *y
                                                               int64_t n0, int nv) {
   vf acc[MB][NV_MAX];
   for (int m0 = 0; m0 < mt; m0 += MB) {
-    dot_block(gs + m0 * SR, SR, Up + n0 * 2, D * 2, R / 2, nv, acc);
-    for (int m = 0; m < MB && m0 + m < mt; m++) {
+    int mb = mt - m0 < MB ? mt - m0 : MB;
+    dot_rows(gs + m0 * SR, SR, Up + n0 * 2, D * 2, R / 2, mb, nv, acc);
+    for (int m = 0; m < mb; m++) {
       uint16_t *yp = ys[m0 + m] + n0;
       for (int v = 0; v < nv; v++) vstore_bf16(yp + v * VL, vadd(vload_bf16(yp + v * VL), acc[m][v]));
     }
