@@ -134,3 +134,45 @@ def test_compeft_payloads_are_carried_over_bit_for_bit(tmp_path):
     assert len(m.clusters) == 2 and all(c.compeft is not None for c in m.clusters)
     assert_same(before, served(store))
     assert check_store(store, m).ok
+
+
+def test_a_store_compacted_to_nothing_still_inspects(grown, capsys):
+    assert cli(["-q", "remove", str(grown), *read_manifest(grown).adapters]) == 0
+    assert cli(["-q", "compact", str(grown)]) == 0
+    assert read_manifest(grown).clusters == []
+    assert cli(["-q", "inspect", str(grown)]) == 0
+    assert cli(["-q", "fsck", str(grown)]) == 0
+
+
+def test_a_row_past_its_block_is_refused_in_one_line(grown, capsys):
+    assert cli(["-q", "remove", str(grown), "late-0001"]) == 0  # something to compact
+    manifest = json.loads((grown / "manifest.json").read_text())
+    manifest["adapters"]["adapter-0001"]["row"] = 99  # hand-edited: read_manifest checks cluster and block only
+    (grown / "manifest.json").write_text(json.dumps(manifest))
+    digest = tree_digest(grown)
+    capsys.readouterr()
+    assert cli(["-q", "compact", str(grown)]) == 2
+    err = capsys.readouterr().err
+    assert "adapter-0001" in err and "row 99" in err and err.count("\n") == 1
+    assert tree_digest(grown) == digest
+
+
+def test_a_recompression_that_a_compaction_overtook_writes_nothing(grown, monkeypatch, capsys):
+    from vllm_jd.compress import pipeline
+
+    assert cli(["-q", "remove", str(grown), "late-0001"]) == 0
+    real_publish = pipeline.publish
+
+    def publish_after_a_compaction(staging, manifest, merge=None):
+        assert cli(["-q", "compact", str(grown)]) == 0  # renumbers every entry the recompression read
+        return real_publish(staging, manifest, merge)
+
+    monkeypatch.setattr(pipeline, "publish", publish_after_a_compaction)
+    capsys.readouterr()
+    rc = cli(["-q", "compress", "--from-store", str(grown), "--out", str(grown), "--rank", "4", "--clusters", "2"])
+    compacted_before = served(grown)
+    assert rc == 2 and "became another version" in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "publish", real_publish)
+    assert cli(["-q", "compact", str(grown)]) == 0
+    assert "nothing" in capsys.readouterr().out  # the compacted version stands, untouched
+    assert_same(compacted_before, served(grown))

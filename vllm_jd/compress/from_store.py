@@ -20,7 +20,7 @@ import torch
 from vllm_jd.compress.peft_io import ModuleSpec, PeftAdapter, check_update, open_adapter
 from vllm_jd.sources.fetch import fetch_all
 from vllm_jd.sources.spec import parse_source
-from vllm_jd.store.errors import AdapterError
+from vllm_jd.store.errors import AdapterError, StoreError
 from vllm_jd.store.format import Manifest, TensorReader, read_manifest, u_key, v_key
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,11 @@ def carry_over(store: Path, snapshot: Manifest, max_error: float):
     from vllm_jd.compress.project import place
 
     def merge(current: Manifest, new: Manifest, staging) -> Manifest:
+        if current.generation != snapshot.generation:
+            # compacted or recompressed meanwhile: entries are numbered anew, so what changed cannot be told
+            raise StoreError(f"{store} became another version while this compression ran (version "
+                             f"{snapshot.generation[:8] or '-'} → {current.generation[:8]}: `compact` or another "
+                             "`compress --from-store`); nothing was written: run it again")
         before = {n: _identity(a) for n, a in snapshot.adapters.items()}
         # set aside in the snapshot: unchanged only if its entry still says the same (removed and
         # added again meanwhile, it is a new adapter to carry over)

@@ -79,7 +79,7 @@ def _summarize(store: str | Path) -> dict:
         "compeft": _compeft(manifest),
         "bytes_per_adapter": {"sigma": (statistics.fmean(acc.sigma_params) if errors else 0) * b,
                               "cluster_id": 4},
-        "bytes_per_basis": {"mean": statistics.fmean(acc.basis_params) * b, "total": sum(acc.basis_params) * b},
+        "bytes_per_basis": {"mean": statistics.fmean(acc.basis_params or [0]) * b, "total": sum(acc.basis_params) * b},
         "bytes_resident": sum(acc.basis_params) * b + sum(acc.sigma_params) * b + 4 * len(errors),
         "bytes_uncompressed_lora": acc.lora_params * b,
         "params_saved": {"per_adapter": statistics.fmean(acc.per_adapter_saved) if errors else 0.0,

@@ -170,8 +170,14 @@ def _module_tensors(reader: TensorReader, cur: Manifest, mi: int, module: str, k
             rows = []
             for n in members[c]:
                 a = cur.adapters[n]
-                has = a.module_errors[mi] is not None
-                rows.append(raw(sigma_key(a.cluster, a.block, module) + suffix)[a.row] if has else torch.zeros_like(like))
+                if a.module_errors[mi] is None:
+                    rows.append(torch.zeros_like(like))
+                    continue
+                block = raw(sigma_key(a.cluster, a.block, module) + suffix)
+                if a.row >= block.shape[0]:  # a hand-edited manifest: refuse, as fsck would flag it
+                    raise StoreError(f"adapter {n!r}: row {a.row} is past the {block.shape[0]} rows of "
+                                     f"{sigma_key(a.cluster, a.block, module)}; `vllm-jd fsck --repair` first")
+                rows.append(block[a.row])
             out[sigma_key(new_id[c], 0, module) + suffix] = torch.stack(rows).contiguous()
     return out
 
