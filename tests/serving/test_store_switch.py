@@ -107,3 +107,20 @@ def test_switch_lets_requests_in_flight_finish_on_the_old_store(server, adapter_
     assert complete(url, name, prompt) == new(prompt, name)  # later requests run on v2
     assert requests.get(f"{url}/v1/jd/store", timeout=10).json()["store"].endswith("v2")
     assert len(complete(url, adapter_names[-1], "x = 1")) == MAX_TOKENS  # the singleton cluster too
+
+
+def test_a_store_compacted_in_place_is_switched_to_with_the_same_outputs(server, adapter_names):
+    url, v2 = server["url"], server["stores"] / "v2"
+    names = adapter_names[::3] + adapter_names[-1:]
+    ref = reference_for(server, "v2", names)  # exported before the compaction
+    gone = adapter_names[1]
+    assert gone not in names
+    assert cli(["-q", "remove", str(v2), gone]) == 0  # its Σ row stays until compacted
+    assert cli(["-q", "compact", str(v2)]) == 0  # a new version of the served folder
+    r = requests.post(f"{url}/v1/jd/store", json={"store": str(v2)}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["adapters"] == len(adapter_names) - 1
+    for n, p in zip(names, PROMPTS, strict=False):
+        assert complete(url, n, p) == ref(p, n), n  # bit-for-bit the same adapters
+    r = requests.post(f"{url}/v1/completions", json={"model": gone, "prompt": "x", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 404, r.text
