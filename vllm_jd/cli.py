@@ -80,6 +80,10 @@ def _gate(args: argparse.Namespace, prompts, folder) -> int:
                                                  progress=not args.quiet)
     except ValueError as e:
         raise ValueError(f"nothing was written to {args.out}: {e}".replace(str(folder), str(args.out))) from None
+    if after:  # nothing serves the staged store yet: drop the repaired adapters' shared Σ rows now
+        from vllm_jd.store.compact import compact
+
+        compact(folder, progress=not args.quiet)
     return _report_quality(args, before, after, added)
 
 
@@ -128,7 +132,8 @@ def _report_quality(args: argparse.Namespace, before: list, after: list, added: 
     below = [r.name for r in before if not r.passes(args.threshold)]
     if after:
         _print_quality(after, args, "after repair")
-        print(f"repaired {len(after)} adapters as exact singletons: +{added / 2**20:.2f} MiB of tensors",
+        hint = "" if args.command == "compress" else f"; `vllm-jd compact {args.store}` drops their old Σ rows"
+        print(f"repaired {len(after)} adapters as exact singletons: +{added / 2**20:.2f} MiB of tensors{hint}",
               file=sys.stderr if args.json else sys.stdout)
         below = [r.name for r in after if not r.passes(args.threshold)]
     return 1 if below else 0
