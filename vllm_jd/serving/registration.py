@@ -211,7 +211,7 @@ def already_stored(manifest, name: str, folder: Path) -> Added | None:
 
 
 def unregister(store: str | Path, name: str, lock_timeout: float | None = None) -> None:
-    """Delete ``name`` from the store's manifest (its tensors stay until the next recompression)."""
+    """Delete ``name`` from the store's manifest (its tensors stay until ``compact`` or a recompression)."""
     remove_adapters(Path(store), [name], lock_timeout=lock_timeout)
     logger.info("vllm-jd: deleted %s from %s", name, store)
 

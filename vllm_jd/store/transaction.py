@@ -228,7 +228,7 @@ def publish(staging: Staging, manifest: Manifest,
 
 def remove_adapters(store: str | Path, names: list[str], lock_timeout: float | None = None) -> None:
     """Delete adapters ``names`` from the store (one commit). Their tensors stay in their shards,
-    unread, until the next ``compress --from-store``; StoreError naming one that is not there."""
+    unread, until ``compact`` or a ``compress --from-store``; StoreError naming one that is not there."""
     store = Path(store)
     with locked(store, timeout=lock_timeout):
         manifest = read_manifest(store)
