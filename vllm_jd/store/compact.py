@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -82,19 +83,25 @@ def _has_garbage(store: Path, m: Manifest) -> bool:
     return used != set(range(len(m.clusters))) or _rows(store, m) > _rows_needed(m)
 
 
+def _members(m: Manifest) -> dict[int, list[str]]:
+    """Each used cluster's adapters, by name (one pass: stores hold thousands of singletons)."""
+    out: dict[int, list[str]] = {}
+    for name in sorted(m.adapters):
+        out.setdefault(m.adapters[name].cluster, []).append(name)
+    return out
+
+
 def _rows_needed(m: Manifest) -> int:
     """Σ rows a compacted ``m`` holds: per cluster and module, one per member if any member has it."""
     total = 0
-    for c in m.clusters:
-        having = [a for a in m.adapters.values() if a.cluster == c.id]
-        total += len(having) * sum(any(a.module_errors[mi] is not None for a in having) for mi in range(len(m.modules)))
+    for names in _members(m).values():
+        has = [any(m.adapters[n].module_errors[mi] is not None for n in names) for mi in range(len(m.modules))]
+        total += len(names) * sum(has)
     return total
 
 
 def _rows(store: Path, m: Manifest) -> int:
     """Σ rows stored, over every Σ tensor (a row per adapter slot per module)."""
-    from safetensors import safe_open
-
     total = 0
     by_shard: dict[str, list[str]] = {}
     for k, shard in m.weight_map.items():
@@ -117,9 +124,9 @@ def _compacted(store: Path, cur: Manifest, staging: Staging, report: dict, progr
     report["clusters"] = [len(cur.clusters)]
     report["sigma_rows"] = [_rows(store, cur)]
     report["bytes"] = [_bytes(store, cur)]  # the after figure is taken once the old shards are gone
-    kept = sorted({a.cluster for a in cur.adapters.values()})
+    members = _members(cur)
+    kept = sorted(members)
     new_id = {c: i for i, c in enumerate(kept)}
-    members = {c: sorted(n for n, a in cur.adapters.items() if a.cluster == c) for c in kept}
     new = cur.model_copy(deep=True)
     new.clusters = [ClusterInfo(**{**cur.clusters[c].model_dump(), "id": new_id[c]}) for c in kept]
     for c in kept:
