@@ -33,6 +33,26 @@ def grown(tmp_path):
     return tmp_path, store
 
 
+def test_an_adapter_repaired_while_recompressing_stays_exact(grown, monkeypatch):
+    from vllm_jd.quality.repair import store_exactly
+
+    tmp, store = grown
+    real_publish = pipeline.publish
+
+    def publish_after_a_repair(staging, manifest, merge=None):
+        store_exactly(store, {"adapter-0003": tmp / "a" / "adapter-0003"})  # `verify --repair` meanwhile
+        return real_publish(staging, manifest, merge)
+
+    monkeypatch.setattr(pipeline, "publish", publish_after_a_repair)
+    # --max-error 0.9: add's rule would put the repaired adapter into the new shared basis
+    assert cli(["-q", "compress", "--from-store", str(store), "--out", str(store), "--rank", "4",
+                "--clusters", "1", "--max-error", "0.9"]) == 0
+    m = read_manifest(store)
+    assert m.clusters[m.adapters["adapter-0003"].cluster].kind == "exact"
+    assert m.adapters["adapter-0003"].error == 0.0
+    assert m.clusters[m.adapters["adapter-0002"].cluster].kind == "shared"
+
+
 def age(paths) -> None:
     """Make folders look older than MIN_AGE_S (as they would be after a real crash)."""
     old = time.time() - 10 * MIN_AGE_S

@@ -162,7 +162,13 @@ def carry_over(store: Path, snapshot: Manifest, max_error: float):
             reader = TensorReader(store, current)
             folders = fetched_sources(current, changed)
             adapters = [_best_source(reader, n, folders.get(n)) for n in changed]
-            place(TensorReader(staging.dir, new), new, adapters, staging.dir, max_error)
+            # stored exactly meanwhile (`verify --repair`, or `add` above max_error) stays exact, as
+            # the exact singletons of the snapshot do: a repaired adapter is not fitted again
+            exact = {n for n in changed if current.clusters[current.adapters[n].cluster].kind == "exact"}
+            for force in (False, True):
+                group = [a for a in adapters if (a.name in exact) == force]
+                if group:
+                    place(TensorReader(staging.dir, new), new, group, staging.dir, max_error, force_exact=force)
         for n, (entry, why) in [*current._broken.items(), *snapshot._broken.items()]:
             # unservable, but never dropped; quarantined, because their cluster and row numbers would
             # point into the new version's tensors, where they mean another adapter's Σ
