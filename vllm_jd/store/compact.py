@@ -53,8 +53,9 @@ def compact(store: str | Path, progress: bool = True) -> dict:
     store = Path(store)
     plan = read_manifest(store)
     _refuse_unsafe(store, plan)
-    if not _has_garbage(store, plan):
-        rows, size = _rows(store, plan), _bytes(store, plan)
+    rows = _rows(store, plan)
+    if not _has_garbage(plan, rows):
+        size = _bytes(store, plan)
         return {"clusters": [len(plan.clusters)] * 2, "sigma_rows": [rows] * 2, "bytes": [size] * 2, "changed": False}
     report: dict = {}
     with writing(store) as staging:
@@ -77,10 +78,10 @@ def _refuse_unsafe(store: Path, m: Manifest) -> None:
         raise StoreError(f"{store}: tensor {unknown[0]} is of a kind this vllm-jd does not know; not compacting")
 
 
-def _has_garbage(store: Path, m: Manifest) -> bool:
-    """Whether some cluster is unused, or some Σ tensor holds rows no adapter reads."""
+def _has_garbage(m: Manifest, rows: int) -> bool:
+    """Whether some cluster is unused, or the ``rows`` Σ rows stored hold some no adapter reads."""
     used = {a.cluster for a in m.adapters.values()}
-    return used != set(range(len(m.clusters))) or _rows(store, m) > _rows_needed(m)
+    return used != set(range(len(m.clusters))) or rows > _rows_needed(m)
 
 
 def _members(m: Manifest) -> dict[int, list[str]]:
