@@ -1,6 +1,7 @@
 """Two builds of the fused CPU kernel, timed in turn on the same layers: a git revision's
 ``vllm_jd/kernels/jd_fused_cpu.c`` against the working tree's (kernel work is judged by A/B
-ratios in one run: this machine's speed drifts by tens of percent within a minute). With
+ratios in one run: this machine's speed drifts by tens of percent within a minute); each build
+gets the bases laid out by its own revision's ``FusedBases``. With
 ``--padded-rank P`` instead: the tree's kernel on the layers zero-padded to rank P (the "old"
 side: how a store of ``--rank`` was served before the kernel took it) against the layers as they are.
 
@@ -19,6 +20,7 @@ import ctypes
 import json
 import subprocess
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +42,18 @@ def compiled(source: Path, isa: str, out_dir: Path):
     return fn
 
 
-def run_layer(fn, x, y, w: JDLayerWeights, order, isa: str) -> None:
-    bases = w.fused_bases(isa)
+def launcher_at(repo: Path, rev: str) -> types.ModuleType:
+    """Revision ``rev``'s ``jd_fused_cpu.py`` as a module: its ``FusedBases`` lays out the bases
+    the way that revision's kernel reads them."""
+    text = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:vllm_jd/kernels/jd_fused_cpu.py"],
+                          check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType("jd_fused_cpu_old")
+    module.__file__ = jd_fused_cpu.__file__  # its _SOURCE: unused here (the old .c is built from git)
+    exec(compile(text, f"{rev}:jd_fused_cpu.py", "exec"), module.__dict__)
+    return module
+
+
+def run_layer(fn, x, y, w: JDLayerWeights, bases, order) -> None:
     sig = w.sigma.transpose(-1, -2)
     rc = fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), bases.Vp.data_ptr(), bases.Up.data_ptr(),
             sig.data_ptr(), 0, order.tok.ctypes.data, order.row.ctypes.data, order.cstart.ctypes.data,
@@ -69,6 +81,7 @@ def main() -> None:
         check=True, capture_output=True, text=True).stdout)
     d_in, d_out, dt, N, C = 512, [512, 256, 256], torch.bfloat16, 1024, 8
     isas = args.isas.split(",") if args.isas else [i for i in jd_fused_cpu.ISAS if jd_fused_cpu.runs_here(i)]
+    old_launcher = jd_fused_cpu if args.padded_rank else launcher_at(repo, args.old_rev)
     made = [random_layer(3, C, N, args.rank, d_in, d_out, False, dt, i)[:3] for i in range(4)]
     layers = [JDLayerWeights.from_bases(*m) for m in made]
     extra = (args.padded_rank or args.rank) - args.rank
@@ -79,16 +92,18 @@ def main() -> None:
     for isa in isas:
         old = compiled(old_src, isa, tmp)
         new = compiled(jd_fused_cpu._SOURCE, isa, tmp)
+        old_bases = [old_launcher.FusedBases(w.V_all, w.UT, w.num_clusters, w.rank, isa) for w in old_layers]
+        new_bases = [jd_fused_cpu.FusedBases(w.V_all, w.UT, w.num_clusters, w.rank, isa) for w in layers]
         for mix, (seqs, lens) in MIXES.items():
             metas = [build_meta(token_rows("uniform", seqs, lens, N, 0.0, k), cluster, N) for k in range(12)]
             x = torch.randn(metas[0].num_tokens, d_in).to(dt)
             y = torch.zeros(metas[0].num_tokens, sum(d_out), dtype=dt)
 
-            def timed(fn, ws, x=x, y=y, metas=metas, isa=isa):
+            def timed(fn, ws, bases, x=x, y=y, metas=metas):
                 def run():
                     for meta in metas:
-                        for w in ws:
-                            run_layer(fn, x, y, w, meta.cluster_order(C), isa)
+                        for w, b in zip(ws, bases):
+                            run_layer(fn, x, y, w, b, meta.cluster_order(C))
                 return run
 
             def base(x=x, metas=metas):
@@ -97,10 +112,10 @@ def main() -> None:
                         gemm(x)
 
             y_old, y_new = y.clone(), y.clone()
-            run_layer(old, x, y_old, old_layers[0], metas[0].cluster_order(C), isa)
-            run_layer(new, x, y_new, layers[0], metas[0].cluster_order(C), isa)
+            run_layer(old, x, y_old, old_layers[0], old_bases[0], metas[0].cluster_order(C))
+            run_layer(new, x, y_new, layers[0], new_bases[0], metas[0].cluster_order(C))
             base_ms, old_ms, new_ms = (ms / (len(metas) * len(layers))
-                                       for ms in best_interleaved([base, timed(old, old_layers), timed(new, layers)],
+                                       for ms in best_interleaved([base, timed(old, old_layers, old_bases), timed(new, layers, new_bases)],
                                                                   args.repeats))
             print(json.dumps({"bench": "kernel_ab", **machine(), "isa": isa, "rank": args.rank, "mix": mix,
                               "old_rev": args.old_rev, "old_padded_rank": args.padded_rank, "base_gemm_ms": round(base_ms, 3), "old_ms": round(old_ms, 3),

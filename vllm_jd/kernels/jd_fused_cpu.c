@@ -18,9 +18,10 @@
  *
  * Layouts (uint16 = bf16 bits):
  *   x   [T, ldx]                     y [T, ldy]
- *   Vp  [C, d_in/2, SR, 2]           pairs of V_c rows (SR = S*R): AMX's B-tile layout, and a
- *                                    vector of VL columns x 2 rows for vdpbf16ps
- *   Up  [C, R/2, D, 2]               pairs of U rows; column n of D belongs to slice n_slice[n/16]
+ *   Vp  [C, SR/16, d_in/2, 16, 2]    16-column panels of pairs of V_c rows (SR = S*R): a panel's
+ *                                    K loop reads one contiguous stream (AMX B tiles at a 64-byte
+ *                                    stride; one cache line per pair of rows for AVX-512)
+ *   Up  [C, D/16, R/2, 16, 2]        the same for U; column n of D belongs to slice n_slice[n/16]
  *   sig full: [N+1, S, R(k), R(j)] holding Σ[row, s][j, k] (Σᵀ contiguous); diag: [N+1, S, R]
  * Requirements (checked by the caller): every slice width and R a multiple of 16; AMX: d_in a
  * multiple of 32; vector ISAs: d_in even. AMX tile registers are configured on entry and
@@ -109,19 +110,24 @@ static inline float bf16_at(const uint16_t *p) {
   return f;
 }
 
-/* acc[m][v] = sum_kk A[m, 2kk:2kk+2] . B[kk, v*VL + lane, 0:2] for m < mb (<= MB), v < nv: A bf16
- * rows of stride lda (elements), B pairs of stride ldb (elements) per kk, K2 pairs. mb and nv are
- * constants at every call site, so the blocks stay in registers. */
+/* Column n's pair of row kk in a panel layout [cols/16, K2, 16, 2] whose panels are `panel`
+ * elements apart: at B + col_at(panel, n) + kk * 32. */
+static inline int64_t col_at(int64_t panel, int64_t n) { return (n / 16) * panel + (n % 16) * 2; }
+
+/* acc[m][v] = sum_kk A[m, 2kk:2kk+2] . B[kk, n0 + v*VL + lane, 0:2] for m < mb (<= MB), v < nv: A
+ * bf16 rows of stride lda (elements), B a panel layout (col_at), K2 pairs. mb and nv are constants
+ * at every call site, so the blocks stay in registers. n0 is a multiple of 16 where nv > 1. */
 static inline __attribute__((always_inline)) void dot_block(const uint16_t *A, int64_t lda, const uint16_t *B,
-                                                            int64_t ldb, int64_t K2, const int mb, int nv,
-                                                            vf acc[MB][NV_MAX]) {
+                                                            int64_t panel, int64_t n0, int64_t K2, const int mb,
+                                                            int nv, vf acc[MB][NV_MAX]) {
+  const uint16_t *bc[NV_MAX];
+  for (int v = 0; v < nv; v++) bc[v] = B + col_at(panel, n0 + v * VL);
   for (int m = 0; m < mb; m++)
     for (int v = 0; v < nv; v++) acc[m][v] = vzero();
   for (int64_t kk = 0; kk < K2; kk++) {
-    const uint16_t *b = B + kk * ldb;
 #ifdef __AVX512BF16__
     __m512i bv[NV_MAX];
-    for (int v = 0; v < nv; v++) bv[v] = vload_pairs(b + v * VL * 2);
+    for (int v = 0; v < nv; v++) bv[v] = vload_pairs(bc[v] + kk * 32);
     for (int m = 0; m < mb; m++) {
       int32_t pair;
       memcpy(&pair, A + m * lda + 2 * kk, sizeof pair);
@@ -131,7 +137,7 @@ static inline __attribute__((always_inline)) void dot_block(const uint16_t *A, i
 #else
     vf be[NV_MAX], bo[NV_MAX];
     for (int v = 0; v < nv; v++) {
-      vi raw = vload_pairs(b + v * VL * 2);
+      vi raw = vload_pairs(bc[v] + kk * 32);
       be[v] = vpair_even(raw), bo[v] = vpair_odd(raw);
     }
     for (int m = 0; m < mb; m++) {
@@ -146,12 +152,13 @@ static inline __attribute__((always_inline)) void dot_block(const uint16_t *A, i
  * real tokens (a cluster's 9 decode tokens were 12 rows of work). Each row's sum is the same
  * whatever mb, so y does not depend on how tokens fall into blocks. */
 static inline __attribute__((always_inline)) void dot_rows(const uint16_t *A, int64_t lda, const uint16_t *B,
-                                                           int64_t ldb, int64_t K2, int mb, int nv, vf acc[MB][NV_MAX]) {
+                                                           int64_t panel, int64_t n0, int64_t K2, int mb, int nv,
+                                                           vf acc[MB][NV_MAX]) {
   switch (mb) {
-  case 1: dot_block(A, lda, B, ldb, K2, 1, nv, acc); break;
-  case 2: dot_block(A, lda, B, ldb, K2, 2, nv, acc); break;
-  case 3: dot_block(A, lda, B, ldb, K2, 3, nv, acc); break;
-  default: dot_block(A, lda, B, ldb, K2, MB, nv, acc);
+  case 1: dot_block(A, lda, B, panel, n0, K2, 1, nv, acc); break;
+  case 2: dot_block(A, lda, B, panel, n0, K2, 2, nv, acc); break;
+  case 3: dot_block(A, lda, B, panel, n0, K2, 3, nv, acc); break;
+  default: dot_block(A, lda, B, panel, n0, K2, MB, nv, acc);
   }
 }
 
@@ -186,18 +193,18 @@ static void isa_begin(void) {
 static void isa_end(void) { _tile_release(); }
 
 /* h[m, n] = sum_k xt[m, k] V[k, n]: xt [16, d_in] bf16 (rows past the tile's tokens are zero),
- * Vp [d_in/2, SR, 2], h [16, SR] fp32. Two 16-column blocks per pass share each A tile. */
+ * Vp [SR/16, d_in/2, 16, 2], h [16, SR] fp32. Two 16-column panels per pass share each A tile. */
 static void shrink(const uint16_t *xt, int mt, const uint16_t *Vp, int64_t d_in, int64_t SR, float *h) {
   (void)mt;
-  const int64_t b_stride = SR * 2 * sizeof(uint16_t);
+  const int64_t panel = d_in * 16, b_stride = 64;
   int64_t n0 = 0;
   for (; n0 + 32 <= SR; n0 += 32) {
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t k0 = 0; k0 < d_in; k0 += 32) {
       _tile_loadd(2, xt + k0, d_in * sizeof(uint16_t));
-      _tile_loadd(3, Vp + ((k0 / 2) * SR + n0) * 2, b_stride);
-      _tile_loadd(4, Vp + ((k0 / 2) * SR + n0 + 16) * 2, b_stride);
+      _tile_loadd(3, Vp + col_at(panel, n0) + k0 * 16, b_stride);
+      _tile_loadd(4, Vp + col_at(panel, n0 + 16) + k0 * 16, b_stride);
       _tile_dpbf16ps(0, 2, 3);
       _tile_dpbf16ps(1, 2, 4);
     }
@@ -208,7 +215,7 @@ static void shrink(const uint16_t *xt, int mt, const uint16_t *Vp, int64_t d_in,
     _tile_zero(0);
     for (int64_t k0 = 0; k0 < d_in; k0 += 32) {
       _tile_loadd(2, xt + k0, d_in * sizeof(uint16_t));
-      _tile_loadd(3, Vp + ((k0 / 2) * SR + n0) * 2, b_stride);
+      _tile_loadd(3, Vp + col_at(panel, n0) + k0 * 16, b_stride);
       _tile_dpbf16ps(0, 2, 3);
     }
     _tile_stored(0, h + n0, SR * sizeof(float));
@@ -216,21 +223,22 @@ static void shrink(const uint16_t *xt, int mt, const uint16_t *Vp, int64_t d_in,
 }
 
 /* y_m[n] = bf16(y_m[n] + sum_r g[m, slice(n)*R + r] U[r, n]) for m < mt: g [16, SR] bf16,
- * Up [R/2, D, 2]; c [16, 16] fp32 scratch. */
+ * Up [D/16, R/2, 16, 2]; c [16, 16] fp32 scratch. */
 static void expand(uint16_t *const *ys, int mt, const uint16_t *g, const uint16_t *Up, int64_t R, int64_t D,
                    int64_t SR, const int64_t *n_slice, float *c) {
-  const int64_t b_stride = D * 2 * sizeof(uint16_t);
+  (void)D;
+  const int64_t panel = R * 16, b_stride = 64;
   for (int64_t n0 = 0; n0 < D; n0 += 16) {
     const uint16_t *gs = g + n_slice[n0 / 16] * R;
     _tile_zero(0);
     for (int64_t r0 = 0; r0 < R; r0 += 32) {
       if (R - r0 >= 32) {
         _tile_loadd(2, gs + r0, SR * sizeof(uint16_t));
-        _tile_loadd(3, Up + ((r0 / 2) * D + n0) * 2, b_stride);
+        _tile_loadd(3, Up + col_at(panel, n0) + r0 * 16, b_stride);
         _tile_dpbf16ps(0, 2, 3);
       } else { /* the last 16 of a rank 16 mod 32: half tiles */
         _tile_loadd(5, gs + r0, SR * sizeof(uint16_t));
-        _tile_loadd(6, Up + ((r0 / 2) * D + n0) * 2, b_stride);
+        _tile_loadd(6, Up + col_at(panel, n0) + r0 * 16, b_stride);
         _tile_dpbf16ps(0, 5, 6);
       }
     }
@@ -254,7 +262,7 @@ static inline __attribute__((always_inline)) void shrink_cols(const uint16_t *xt
   vf acc[MB][NV_MAX];
   for (int m0 = 0; m0 < mt; m0 += MB) {
     int mb = mt - m0 < MB ? mt - m0 : MB;
-    dot_rows(xt + m0 * d_in, d_in, Vp + n0 * 2, SR * 2, d_in / 2, mb, nv, acc);
+    dot_rows(xt + m0 * d_in, d_in, Vp, d_in * 16, n0, d_in / 2, mb, nv, acc);
     for (int m = 0; m < mb; m++)
       for (int v = 0; v < nv; v++) vstoref(h + (m0 + m) * SR + n0 + v * VL, acc[m][v]);
   }
@@ -274,7 +282,7 @@ static inline __attribute__((always_inline)) void expand_cols(uint16_t *const *y
   vf acc[MB][NV_MAX];
   for (int m0 = 0; m0 < mt; m0 += MB) {
     int mb = mt - m0 < MB ? mt - m0 : MB;
-    dot_rows(gs + m0 * SR, SR, Up + n0 * 2, D * 2, R / 2, mb, nv, acc);
+    dot_rows(gs + m0 * SR, SR, Up, R * 16, n0, R / 2, mb, nv, acc);
     for (int m = 0; m < mb; m++) {
       uint16_t *yp = ys[m0 + m] + n0;
       for (int v = 0; v < nv; v++) vstore_bf16(yp + v * VL, vadd(vload_bf16(yp + v * VL), acc[m][v]));

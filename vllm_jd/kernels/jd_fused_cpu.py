@@ -190,8 +190,8 @@ def padded_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], isa:
 
 
 class FusedBases:
-    """A layer's bases for kernel variant ``isa``, in the pair layouts every variant reads:
-    Vp [C, d_in/2, S·R, 2] and Up [C, R/2, D, 2]
+    """A layer's bases for kernel variant ``isa``, in the panel layouts every variant reads:
+    Vp [C, S·R/16, d_in/2, 16, 2] and Up [C, D/16, R/2, 16, 2]
     (from ``JDLayerWeights``' V_all [d_in, C·S·R] and UT: S tensors [C·R, d_s]), plus the slice
     of every 16 output columns."""
 
@@ -205,16 +205,22 @@ class FusedBases:
 
     @staticmethod
     def _v_pairs(V_all: torch.Tensor, C: int, clusters: slice) -> torch.Tensor:
-        """V_all [d_in, C·S·R] → clusters' [n, d_in/2, S·R, 2]."""
+        """V_all [d_in, C·S·R] → clusters' [n, S·R/16, d_in/2, 16, 2]."""
         d_in = V_all.shape[0]
-        V = V_all.view(d_in, C, -1)[:, clusters].permute(1, 0, 2)  # [n, d_in, S·R]
-        return V.reshape(V.shape[0], d_in // 2, 2, -1).transpose(2, 3).contiguous()
+        return FusedBases._panels(V_all.view(d_in, C, -1)[:, clusters].permute(1, 0, 2))  # of [n, d_in, S·R]
 
     @staticmethod
     def _u_pairs(UT: list[torch.Tensor], C: int, R: int, clusters: slice) -> torch.Tensor:
-        """UT: S tensors [C·R, d_s] → clusters' [n, R/2, D, 2]."""
-        U = torch.cat([ut.view(C, R, -1)[clusters] for ut in UT], 2)  # [n, R, D]
-        return U.reshape(U.shape[0], R // 2, 2, -1).transpose(2, 3).contiguous()
+        """UT: S tensors [C·R, d_s] → clusters' [n, D/16, R/2, 16, 2]."""
+        return FusedBases._panels(torch.cat([ut.view(C, R, -1)[clusters] for ut in UT], 2))  # of [n, R, D]
+
+    @staticmethod
+    def _panels(M: torch.Tensor) -> torch.Tensor:
+        """[n, K, N] → [n, N/16, K/2, 16, 2]: 16-column panels of row pairs, so that each panel's K
+        loop reads one contiguous stream (in the row-pair layout [K/2, N, 2] each pair of rows was
+        a 256-byte read N·4 bytes from the last: 1.1–1.3× slower per layer call, docs/measurements.md)."""
+        n, K, N = M.shape
+        return M.reshape(n, K // 2, 2, N // 16, 16).permute(0, 3, 1, 4, 2).contiguous()
 
     def refresh(self, V_all: torch.Tensor, UT: list[torch.Tensor], cluster: int) -> None:
         """Re-lay out one cluster (slot) after its bases changed in V_all / UT."""
