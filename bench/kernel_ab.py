@@ -57,7 +57,7 @@ def run_layer(fn, x, y, w: JDLayerWeights, bases, order) -> None:
     sig = w.sigma.transpose(-1, -2)
     rc = fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), bases.Vp.data_ptr(), bases.Up.data_ptr(),
             sig.data_ptr(), 0, order.tok.ctypes.data, order.row.ctypes.data, order.cstart.ctypes.data,
-            w.num_clusters, x.shape[1], len(w.UT), w.rank, y.shape[1], bases.n_slice.ctypes.data)
+            w.num_clusters, x.shape[1], len(w.UT), w.rank, y.shape[1], bases.n_slice.ctypes.data, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"kernel returned {rc}")
 
@@ -102,7 +102,7 @@ def main() -> None:
             def timed(fn, ws, bases, x=x, y=y, metas=metas):
                 def run():
                     for meta in metas:
-                        for w, b in zip(ws, bases):
+                        for w, b in zip(ws, bases, strict=True):
                             run_layer(fn, x, y, w, b, meta.cluster_order(C))
                 return run
 

