@@ -80,6 +80,15 @@ def test_odd_shapes_one_cluster_and_big_tiles(isa):
     torch.testing.assert_close(_fused(w, x, y, meta, isa).float(), want.float(), atol=BF16[0], rtol=BF16[1])
 
 
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_a_wide_d_in(isa):
+    # d_in 672 (336 pairs): a 64-column block of V (84 KB) is more than L1 holds, 21 AMX K steps
+    w, x, y, meta, rows, want = _case("uniform", MIXES["mixed"], R=32, d_in=672)
+    got = _fused(w, x, y, meta, isa)
+    torch.testing.assert_close(got.float(), want.float(), atol=BF16[0], rtol=BF16[1])
+    assert torch.equal(got[rows == N], y[rows == N])
+
+
 def test_vector_variants_take_any_even_d_in():
     isa = next((i for i in jd_fused_cpu.ISAS[1:] if jd_fused_cpu.runs_here(i)), None)
     if isa is None:
