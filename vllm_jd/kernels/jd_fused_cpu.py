@@ -217,7 +217,7 @@ class FusedBases:
     def _panels(M: torch.Tensor) -> torch.Tensor:
         """[n, K, N] → [n, N/16, K/2, 16, 2]: 16-column panels of row pairs, so that each panel's K
         loop reads one contiguous stream (in the row-pair layout [K/2, N, 2] each pair of rows was
-        a 256-byte read N·4 bytes from the last: 1.1–1.3× slower per layer call, docs/measurements.md)."""
+        a 256-byte read N·4 bytes from the last: up to 1.07× slower at decode, docs/measurements.md)."""
         n, K, N = M.shape
         return M.reshape(n, K // 2, 2, N // 16, 16).permute(0, 3, 1, 4, 2).contiguous()
 
