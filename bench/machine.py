@@ -20,8 +20,8 @@ def machine() -> dict:
 
 def cpu_paths(rank: int, modules: dict[str, tuple[int, int]], amx_allowed: bool) -> dict:
     """Which CPU path each vllm-jd system served on: "jd" the fused kernel's variant for this CPU
-    where it can run (at the rank ``jd_fused_cpu.served_rank`` pads to), else torch ops; "jd-amx" torch ops with AMX GEMMs (where AMX is allowed); "jd-torch"
-    torch ops only. Plus the machine."""
+    where it can run (at the rank ``jd_fused_cpu.served_rank`` pads to), else torch ops; "jd-amx"
+    torch ops with AMX GEMMs (where AMX is allowed); "jd-torch" torch ops only. Plus the machine."""
     import torch
 
     from vllm_jd import envs

@@ -40,7 +40,7 @@ BF16 = TOL[torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    with torch_threads(1):  # a vLLM-cpu worker's count on this 2-core machine (tests of 2 threads say so)
+    with torch_threads(1):  # a vLLM-cpu worker's count on this 2-core machine; tests of more set their own
         yield
 
 
@@ -159,7 +159,7 @@ def test_auto_takes_the_kernel_at_any_torch_thread_count(monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("isa", EVERY_ISA)
 @pytest.mark.parametrize("mix", ["decode", "mixed", "prefill"])
-def test_threads_share_the_tiles_and_give_the_same_bits(isa, mix, monkeypatch):
+def test_threads_share_the_tiles_and_give_the_same_bits(isa, mix):
     """Tiles run on torch's threads (OpenMP): y is bit-identical to one thread's, every tile is
     done once (a skipped or doubled tile shows against the reference), and the team is as wide
     as torch's threads, or the tiles where they are fewer."""

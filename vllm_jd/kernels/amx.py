@@ -4,11 +4,11 @@
 ships SGLang's ``bmm_cpu``, which reads weights packed once in the VNNI layout AMX wants: up to
 1.2× the whole op per layer call, for grids up to ``MAX_ROWS`` rows per cluster
 (docs/measurements.md, "CPU op design"). It serves the torch-ops path, which runs where the fused
-kernel cannot (``VLLM_JD_CPU_FUSED=0``, no compiler, a shape it does not take). ``bmm_cpu`` needs N and K multiples of 32
-(one AMX tile row; its packing refuses K = 16, 48 or 123) and a reduced-precision dtype;
-``usable`` says whether a layer qualifies. This is the only module that calls a vLLM custom op;
-it refuses any vLLM but the pinned one (``vllm_version.check_vllm_version``) and checks the op
-against ``torch.bmm`` once before first use.
+kernel cannot (``VLLM_JD_CPU_FUSED=0``, no compiler, a shape it does not take). ``bmm_cpu`` needs
+N and K multiples of 32 (one AMX tile row; its packing refuses K = 16, 48 or 123) and a
+reduced-precision dtype; ``usable`` says whether a layer qualifies. This is the only module that
+calls a vLLM custom op; it refuses any vLLM but the pinned one (``vllm_version.check_vllm_version``)
+and checks the op against ``torch.bmm`` once before first use.
 """
 
 from __future__ import annotations
